@@ -1,0 +1,21 @@
+"""hyperconn: Hyper-Connections and their stabilised variants.
+
+    >>> import torch, hyperconn
+    >>> hc = hyperconn.HyperConnection(64, 4, torch.nn.Linear(64, 64), variant="mhc")
+    >>> x = hyperconn.expand_streams(torch.randn(2, 10, 64), 4)   # (B, T, n, C)
+    >>> hyperconn.reduce_streams(hc(x)).shape
+    torch.Size([2, 10, 64])
+"""
+
+from .connection import HyperConnection, expand_streams, reduce_streams
+from .control import HarmonizedController
+from .diagnostics.gain import CompositeGain, composite_gain
+from .projections import hybrid_mix, iso_project, sinkhorn
+from .variants import VARIANTS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HyperConnection", "expand_streams", "reduce_streams", "HarmonizedController",
+    "CompositeGain", "composite_gain", "sinkhorn", "iso_project", "hybrid_mix", "VARIANTS",
+]

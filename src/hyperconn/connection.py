@@ -1,0 +1,170 @@
+"""HyperConnection: n residual streams around one branch, with learned mixing.
+
+    x_{l+1} = H_res x_l + H_postᵀ F(H_pre x_l)        x_l: (..., n, C)
+
+Coefficients are static (learned biases) plus, with ``dynamic=True``, a per-token part
+from one fused projection of the RMS-normalised streams (mHC eq. 7-8):
+
+    raw = α ⊙ act(rms(x) · (vec(x) φ)) + b      φ ∈ R^{nC × (n² + 2n)}
+
+The RMS scaling is applied after the GEMM (it is a per-token scalar), so the projection
+reads the streams once. The variant (see :mod:`hyperconn.variants`) maps raw coefficients
+to (H_pre, H_post, H_res). Coefficients are computed in fp32 whatever the stream dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .variants import VARIANTS, make_variant
+
+__all__ = ["HyperConnection", "expand_streams", "reduce_streams"]
+
+
+def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
+    """(..., C) → (..., n, C): every stream starts as a copy of the input."""
+    if not isinstance(streams, int) or streams < 1:
+        raise ValueError(f"streams: expected a positive integer, got {streams!r}")
+    return x.unsqueeze(-2).expand(*x.shape[:-1], streams, x.shape[-1]).contiguous()
+
+
+def reduce_streams(x: torch.Tensor) -> torch.Tensor:
+    """(..., n, C) → (..., C): the mean over streams.
+
+    The mean (rather than the HC paper's sum) keeps the scale independent of n, so a
+    model whose streams stay identical copies reduces exactly to its residual twin; a
+    final RMSNorm makes the two choices equivalent up to its epsilon.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x: expected shape (..., n, C), got {tuple(x.shape)}")
+    return x.mean(dim=-2)
+
+
+class HyperConnection(nn.Module):
+    """A hyper-connected residual layer around ``branch`` (any C → C module).
+
+    Args:
+        dim: channel width C.
+        streams: number of residual streams n ≥ 1 (``variant="residual"`` needs n = 1).
+        branch: the wrapped module F, or None to use :meth:`pre` / :meth:`post` by hand.
+        variant: one of ``hyperconn.VARIANTS``.
+        dynamic: add per-token coefficients (ignored by ``"residual"``).
+        layer_index: position in the stack (HC's one-hot pre init uses ``layer_index % n``).
+        res_init: diagonal of the static raw H̃_res. Defaults: hc 1, mhc 4, isohc 1,
+            hybrid 4, harmonized 0 (Θ = 0 so H_raw = I). For mhc the static map at init is
+            ``(e^δ I + (11ᵀ − I)) / (e^δ + n − 1)`` with ‖H_res − I‖_F = n√(n−1)/(e^δ+n−1)
+            (0.0023 at δ=8, 0.12 at δ=4, 0.65 at δ=2 for n=4). Larger δ starts closer to
+            the identity but Sinkhorn's Jacobian scales like P(1−P) ≈ e^{−δ}, so the
+            logits then learn slowly: δ trades identity-likeness for gradient signal.
+            hc, isohc and harmonized start exactly at I (static part); hybrid at
+            ½(I + mhc's map), distance half of mhc's.
+        alpha_init: initial α scale of the dynamic part (0.01); with ``dynamic=True`` the
+            dynamic part moves H_res by O(α·n) from the static map at init.
+        **options: ``sinkhorn_iters`` (20), ``sinkhorn_backward`` ("unrolled"|"implicit"),
+            ``iso_method`` ("ns"|"polar"), ``iso_steps`` (5), ``hybrid_lambda``
+            ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0).
+
+    Shapes: ``forward(x (..., n, C), *args, **kwargs) → (..., n, C)``; extra arguments go
+    to the branch. With n = 1 and the identity transport every variant reduces to a
+    Pre-Norm residual ``x + F(x)`` (exactly for residual and static hc).
+
+    Raises:
+        ValueError: for ``streams < 1``, a non-positive ``dim``, an unknown variant or
+            option, or an input whose last two dimensions are not (n, C).
+    """
+
+    def __init__(self, dim: int, streams: int, branch: Optional[nn.Module] = None, *,
+                 variant: str = "mhc", dynamic: bool = True, layer_index: int = 0,
+                 res_init: Optional[float] = None, alpha_init: float = 0.01,
+                 norm_eps: float = 1e-6, **options):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+        if not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams: expected a positive integer, got {streams!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        if variant == "residual" and streams != 1:
+            raise ValueError(f"streams: variant 'residual' expects streams=1, got {streams}")
+        self.dim, self.streams, self.variant_name = dim, streams, variant
+        self.branch = branch
+        self.mixer = make_variant(variant, streams, layer_index, res_init, **options)
+        self.dynamic = dynamic and variant != "residual"
+        self.norm_eps = norm_eps
+        n = streams
+        b_pre, b_post, b_res = self.mixer.static_init()
+        if variant == "residual":
+            # No learned coefficients: keep constant buffers so shapes stay uniform.
+            self.register_buffer("b_pre", b_pre, persistent=False)
+            self.register_buffer("b_post", b_post, persistent=False)
+            self.register_buffer("b_res", b_res, persistent=False)
+        else:
+            self.b_pre, self.b_post, self.b_res = nn.Parameter(b_pre), nn.Parameter(b_post), nn.Parameter(b_res)
+        if self.dynamic:
+            # φ ~ N(0, 1/(nC)): the normalised projection has unit-scale entries, α sets size.
+            self.phi = nn.Parameter(torch.randn(n * dim, n * n + 2 * n) / (n * dim) ** 0.5)
+            self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))  # pre, post, res
+        # Set to a callable(layer, h_pre, h_post, h_res, x) to receive coefficients.
+        self.probe: Optional[Callable] = None
+        self._pending = None
+
+    # ------------------------------------------------------------------ coefficients
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 2 or x.shape[-2] != self.streams or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x: expected shape (..., streams={self.streams}, dim={self.dim}), got {tuple(x.shape)}"
+            )
+
+    def raw_coefficients(self, x: torch.Tensor):
+        """Raw (pre (..., n), post (..., n), res (..., n, n)) in fp32; static: (n,), (n,), (n, n)."""
+        b_pre, b_post, b_res = self.b_pre.float(), self.b_post.float(), self.b_res.float()
+        if not self.dynamic:
+            return b_pre, b_post, b_res
+        n = self.streams
+        flat = x.reshape(*x.shape[:-2], n * self.dim).float()
+        # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar.
+        proj = flat @ self.phi.float()
+        inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        proj = self.mixer.dynamic_activation(proj * inv_rms)
+        a_pre, a_post, a_res = self.alpha.float().unbind()
+        raw_pre = b_pre + a_pre * proj[..., :n]
+        raw_post = b_post + a_post * proj[..., n:2 * n]
+        raw_res = b_res + a_res * proj[..., 2 * n:].unflatten(-1, (n, n))
+        return raw_pre, raw_post, raw_res
+
+    def coefficients(self, x: torch.Tensor):
+        """(H_pre, H_post, H_res) for input x (..., n, C): (..., n), (..., n), (..., n, n)
+        with dynamic coefficients, (n,), (n,), (n, n) static. fp32."""
+        return self.mixer(*self.raw_coefficients(x))
+
+    # ------------------------------------------------------------------ apply
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Branch input ``H_pre x``: (..., n, C) → (..., C). Pair with :meth:`post`."""
+        self._check_input(x)
+        h_pre, h_post, h_res = self.coefficients(x)
+        if self.probe is not None:
+            self.probe(self, h_pre, h_post, h_res, x)
+        self._pending = (h_post, h_res)
+        return torch.einsum("...n,...nc->...c", h_pre.to(x.dtype), x)
+
+    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``H_res x + H_postᵀ y`` for streams x (..., n, C) and branch output y (..., C)."""
+        if self._pending is None:
+            raise RuntimeError("post() called without a matching pre() on this HyperConnection")
+        h_post, h_res = self._pending
+        self._pending = None
+        if y.shape[-1] != self.dim:
+            raise ValueError(f"y: expected shape (..., dim={self.dim}), got {tuple(y.shape)}")
+        mixed = h_res.to(x.dtype) @ x
+        return mixed + h_post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.branch is None:
+            raise RuntimeError("HyperConnection has no branch: pass one or use pre()/post()")
+        return self.post(x, self.branch(self.pre(x), *args, **kwargs))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, streams={self.streams}, variant={self.variant_name!r}, dynamic={self.dynamic}"
