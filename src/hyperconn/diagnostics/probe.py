@@ -1,0 +1,341 @@
+"""Record what every HyperConnection of a model did in one forward, and measure it.
+
+:class:`Probe` hooks the ``probe`` slot and ``post`` of each
+:class:`~hyperconn.HyperConnection` while attached, so one forward (and a backward
+through the recorded stream states) yields, per layer in call order, the applied
+``H_pre``, ``H_post``, ``H_res`` (per token; static coefficients broadcast as views) and
+the stream state ``x_l`` entering the layer, plus the final state ``x_L``. Detached, it
+leaves nothing behind: no hook, no wrapper, the probe slots exactly as they were.
+
+:class:`StabilityHook` runs one probed forward + ``torch.autograd.grad`` on a batch and
+returns the scalar stability metrics of DESIGN.md §2, writing the per-layer profiles to
+``run_dir/diagnostics/step_XXXXXXX.json``. It never touches parameters' ``.grad``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..connection import HyperConnection
+from .gain import composite_gain
+from .metrics import (MANIFOLD_ERROR_NAMES, layer_profile, manifold_errors, stream_similarity,
+                      token_stats)
+
+__all__ = ["LayerRecord", "Probe", "StabilityHook", "SCALAR_KEYS", "HARMONIZED_KEYS"]
+
+# Scalars StabilityHook returns for every model (``stream_similarity*`` need n ≥ 2).
+SCALAR_KEYS = (
+    "gain_fwd_mean", "gain_fwd_max", "gain_bwd_mean", "gain_bwd_max",
+    "norm_inf_mean", "norm_one_mean", "spectral_mean",
+    "grad_norm_first", "grad_norm_last", "grad_ratio",
+    "stream_similarity", "stream_similarity_last",
+) + MANIFOLD_ERROR_NAMES
+# Extra scalars for models with harmonized layers.
+HARMONIZED_KEYS = ("harm_scale", "harm_gain_applied_mean", "harm_gain_applied_max",
+                   "harm_gain_raw_mean", "harm_gain_raw_max")
+
+
+@dataclass
+class LayerRecord:
+    """One call of one HyperConnection.
+
+    h_pre, h_post: ``(*tokens, n)``; h_res: ``(*tokens, n, n)`` (fp32, static ones are
+    broadcast views); x: the stream state entering the layer ``(*tokens, n, C)``;
+    out: the state it produced (``None`` until ``post`` ran). Tensors keep their autograd
+    graph unless the probe was built with ``detach=True``.
+    """
+
+    layer: HyperConnection
+    name: str
+    h_pre: torch.Tensor
+    h_post: torch.Tensor
+    h_res: torch.Tensor
+    x: torch.Tensor
+    out: Optional[torch.Tensor] = None
+
+
+class Probe:
+    """Record coefficients and stream states of every HyperConnection in ``model``.
+
+    Use as a context manager (or :meth:`attach` / :meth:`detach`)::
+
+        with Probe(model) as probe:
+            logits = model(idx)
+        probe.h_res           # [H_res of layer 0, 1, …], each (B, T, n, n)
+        probe.stream_states   # [x_0, …, x_{L−1}, x_L], each (B, T, n, C)
+
+    The probe chains: a callable already in a layer's ``probe`` slot (for example a
+    :class:`~hyperconn.HarmonizedController`) is still called, and restored on detach.
+    Records accumulate across forwards until :meth:`clear`; layers appear in call order.
+
+    Args:
+        model: any module containing HyperConnection layers.
+        detach: store detached tensors (no autograd graph kept alive; no stream grads).
+
+    Raises:
+        ValueError: if ``model`` has no HyperConnection.
+    """
+
+    def __init__(self, model: nn.Module, detach: bool = False):
+        self.model = model
+        self.detach_tensors = detach
+        self.names = {id(m): name for name, m in model.named_modules() if isinstance(m, HyperConnection)}
+        self.layers = [m for m in model.modules() if isinstance(m, HyperConnection)]
+        if not self.layers:
+            raise ValueError("model: expected at least one HyperConnection, found none")
+        self.records: list[LayerRecord] = []
+        self._saved: dict[int, Optional[Callable]] = {}
+        self._hooks: dict[int, Callable] = {}
+        self._open: dict[int, LayerRecord] = {}
+
+    # ------------------------------------------------------------------ attach / detach
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def attach(self) -> "Probe":
+        if self.attached:
+            raise RuntimeError("Probe is already attached")
+        for layer in self.layers:
+            prev = layer.probe
+            self._saved[id(layer)] = prev
+            self._hooks[id(layer)] = self._make_probe(prev)
+            layer.probe = self._hooks[id(layer)]
+            # An instance attribute shadows HyperConnection.post for this layer only.
+            layer.post = self._make_post(layer, HyperConnection.post.__get__(layer))
+        return self
+
+    def detach(self) -> None:
+        for layer in self.layers:
+            hook = self._hooks.get(id(layer))
+            if hook is None:
+                continue
+            if layer.probe is hook:  # someone who replaced us since keeps their slot
+                layer.probe = self._saved[id(layer)]
+            layer.__dict__.pop("post", None)
+        self._hooks.clear()
+        self._saved.clear()
+        self._open.clear()
+
+    def __enter__(self) -> "Probe":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def clear(self) -> None:
+        """Forget every record (the probe stays attached)."""
+        self.records.clear()
+        self._open.clear()
+
+    def _make_probe(self, prev: Optional[Callable]) -> Callable:
+        def probe(layer, h_pre, h_post, h_res, x):
+            if prev is not None:
+                prev(layer, h_pre, h_post, h_res, x)
+            self._record(layer, h_pre, h_post, h_res, x)
+        return probe
+
+    def _make_post(self, layer: HyperConnection, post: Callable) -> Callable:
+        def wrapped(x, y):
+            out = post(x, y)
+            rec = self._open.pop(id(layer), None)
+            if rec is not None:
+                rec.out = out.detach() if self.detach_tensors else out
+            return out
+        return wrapped
+
+    def _record(self, layer, h_pre, h_post, h_res, x) -> None:
+        tokens, n = x.shape[:-2], x.shape[-2]
+        h_pre, h_post = h_pre.expand(*tokens, n), h_post.expand(*tokens, n)
+        h_res = h_res.expand(*tokens, n, n)
+        if self.detach_tensors:
+            h_pre, h_post, h_res, x = h_pre.detach(), h_post.detach(), h_res.detach(), x.detach()
+        rec = LayerRecord(layer, self.names.get(id(layer), ""), h_pre, h_post, h_res, x)
+        self.records.append(rec)
+        self._open[id(layer)] = rec
+
+    # ------------------------------------------------------------------ views
+    @property
+    def h_res(self) -> list[torch.Tensor]:
+        return [r.h_res for r in self.records]
+
+    @property
+    def final_state(self) -> Optional[torch.Tensor]:
+        """x_L: the output of the last recorded layer (None if its post has not run)."""
+        return self.records[-1].out if self.records else None
+
+    @property
+    def stream_states(self) -> list[torch.Tensor]:
+        """[x_0, …, x_{L−1}] entering each layer, then x_L if the last layer finished."""
+        states = [r.x for r in self.records]
+        if self.final_state is not None:
+            states.append(self.final_state)
+        return states
+
+
+def _finite_or_none(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class StabilityHook:
+    """Stability metrics of a model on one batch (DESIGN.md §2).
+
+    ``hook(model, inputs, targets, loss_fn, step)`` runs ``logits = model(inputs)`` under
+    a :class:`Probe`, ``loss = loss_fn(logits, targets)`` and ``torch.autograd.grad`` of
+    the loss w.r.t. every stream state (parameters' ``.grad`` are left alone), then returns
+    the scalars named in :data:`SCALAR_KEYS` (+ :data:`HARMONIZED_KEYS` when the model has
+    harmonized layers):
+
+    - ``gain_{fwd,bwd}_{mean,max}``: forward / backward Amax gain of the whole composite
+      ``H_{L−1} ⋯ H_0``, token mean and token max;
+    - ``norm_inf_mean``, ``norm_one_mean``, ``spectral_mean``: its induced ∞/1 norms and
+      spectral norm, token mean;
+    - ``grad_norm_first`` = ‖∂L/∂x_0‖_F, ``grad_norm_last`` = ‖∂L/∂x_L‖_F,
+      ``grad_ratio`` = their ratio;
+    - ``stream_similarity``: mean over x_1 … x_L of the stream similarity;
+      ``stream_similarity_last``: of x_L (both absent when n = 1);
+    - ``row_sum_err``, ``col_sum_err``, ``orth_err``, ``mean_err``: worst layer and token;
+      ``min_entry``: smallest entry of any H_res (see :func:`manifold_errors`);
+    - harmonized: ``harm_scale`` (controller scale s), ``harm_gain_applied_{mean,max}``
+      (forward Amax gain of the applied composite) and ``harm_gain_raw_{mean,max}``
+      (of the composite of ``H_raw = I + εΘ``, i.e. without the controller).
+
+    With ``run_dir`` set, also writes ``run_dir/diagnostics/step_{step:07d}.json``
+    (atomically) holding the scalars and the per-layer profiles: ``profile`` (gains of
+    the forward composites ``H_l ⋯ H_0`` and backward composites ``H_{L−1} ⋯ H_l``, token
+    mean and max), ``grad_norms`` (L + 1 values, x_0 … x_L), ``similarity`` (L + 1),
+    ``manifold`` (each error per layer) and, for harmonized models, ``harmonized``.
+    Non-finite numbers are written as ``null``.
+
+    The model's mode (train/eval) is not changed and the forward result is the one the
+    model computes without the probe. Call it outside a training step's
+    forward → ``HarmonizedController.update()`` pair: the controller sees this forward too.
+    """
+
+    def __init__(self, run_dir: Optional[Path] = None):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.last: Optional[dict] = None  # the full payload of the last call
+
+    def __call__(self, model: nn.Module, inputs, targets, loss_fn: Callable, step: int) -> dict[str, float]:
+        with torch.enable_grad(), Probe(model) as probe:
+            out = model(inputs)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            loss = loss_fn(logits, targets)
+        records = probe.records
+        if not records:
+            raise RuntimeError("StabilityHook: no HyperConnection ran in model(inputs)")
+        states = probe.stream_states
+        grad_norms = self._stream_grad_norms(loss, states)
+        payload = self._measure(records, states, grad_norms)
+        payload = {"step": int(step), "loss": float(loss.detach()), **payload}
+        self.last = payload
+        if self.run_dir is not None:
+            _write_json_atomic(self.run_dir / "diagnostics" / f"step_{int(step):07d}.json",
+                               _finite_or_none(payload))
+        return dict(payload["scalars"])
+
+    @staticmethod
+    def _stream_grad_norms(loss: torch.Tensor, states: list[torch.Tensor]) -> list[float]:
+        wanted = [i for i, s in enumerate(states) if s.requires_grad]
+        norms = [math.nan] * len(states)
+        if wanted and loss.requires_grad:
+            grads = torch.autograd.grad(loss, [states[i] for i in wanted], allow_unused=True)
+            for i, g in zip(wanted, grads):
+                norms[i] = 0.0 if g is None else float(g.detach().double().norm())
+        return norms
+
+    @torch.no_grad()
+    def _measure(self, records: list[LayerRecord], states, grad_norms) -> dict:
+        mats = [r.h_res.detach().double() for r in records]
+        gain = composite_gain(mats)
+        scalars: dict[str, float] = {}
+        for key, field in (("fwd", "forward_amax"), ("bwd", "backward_amax")):
+            scalars[f"gain_{key}_mean"], scalars[f"gain_{key}_max"] = token_stats(getattr(gain, field))
+        scalars["norm_inf_mean"] = token_stats(gain.inf_norm)[0]
+        scalars["norm_one_mean"] = token_stats(gain.one_norm)[0]
+        scalars["spectral_mean"] = token_stats(gain.spectral)[0]
+
+        g0, gl = grad_norms[0], grad_norms[-1]
+        scalars["grad_norm_first"], scalars["grad_norm_last"] = g0, gl
+        scalars["grad_ratio"] = g0 / gl if gl > 0 else (math.nan if g0 == 0 or math.isnan(g0) else math.inf)
+
+        similarity = [stream_similarity(s) for s in states]
+        if not math.isnan(similarity[-1]):
+            later = [v for v in similarity[1:] if not math.isnan(v)] or similarity
+            scalars["stream_similarity"] = sum(later) / len(later)
+            scalars["stream_similarity_last"] = similarity[-1]
+
+        per_layer = [manifold_errors(m) for m in mats]
+        manifold = {k: [e[k] for e in per_layer] for k in MANIFOLD_ERROR_NAMES}
+        for k, values in manifold.items():
+            scalars[k] = min(values) if k == "min_entry" else max(values)
+
+        payload = {
+            "num_layers": len(records),
+            "streams": int(records[0].x.shape[-2]),
+            "layers": [{"name": r.name, "variant": r.layer.variant_name} for r in records],
+            "scalars": scalars,
+            "profile": layer_profile(mats),
+            "grad_norms": grad_norms,
+            "similarity": similarity,
+            "manifold": manifold,
+        }
+        harmonized = self._harmonized(records, mats)
+        if harmonized is not None:
+            scalars.update(harmonized.pop("scalars"))
+            payload["harmonized"] = harmonized
+        return payload
+
+    @staticmethod
+    def _harmonized(records: list[LayerRecord], applied: list[torch.Tensor]) -> Optional[dict]:
+        harm = [r for r in records if r.layer.variant_name == "harmonized"]
+        if not harm:
+            return None
+        raw = []
+        for r, h in zip(records, applied):
+            if r.layer.variant_name != "harmonized":
+                raw.append(h)  # non-harmonized layers count as applied
+                continue
+            raw_res = r.layer.raw_coefficients(r.x.detach())[2]
+            raw.append(r.layer.mixer.raw_transport(raw_res).double().expand_as(h))
+        g_app, g_raw = composite_gain(applied).forward_amax, composite_gain(raw).forward_amax
+        app_mean, app_max = token_stats(g_app)
+        raw_mean, raw_max = token_stats(g_raw)
+        scale = float(harm[0].layer.mixer.scale)
+        raw_profile = layer_profile(raw)
+        return {
+            "scalars": {"harm_scale": scale, "harm_gain_applied_mean": app_mean,
+                        "harm_gain_applied_max": app_max, "harm_gain_raw_mean": raw_mean,
+                        "harm_gain_raw_max": raw_max},
+            "scale": scale,
+            "raw_profile": {"forward": {"forward_amax": raw_profile["forward"]["forward_amax"]},
+                            "backward": {"backward_amax": raw_profile["backward"]["backward_amax"]}},
+        }
