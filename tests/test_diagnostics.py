@@ -253,3 +253,23 @@ def test_stability_hook_keeps_existing_grads_and_mode():
         StabilityHook()(model, idx, tgt, lm_loss, step=1)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
     assert not model.training
+
+
+def test_stability_hook_on_gpt(tmp_path):
+    models = pytest.importorskip("hyperconn.models")
+    torch.manual_seed(0)
+    cfg = models.GPTConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, n_embd=16,
+                           connection=models.ConnectionConfig("mhc", streams=4))
+    model = models.GPT(cfg)
+    idx, tgt = batch(b=2, t=8, vocab=32)
+    with torch.no_grad():
+        ref = model(idx)
+    out = StabilityHook(tmp_path)(model, idx, tgt, lm_loss, step=3)
+    with torch.no_grad():
+        assert torch.equal(model(idx), ref)
+    data = json.loads((tmp_path / "diagnostics" / "step_0000003.json").read_text())
+    assert data["num_layers"] == 4 == len(model.connections())
+    assert [entry["name"] for entry in data["layers"]] == ["blocks.0.attn", "blocks.0.mlp",
+                                                            "blocks.1.attn", "blocks.1.mlp"]
+    assert data["similarity"][0] == pytest.approx(1.0)  # expand_streams copies the embedding
+    assert math.isfinite(out["grad_ratio"]) and out["row_sum_err"] < 1e-4
