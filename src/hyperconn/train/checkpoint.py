@@ -1,0 +1,148 @@
+"""``checkpoint.pt``: everything needed to continue a run exactly.
+
+Contents (a dict saved with ``torch.save``, loadable with ``weights_only=True``)::
+
+    version, step, config (TrainConfig.to_dict()), model, optimizer, controller (or None),
+    rng {python, numpy, torch, cuda}, progress {train_time_s, wall_time_s, tokens, ...}
+
+Writes are atomic (temp file in the same directory, fsync, ``os.replace``), so a crash
+mid-write leaves the previous checkpoint intact. Loading problems (unreadable or
+truncated file, missing entries, a checkpoint from a different model or task) raise
+:class:`CheckpointError` with one readable sentence.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
+           "check_compatible"]
+
+VERSION = 1
+# Settings that must match to continue a run from its checkpoint.
+_MUST_MATCH = ("model", "task", "kv_pairs", "data_paths")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used to continue this run."""
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _tuples_to_lists(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_lists_to_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples_to_lists(x):
+    return [_tuples_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _lists_to_tuples(x):
+    return tuple(_lists_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically write ``state`` (plus ``version``) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _diff(saved, current, prefix="") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(saved) | set(current)):
+            out += _diff(saved.get(k, "<missing>"), current.get(k, "<missing>"), f"{prefix}{k}.")
+        return out
+    return [] if saved == current else [f"{prefix.rstrip('.')} (checkpoint {saved!r}, now {current!r})"]
+
+
+def check_compatible(saved_config: dict, config_dict: dict, path: Path) -> None:
+    """Raise :class:`CheckpointError` if the run-defining settings differ."""
+    diffs = []
+    for key in _MUST_MATCH:
+        diffs += _diff(saved_config.get(key, "<missing>"), config_dict.get(key), f"{key}.")
+    if diffs:
+        shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+        raise CheckpointError(f"checkpoint {path} was written by a different run configuration: {shown}. "
+                              f"Use another out_dir, or drop resume to start over")
+
+
+def load_checkpoint(path: Path, config_dict: dict, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer] = None, controller=None,
+                    map_location="cpu") -> dict:
+    """Load ``path`` into ``model`` / ``optimizer`` / ``controller`` and restore RNG states.
+
+    Returns the checkpoint dict (``step``, ``progress``, ...). Raises
+    :class:`CheckpointError` for an unreadable, truncated or incompatible checkpoint.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # pickle / zip / torch errors of a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
+                              f"{first[:200]})") from None
+    needed = ("version", "step", "config", "model", "optimizer", "rng")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"checkpoint {path} is not a hyperconn training checkpoint "
+                              f"(missing {', '.join(missing)})")
+    if state["version"] != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state['version']}, "
+                              f"this hyperconn reads version {VERSION}")
+    check_compatible(state["config"], config_dict, path)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+                              f"{str(e).strip().splitlines()[0][:300]}") from None
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this model ({e})") from None
+    if controller is not None:
+        if not state.get("controller"):
+            raise CheckpointError(f"checkpoint {path} has no Harmonized controller state")
+        controller.load_state_dict(state["controller"])
+    try:
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot restore RNG state ({e})") from None
+    return state

@@ -1,0 +1,111 @@
+"""Run-directory files: ``metrics.jsonl`` (one JSON object per line) and JSON summaries.
+
+Non-finite floats are written as ``null`` so every line is strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+__all__ = ["MetricsWriter", "read_metrics", "write_json", "read_json", "finite_or_none"]
+
+
+def finite_or_none(value: Any) -> Any:
+    """Recursively replace NaN/±Inf floats by None; tensors/numpy scalars become floats."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented strict JSON, atomically (temp file + ``os.replace``)."""
+    _atomic_write_text(Path(path), json.dumps(finite_or_none(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> Optional[Any]:
+    """Parsed JSON, or None if the file is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All complete lines of a ``metrics.jsonl`` (a torn last line is skipped)."""
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+class MetricsWriter:
+    """Append-only ``metrics.jsonl`` writer (flushed every line).
+
+    Args:
+        path: the file.
+        keep_through: ``None`` starts a new file; an integer keeps only the existing
+            lines with ``step <= keep_through`` (used when resuming from a checkpoint at
+            that step, so the file ends up as an uninterrupted run's would).
+    """
+
+    def __init__(self, path: Path, keep_through: Optional[int] = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: Iterable[dict] = []
+        if keep_through is not None:
+            kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= keep_through]
+        _atomic_write_text(self.path, "".join(self._line(r) for r in kept))
+        self._f = open(self.path, "a")
+
+    @staticmethod
+    def _line(row: dict) -> str:
+        return json.dumps(finite_or_none(row), allow_nan=False) + "\n"
+
+    def write(self, row: dict) -> None:
+        self._f.write(self._line(row))
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
