@@ -1,0 +1,196 @@
+"""Configuration dataclasses for :mod:`hyperconn.models`.
+
+``ConnectionConfig`` says how every branch of the model is hyper-connected (variant,
+number of streams, coefficient options); ``GPTConfig`` says everything else about the
+decoder. Both validate themselves on construction and raise ``ValueError`` naming the
+offending field, so a bad CLI flag fails before any tensor is allocated.
+
+Both are plain dataclasses: ``dataclasses.asdict(cfg)`` gives a nested dict and
+``GPTConfig(**d)`` takes it back (a dict is accepted for ``connection``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ..variants import VARIANTS, make_variant
+
+__all__ = ["ConnectionConfig", "GPTConfig"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+@dataclass
+class ConnectionConfig:
+    """How each attention / MLP branch is wrapped in a :class:`hyperconn.HyperConnection`.
+
+    Fields:
+        variant: one of ``hyperconn.VARIANTS``.
+        streams: residual streams n; must be 1 for ``"residual"``.
+        dynamic: add per-token coefficients (ignored by ``"residual"``).
+        res_init: diagonal of the static raw H̃_res; None takes the variant's default
+            (see ``HyperConnection``).
+        sinkhorn_iters, sinkhorn_backward: mhc / hybrid Sinkhorn options.
+        iso_method, iso_steps: isohc / hybrid projection options.
+        hybrid_lambda: ``"learned"`` or a number in [0, 1] written as a string (``"0.5"``)
+            so command lines stay simple; converted to float for the layer.
+        harmonized_eps: ε of Harmonized HC (H_raw = I + εΘ).
+        recompute: reserved for activation recompute; stored, not used by the model.
+
+    Options that belong to another variant are accepted and ignored, so one config
+    object can be swept over variants.
+
+    Raises:
+        ValueError: naming the field, for an unknown variant, ``streams < 1``,
+            ``streams != 1`` with ``"residual"``, or an invalid option value.
+    """
+
+    variant: str = "mhc"
+    streams: int = 4
+    dynamic: bool = True
+    res_init: Optional[float] = None
+    sinkhorn_iters: int = 20
+    sinkhorn_backward: str = "unrolled"
+    iso_method: str = "ns"
+    iso_steps: int = 5
+    hybrid_lambda: str = "learned"
+    harmonized_eps: float = 1.0
+    recompute: bool = False
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        _positive_int("streams", self.streams)
+        if self.variant == "residual" and self.streams != 1:
+            raise ValueError(f"streams: variant 'residual' expects streams=1, got {self.streams}")
+        if self.res_init is not None and not (isinstance(self.res_init, (int, float))
+                                              and math.isfinite(self.res_init)):
+            raise ValueError(f"res_init: expected None or a finite number, got {self.res_init!r}")
+        self._lambda()  # raises for a bad hybrid_lambda
+        # The variants own their option checks: building one (a few scalars) is the
+        # single source of truth for what is valid.
+        make_variant(self.variant, self.streams, 0, self.res_init, **self._options())
+
+    def _lambda(self) -> Union[str, float]:
+        value = self.hybrid_lambda
+        if value == "learned":
+            return value
+        try:
+            lam = float(value)
+        except (TypeError, ValueError):
+            lam = float("nan")
+        if not 0.0 <= lam <= 1.0:  # also rejects nan
+            raise ValueError(f"hybrid_lambda: expected 'learned' or a number in [0, 1], got {value!r}")
+        return lam
+
+    def _options(self) -> dict:
+        return dict(sinkhorn_iters=self.sinkhorn_iters, sinkhorn_backward=self.sinkhorn_backward,
+                    iso_method=self.iso_method, iso_steps=self.iso_steps,
+                    hybrid_lambda=self._lambda(), harmonized_eps=self.harmonized_eps)
+
+    def layer_kwargs(self) -> dict:
+        """Keyword arguments for ``HyperConnection(dim, streams, branch, **kwargs)``:
+        variant, dynamic, res_init and every variant option (``hybrid_lambda`` as a float
+        unless ``"learned"``). ``streams`` and ``recompute`` are not included."""
+        return dict(variant=self.variant, dynamic=self.dynamic, res_init=self.res_init, **self._options())
+
+    def describe(self) -> str:
+        """One line, e.g. ``"mhc n=4 dynamic sinkhorn(20, unrolled)"``."""
+        v = self.variant
+        if v == "residual":
+            return "residual n=1"
+        parts = [v, f"n={self.streams}", "dynamic" if self.dynamic else "static"]
+        if v in ("mhc", "hybrid"):
+            parts.append(f"sinkhorn({self.sinkhorn_iters}, {self.sinkhorn_backward})")
+        if v in ("isohc", "hybrid"):
+            parts.append(f"iso({self.iso_method}, {self.iso_steps})")
+        if v == "hybrid":
+            parts.append(f"lambda={self.hybrid_lambda}")
+        if v == "harmonized":
+            parts.append(f"eps={self.harmonized_eps:g}")
+        if self.res_init is not None:
+            parts.append(f"res_init={self.res_init:g}")
+        if self.recompute:
+            parts.append("recompute")
+        return " ".join(parts)
+
+
+@dataclass
+class GPTConfig:
+    """A decoder-only GPT: RMSNorm pre-norm, RoPE attention, SwiGLU MLP, no biases.
+
+    Fields:
+        vocab_size: token vocabulary V.
+        seq_len: longest sequence the model accepts (size of the RoPE tables).
+        n_layer: transformer blocks; each block is two hyper-connected layers
+            (attention, then MLP), so the model has ``2 * n_layer`` connections.
+        n_head: attention heads; ``n_embd // n_head`` must be even (RoPE rotates pairs).
+        n_embd: channel width C.
+        mlp_hidden: SwiGLU hidden width; None gives :attr:`mlp_hidden_dim`, 8/3·C rounded
+            up to a multiple of 32.
+        tie_embeddings: share the token embedding with the output head.
+        rope_base: RoPE frequency base θ.
+        norm_eps: ε of every RMSNorm (branch norms, final norm, and the RMS scaling of
+            the connections' dynamic coefficients).
+        connection: a :class:`ConnectionConfig` (a dict is converted).
+
+    Raises:
+        ValueError: naming the field, for non-positive sizes, ``n_embd % n_head != 0``,
+            an odd head dimension, or a non-positive ``rope_base`` / ``norm_eps``.
+    """
+
+    vocab_size: int = 256
+    seq_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_hidden: Optional[int] = None
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)
+
+    def __post_init__(self):
+        if isinstance(self.connection, dict):
+            self.connection = ConnectionConfig(**self.connection)
+        if not isinstance(self.connection, ConnectionConfig):
+            raise ValueError(f"connection: expected a ConnectionConfig, got {type(self.connection).__name__}")
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
+            _positive_int(name, getattr(self, name))
+        if self.mlp_hidden is not None:
+            _positive_int("mlp_hidden", self.mlp_hidden)
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd: must be divisible by n_head={self.n_head}, got {self.n_embd}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"n_head: head dimension n_embd/n_head = {self.head_dim} must be even for RoPE")
+        for name in ("rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a positive number, got {value!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """``mlp_hidden`` if set, else 8/3·n_embd rounded up to a multiple of 32 (LLaMA's
+        rule: SwiGLU's three matrices then cost about what a 4·C GELU MLP's two do)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 32 * math.ceil(8 * self.n_embd / 3 / 32)
+
+    def describe(self) -> str:
+        """One line: sizes and the connection, e.g. for logs."""
+        return (f"GPT L={self.n_layer} C={self.n_embd} H={self.n_head} T={self.seq_len} "
+                f"V={self.vocab_size} | {self.connection.describe()}")
+
