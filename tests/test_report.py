@@ -1,0 +1,158 @@
+"""Tests for hyperconn.report: run discovery, report.md sections, figures, CLI."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from hyperconn.report import find_runs, write_report
+from hyperconn.report.cli import main
+from hyperconn.report.markdown import SECTIONS, fmt_mean_std
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LAYERS = 8
+
+
+def _profile(growth: float) -> dict:
+    fwd = [growth ** (l + 1) for l in range(LAYERS)]
+    bwd = [growth ** (LAYERS - l) for l in range(LAYERS)]
+    gains = {"forward_amax": {"mean": fwd, "max": [1.5 * v for v in fwd]},
+             "backward_amax": {"mean": bwd, "max": [1.5 * v for v in bwd]}}
+    return {"forward": dict(gains), "backward": dict(gains)}
+
+
+def make_run(root: Path, task: str, variant: str, seed: int, *, steps=40, growth=1.0, diverge_at=None,
+             diagnostics=True, harmonized=False, summary=True, streams=4) -> Path:
+    d = root / task / variant / f"seed{seed}"
+    d.mkdir(parents=True)
+    config = {"task": task, "seed": seed, "kv_pairs": 8, "steps": steps,
+              "model": {"n_layer": LAYERS // 2, "connection": {"variant": variant, "streams": streams}},
+              "harmonized": {"target_gain": 4.0}}
+    (d / "config.json").write_text(json.dumps(config))
+    lines = []
+    for step in range(1, steps + 1):
+        loss = 5.0 * math.exp(-step / (10 + seed)) + 0.1
+        if diverge_at is not None and step >= diverge_at:
+            loss = float("nan")
+        row = {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0 + seed}
+        if step % 10 == 0:
+            row["eval_loss"] = loss + 0.05
+            row["eval_accuracy" if task == "kv" else "eval_bpb"] = (
+                min(1.0, step / steps + 0.05 * seed) if task == "kv" else 2.0 * loss)
+            if diagnostics:
+                row["diag/gain_fwd_mean"] = growth ** (LAYERS * step / steps)
+                row["diag/gain_bwd_mean"] = growth ** (LAYERS * step / steps) * 1.1
+                row["diag/grad_ratio"] = growth
+                if harmonized:
+                    row["diag/harm_scale"] = max(0.1, 1.0 - step / steps)
+                    row["diag/harm_gain_raw_mean"] = 2.0 ** (step / 5)
+                    row["diag/harm_gain_applied_mean"] = min(4.0, 2.0 ** (step / 5))
+        lines.append(json.dumps(row))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if summary:
+        status = "diverged" if diverge_at is not None else "completed"
+        final = {"loss": None if diverge_at else 0.2, "eval_loss": 0.25,
+                 "eval_accuracy" if task == "kv" else "eval_bpb": 0.9}
+        (d / "summary.json").write_text(json.dumps({"status": status, "final": final,
+                                                    "num_params": 123456, "tokens_per_s": 1000.0}))
+    if diagnostics:
+        diag = {"step": steps, "num_layers": LAYERS, "streams": streams,
+                "scalars": {"gain_fwd_mean": growth ** LAYERS},
+                "profile": _profile(growth),
+                "grad_norms": [growth ** (LAYERS - l) * 0.01 for l in range(LAYERS + 1)],
+                "similarity": [1.0] + [0.9 - 0.05 * l for l in range(LAYERS)] if streams > 1 else [None] * 9,
+                "manifold": {"row_sum_err": [0.0] * LAYERS}}
+        (d / "diagnostics").mkdir()
+        (d / "diagnostics" / f"step_{steps:07d}.json").write_text(json.dumps(diag))
+    return d
+
+
+@pytest.fixture
+def compare(tmp_path):
+    root = tmp_path / "compare"
+    for seed in (0, 1):
+        make_run(root, "kv", "mhc", seed, growth=1.02)
+        make_run(root, "kv", "hc", seed, growth=1.6, diverge_at=25 if seed == 1 else None)
+        make_run(root, "kv", "harmonized", seed, growth=1.2, harmonized=True)
+        make_run(root, "bytes", "isohc", seed, growth=1.0)
+    make_run(root, "kv", "residual", 0, diagnostics=False, streams=1)
+    return root
+
+
+def _images(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_find_runs(compare):
+    runs = find_runs([compare])
+    assert len(runs) == 9
+    hc = [r for r in runs if r.variant == "hc"]
+    assert [r.seed for r in hc] == [0, 1] and [r.diverged for r in hc] == [False, True]
+    assert {r.task for r in runs} == {"kv", "bytes"}
+    res = next(r for r in runs if r.variant == "residual")
+    assert res.diagnostics is None and res.final("eval_accuracy") == 0.9
+    # A run directory given directly is found too, and not twice.
+    assert len(find_runs([compare / "kv" / "mhc" / "seed0", compare / "kv" / "mhc"])) == 2
+
+
+def test_report_sections_and_figures(compare):
+    path = write_report([compare], compare)
+    assert path == compare / "report.md"
+    md = path.read_text()
+    for section in SECTIONS:
+        assert f"## {section}" in md, section
+    images = _images(md)
+    expected = {"curves", "quality", "gain_training", "harmonized", "gain_profile", "grad_norms", "similarity"}
+    assert {Path(p).stem for p in images} == expected
+    for rel in images:
+        f = compare / rel
+        assert f.is_file() and f.read_bytes()[:8] == PNG_MAGIC and f.stat().st_size > 5000
+    # Summary rows per task, diverged marked, residual without diagnostics noted.
+    assert "### Task `kv`" in md and "### Task `bytes`" in md
+    hc_row = next(line for line in md.splitlines() if line.startswith("| `hc` |"))
+    assert "**1**" in hc_row
+    assert "diverged" in md and "no diagnostics files" in md
+    assert "residual" in md
+
+
+def test_report_without_any_diagnostics(tmp_path):
+    make_run(tmp_path / "runs", "kv", "mhc", 0, diagnostics=False)
+    make_run(tmp_path / "runs", "kv", "mhc", 1, diagnostics=False, summary=False)
+    out = tmp_path / "out"
+    path = write_report([tmp_path / "runs"], out)
+    md = path.read_text()
+    for section in SECTIONS:
+        assert f"## {section}" in md
+    assert md.count("Figure skipped") == 4  # gain over training, profile, grad norms, similarity
+    for rel in _images(md):
+        assert (out / rel).read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "figures" / "gain_profile.png").exists()
+    assert "not finished" in md
+
+
+def test_cli(compare, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main([str(compare / "kv"), str(compare / "bytes"), "--out", str(out)]) == 0
+    assert (out / "report.md").is_file()
+    assert capsys.readouterr().out.strip() == str(out / "report.md")
+    assert main([str(tmp_path / "missing")]) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 1
+    assert "no run directory" in capsys.readouterr().err
+
+
+def test_fmt_mean_std():
+    assert fmt_mean_std([1.0, 3.0]) == "2 ± 1.4"
+    assert fmt_mean_std([float("nan"), 2.0]) == "2"
+    assert fmt_mean_std([None]) == "–"
+
+
+def test_truncated_metrics_line_is_skipped(tmp_path):
+    d = make_run(tmp_path, "kv", "mhc", 0, steps=10)
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 0.')  # a writer killed mid-line
+    (run,) = find_runs([tmp_path])
+    assert run.last_step == 10
