@@ -228,3 +228,36 @@ def test_torch_compile_fullgraph_matches_eager(variant):
     x = torch.randn(2, 5, 4, 16)
     compiled = torch.compile(hc, fullgraph=True)
     torch.testing.assert_close(compiled(x), hc(x), atol=1e-5, rtol=1e-5)
+
+
+
+def _saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+@pytest.mark.parametrize("variant", ["mhc", "isohc", "hybrid"])
+def test_recompute_gives_identical_gradients_and_stores_less(variant):
+    dim, n = 32, 4
+    branch = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+    plain = HyperConnection(dim, n, branch, variant=variant)
+    recomputed = HyperConnection(dim, n, branch, variant=variant, recompute=True)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 16, n, dim, requires_grad=True)
+    grads = []
+    stored = []
+    for layer in (plain, recomputed):
+        nbytes, out = _saved_bytes(lambda: layer(x))
+        stored.append(nbytes)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, layer.b_res, layer.phi]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert stored[1] <= x.numel() * x.element_size() * 1.01 < stored[0] / 3

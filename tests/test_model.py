@@ -288,7 +288,7 @@ def test_connection_config_kwargs_and_describe():
     assert cfg.describe() == "mhc n=4 dynamic sinkhorn(20, unrolled)"
     kw = cfg.layer_kwargs()
     assert kw["variant"] == "mhc" and kw["dynamic"] is True and kw["hybrid_lambda"] == "learned"
-    assert "streams" not in kw and "recompute" not in kw
+    assert "streams" not in kw and kw["recompute"] is False
     fixed = ConnectionConfig("hybrid", hybrid_lambda="0.25", dynamic=False)
     assert fixed.layer_kwargs()["hybrid_lambda"] == 0.25
     assert fixed.describe() == "hybrid n=4 static sinkhorn(20, unrolled) iso(ns, 5) lambda=0.25"

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .variants import VARIANTS, make_variant
 
@@ -61,6 +62,10 @@ class HyperConnection(nn.Module):
             logits then learn slowly: δ trades identity-likeness for gradient signal.
             hc, isohc and harmonized start exactly at I (static part); hybrid at
             ½(I + mhc's map), distance half of mhc's.
+        recompute: in training, store only the layer's input stream state and recompute
+            the layer (coefficients, projections, mixing and the branch) in backward, via
+            ``torch.utils.checkpoint`` (non-reentrant). Trades one extra forward of the
+            layer for its activation memory. A probe is called again during recompute.
         alpha_init: initial α scale of the dynamic part (0.01); with ``dynamic=True`` the
             dynamic part moves H_res by O(α·n) from the static map at init.
         **options: ``sinkhorn_iters`` (20), ``sinkhorn_backward`` ("unrolled"|"implicit"),
@@ -78,7 +83,7 @@ class HyperConnection(nn.Module):
 
     def __init__(self, dim: int, streams: int, branch: Optional[nn.Module] = None, *,
                  variant: str = "mhc", dynamic: bool = True, layer_index: int = 0,
-                 res_init: Optional[float] = None, alpha_init: float = 0.01,
+                 res_init: Optional[float] = None, recompute: bool = False, alpha_init: float = 0.01,
                  norm_eps: float = 1e-6, **options):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
@@ -93,6 +98,7 @@ class HyperConnection(nn.Module):
         self.branch = branch
         self.mixer = make_variant(variant, streams, layer_index, res_init, **options)
         self.dynamic = dynamic and variant != "residual"
+        self.recompute = bool(recompute)
         self.norm_eps = norm_eps
         n = streams
         b_pre, b_post, b_res = self.mixer.static_init()
@@ -164,7 +170,13 @@ class HyperConnection(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.branch is None:
             raise RuntimeError("HyperConnection has no branch: pass one or use pre()/post()")
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(self._apply_layer, x, *args, use_reentrant=False, **kwargs)
+        return self._apply_layer(x, *args, **kwargs)
+
+    def _apply_layer(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.post(x, self.branch(self.pre(x), *args, **kwargs))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, streams={self.streams}, variant={self.variant_name!r}, dynamic={self.dynamic}"
+        extra = ", recompute=True" if self.recompute else ""
+        return f"dim={self.dim}, streams={self.streams}, variant={self.variant_name!r}, dynamic={self.dynamic}{extra}"

@@ -44,7 +44,8 @@ class ConnectionConfig:
         hybrid_lambda: ``"learned"`` or a number in [0, 1] written as a string (``"0.5"``)
             so command lines stay simple; converted to float for the layer.
         harmonized_eps: ε of Harmonized HC (H_raw = I + εΘ).
-        recompute: reserved for activation recompute; stored, not used by the model.
+        recompute: recompute each hyper-connected layer (branch included) in backward
+            instead of storing its intermediates: stores one stream state per layer.
 
     Options that belong to another variant are accepted and ignored, so one config
     object can be swept over variants.
@@ -100,8 +101,9 @@ class ConnectionConfig:
     def layer_kwargs(self) -> dict:
         """Keyword arguments for ``HyperConnection(dim, streams, branch, **kwargs)``:
         variant, dynamic, res_init and every variant option (``hybrid_lambda`` as a float
-        unless ``"learned"``). ``streams`` and ``recompute`` are not included."""
-        return dict(variant=self.variant, dynamic=self.dynamic, res_init=self.res_init, **self._options())
+        unless ``"learned"``) and ``recompute``. ``streams`` is not included."""
+        return dict(variant=self.variant, dynamic=self.dynamic, res_init=self.res_init,
+                    recompute=self.recompute, **self._options())
 
     def describe(self) -> str:
         """One line, e.g. ``"mhc n=4 dynamic sinkhorn(20, unrolled)"``."""

@@ -60,11 +60,41 @@ def _ns_scale(a: torch.Tensor) -> torch.Tensor:
     return torch.maximum(1.02 * sigma_est, fro / 1.7).clamp_min(1e-12)
 
 
-def _newton_schulz(a: torch.Tensor, steps: int) -> torch.Tensor:
-    x = a / _ns_scale(a)[..., None, None]
+def _ns_iterates(x: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    xs = [x]
     for _ in range(steps):
         x = 1.5 * x - 0.5 * (x @ x.mT) @ x
-    return x
+        xs.append(x)
+    return xs
+
+
+class _NewtonSchulz(torch.autograd.Function):
+    """K cubic Newton-Schulz steps from X0, storing only X0 between passes.
+
+    For ``Y = 1.5 X − 0.5 X Xᵀ X`` the vector-Jacobian product is
+    ``∂X = 1.5 G − 0.5 (G XᵀX + X Gᵀ X + X Xᵀ G)``; the backward recomputes the iterates.
+    """
+
+    @staticmethod
+    def forward(ctx, x0: torch.Tensor, steps: int) -> torch.Tensor:
+        ctx.steps = steps
+        ctx.save_for_backward(x0)
+        return _ns_iterates(x0, steps)[-1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x0,) = ctx.saved_tensors
+        xs = _ns_iterates(x0, ctx.steps)
+        g = grad
+        for x in reversed(xs[:-1]):
+            xtx = x.mT @ x
+            g = 1.5 * g - 0.5 * (g @ xtx + x @ g.mT @ x + x @ (x.mT @ g))
+        return g, None
+
+
+def _newton_schulz(a: torch.Tensor, steps: int) -> torch.Tensor:
+    # The scale γ(A) stays under autograd (cheap); the iterations use the custom backward.
+    return _NewtonSchulz.apply(a / _ns_scale(a)[..., None, None], steps)
 
 
 class _PolarFactor(torch.autograd.Function):
