@@ -1,0 +1,327 @@
+"""The ``hyperconn`` command.
+
+    hyperconn train   [--config FILE] [--<field> VALUE ...]   one training run (every TrainConfig field)
+    hyperconn compare --preset NAME --out DIR [--seeds K ...] [--quiet] [--device D]
+    hyperconn report  ...                                      (hyperconn.report.cli)
+    hyperconn bench   ...                                      (hyperconn.bench)
+
+Usage errors (unknown flag, bad value, invalid setting) exit with status 2 and one line
+on stderr naming the flag. ``train`` exits 0 for a finished (or stopped) run, 3 for a
+diverged one, 1 for a checkpoint it cannot resume from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+USAGE = """\
+usage: hyperconn <command> [options]
+
+Hyper-Connections lab: train and compare residual, hc, mhc, isohc, hybrid and harmonized.
+
+commands:
+  train     train one model (hyperconn train --help lists every setting)
+  compare   run a preset's variants x seeds and summarise (hyperconn compare --help)
+  report    markdown + plots from run or compare directories
+  bench     speed benchmarks of the connection layers
+
+examples:
+  hyperconn train --model.connection.variant isohc --steps 100 --out-dir runs/iso
+  hyperconn train --config run.toml --lr 1e-3
+  hyperconn compare --preset quick --out runs/quick
+"""
+
+EXIT_USAGE = 2
+
+
+def _err(cmd: str, msg: str) -> int:
+    print(f"hyperconn {cmd}: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------- train
+def _flag(path: str) -> str:
+    """``model.n_embd`` → ``--model.n-embd`` (tyro's spelling of the flag)."""
+    return "--" + path.replace("_", "-")
+
+
+def _field_paths() -> set[str]:
+    from .train.config import TrainConfig
+
+    out = set()
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+            else:
+                out.add(prefix + f.name)
+
+    walk(TrainConfig, "")
+    return out
+
+
+def _config_error_line(field: str, msg: str) -> str:
+    return f"{_flag(field)}: {msg}" if field in _field_paths() else f"{field}: {msg}"
+
+
+_BOX = re.compile(r"[│╭╮╰╯]")
+
+
+def _tyro_one_line(text: str) -> str:
+    """Condense tyro's boxed error into one line naming the flag."""
+    body, title = [], ""
+    for raw in text.splitlines():
+        line = _BOX.sub("", raw).strip()
+        if raw.lstrip().startswith("╭"):
+            title = line.strip("─ ").strip()
+            continue
+        body.append(line)
+    sections, cur = [], []
+    for line in body:
+        if line and set(line) <= {"─"}:
+            sections.append(cur)
+            cur = []
+        elif line:
+            cur.append(line)
+    sections.append(cur)
+    first = " ".join(sections[0]) if sections and sections[0] else title or "invalid arguments"
+    hint = ""
+    for sec in sections[1:]:
+        if sec and sec[0].startswith("Perhaps you meant") and len(sec) > 1:
+            hint = f" (did you mean {sec[1].split()[0]}?)"
+    m = re.match(r"^Error parsing (?P<ctx>[\w.-]+): (?P<field>[\w.]+): (?P<msg>.*)$", first)
+    if m:
+        ctx, field, msg = m["ctx"], m["field"], m["msg"]
+        if ctx.startswith("--"):
+            return f"{ctx}: {field}: {msg}"
+        path = field if ctx == "TrainConfig" or field.startswith(ctx + ".") else f"{ctx}.{field}"
+        return _config_error_line(path, msg)
+    m = re.match(r"^Error parsing (?P<flag>--[\w.-]+): (?P<msg>.*)$", first)
+    if m:
+        return f"{m['flag']}: {m['msg']}"
+    return first + hint
+
+
+def _split_config_flag(args: list[str]) -> tuple[Optional[str], list[str]]:
+    rest, path = [], None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config":
+            if i + 1 >= len(args):
+                raise ValueError("--config: expected a file name")
+            path = args[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return path, rest
+
+
+def load_config_file(path: str) -> dict:
+    """Parse a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``) file into a dict."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ValueError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"--config: expected a .toml, .yaml, .yml or .json file, got {path}")
+    except ValueError:
+        raise
+    except Exception as e:  # parser errors of the three formats
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--config: cannot parse {path}: {first}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {path} must hold a table of settings")
+    return data
+
+
+def _parse_train(args: list[str]):
+    """Returns (TrainConfig, None) or (None, exit code)."""
+    import tyro
+
+    from .train.config import ConfigError, TrainConfig
+
+    try:
+        cfg_path, rest = _split_config_flag(args)
+        default = TrainConfig()
+        if cfg_path is not None:
+            try:
+                default = TrainConfig.from_dict(load_config_file(cfg_path))
+            except ConfigError as e:
+                msg = str(e).split(": ", 1)[1]
+                return None, _err("train", f"--config {cfg_path}: {e.field}: {msg}")
+    except ValueError as e:
+        return None, _err("train", str(e))
+    kwargs = dict(default=default, prog="hyperconn train",
+                  description="Train one model. Every setting is a flag; --config FILE (TOML/YAML/JSON) "
+                              "gives defaults that flags override.")
+    if "-h" in rest or "--help" in rest:
+        try:
+            tyro.cli(TrainConfig, args=rest, **kwargs)
+        except SystemExit as e:
+            return None, e.code if isinstance(e.code, int) else 0
+    buf = io.StringIO()
+    old_cols = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "1000"  # keep tyro's error box on one line per message
+    try:
+        with contextlib.redirect_stderr(buf):
+            config = tyro.cli(TrainConfig, args=rest, **kwargs)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        if code == 0:
+            sys.stderr.write(buf.getvalue())
+            return None, 0
+        return None, _err("train", _tyro_one_line(buf.getvalue()))
+    except ConfigError as e:
+        return None, _err("train", _config_error_line(e.field, str(e).split(": ", 1)[1]))
+    finally:
+        if old_cols is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old_cols
+    sys.stderr.write(buf.getvalue())  # tyro warnings, if any
+    return config, None
+
+
+def _train(args: list[str]) -> int:
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError
+    from .train.loop import train
+
+    config, code = _parse_train(args)
+    if config is None:
+        return code
+    try:
+        summary = train(config)
+    except ConfigError as e:
+        return _err("train", _config_error_line(e.field, str(e).split(": ", 1)[1]))
+    except CheckpointError as e:
+        print(f"hyperconn train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hyperconn train: interrupted; continue with --resume --out-dir {config.out_dir}", file=sys.stderr)
+        return 130
+    return 3 if summary["status"] == "diverged" else 0
+
+
+# ---------------------------------------------------------------------------- compare
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we want one line
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _compare(args: list[str]) -> int:
+    from .experiments.presets import PRESETS
+
+    parser = _OneLineParser(prog="hyperconn compare",
+                            description="Run every variant x seed of a preset, one after another, into "
+                                        "DIR/<task>/<variant>/seed<k>/, then write DIR/summary.json and "
+                                        "DIR/summary.md. Re-running skips finished runs.")
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                        help="which preset (default: quick): " +
+                             "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items()))
+    parser.add_argument("--out", required=True, metavar="DIR", help="comparison directory")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="K", help="replace the preset's seeds")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device of every run")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if ns.seeds is not None and any(s < 0 for s in ns.seeds):
+        return _err("compare", f"--seeds: expected non-negative integers, got {ns.seeds}")
+    from .experiments.compare import run_compare
+    from .train.config import ConfigError
+
+    try:
+        summary = run_compare(ns.preset, ns.out, seeds=ns.seeds, quiet=ns.quiet,
+                              overrides={"device": ns.device} if ns.device else None)
+    except ConfigError as e:
+        return _err("compare", str(e))
+    except KeyboardInterrupt:
+        print(f"hyperconn compare: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 1 if summary["failed"] else 0
+
+
+# ---------------------------------------------------------------------------- lazy commands
+def _lazy(cmd: str, module: str):
+    def run(args: list[str]) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and (module == e.name or module.startswith(e.name + ".")):
+                return _err(cmd, f"not available: {module} is not installed in this checkout")
+            raise
+        fn = getattr(mod, "main", None)
+        if fn is None:
+            return _err(cmd, f"not available: {module} has no main(argv)")
+        try:
+            rc = fn(list(args))
+        except SystemExit as e:
+            rc = e.code
+        return rc if isinstance(rc, int) else (0 if rc is None else 1)
+    return run
+
+
+COMMANDS = {
+    "train": _train,
+    "compare": _compare,
+    "report": _lazy("report", "hyperconn.report.cli"),
+    "bench": _lazy("bench", "hyperconn.bench"),
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``hyperconn`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        (sys.stdout if args else sys.stderr).write(USAGE)
+        return 0 if args else EXIT_USAGE
+    if args[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"hyperconn {__version__}")
+        return 0
+    cmd = COMMANDS.get(args[0])
+    if cmd is None:
+        print(f"hyperconn: error: unknown command {args[0]!r}; expected one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return cmd(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Run a preset's variants × seeds one after another and summarise them.
+
+Layout of a comparison directory::
+
+    DIR/compare.json                 preset name, seeds, list of runs (written first)
+    DIR/<group>/<variant>/seed<k>/   one training run directory each (see hyperconn.train)
+    DIR/summary.json                 per-run results and the per-(group, variant) table
+    DIR/summary.md                   the same table in Markdown
+
+Restarting the same command continues: runs whose ``summary.json`` says "finished" or
+"diverged" with the same configuration are skipped, an interrupted run resumes from
+its checkpoint, and a run whose configuration changed starts over.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from ..train.checkpoint import CheckpointError
+from ..train.config import TrainConfig, with_overrides
+from ..train.loop import train
+from ..train.metrics import read_json, write_json
+from .presets import Job, Preset, expand, get_preset
+
+__all__ = ["run_compare", "summarize", "DONE"]
+
+DONE = ("finished", "diverged")
+# Settings that do not change what a run computes.
+_COSMETIC = ("out_dir", "quiet", "resume", "stop_after")
+
+
+def _same_config(saved: Optional[dict], config: TrainConfig) -> bool:
+    if not isinstance(saved, dict):
+        return False
+    now = config.to_dict()
+    return all(saved.get(k) == now.get(k) for k in set(saved) | set(now) if k not in _COSMETIC)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarize(jobs: Sequence[Job], out_dir: Path, failures: Optional[Mapping[str, str]] = None) -> dict:
+    """Collect every job's ``summary.json`` into per-run rows and a per-(group, variant) table."""
+    failures = failures or {}
+    runs, table = [], []
+    for job in jobs:
+        run_dir = Path(job.config.out_dir)
+        s = read_json(run_dir / "summary.json") or {}
+        status = "failed" if job.label in failures else s.get("status", "missing")
+        final = s.get("final") or {}
+        runs.append({
+            "group": job.group, "task": job.config.task, "variant": job.variant, "seed": job.seed,
+            "run_dir": str(run_dir.relative_to(out_dir)) if run_dir.is_relative_to(out_dir) else str(run_dir),
+            "status": status, "error": failures.get(job.label),
+            "metric": job.config.metric, "metric_value": s.get("metric_value"),
+            "steps": s.get("steps"), "diverged_step": s.get("diverged_step"),
+            "tokens_per_s": s.get("tokens_per_s"), "num_params": s.get("num_params"),
+            "wall_time_s": s.get("wall_time_s"), "gain_fwd_max": final.get("diag/gain_fwd_max"),
+            "connection": s.get("connection") or job.config.model.connection.describe(),
+        })
+    keys = list(dict.fromkeys((r["group"], r["variant"]) for r in runs))
+    for group, variant in keys:
+        rs = [r for r in runs if r["group"] == group and r["variant"] == variant]
+        finished = [r for r in rs if r["status"] == "finished"]
+        mean, std = _mean_std([r["metric_value"] for r in finished])
+        tps, _ = _mean_std([r["tokens_per_s"] for r in rs])
+        gain, _ = _mean_std([r["gain_fwd_max"] for r in finished])
+        table.append({
+            "group": group, "task": rs[0]["task"], "variant": variant, "connection": rs[0]["connection"],
+            "metric": rs[0]["metric"], "mean": mean, "std": std, "runs": len(rs),
+            "finished": len(finished), "diverged": sum(r["status"] == "diverged" for r in rs),
+            "failed": sum(r["status"] in ("failed", "missing", "stopped") for r in rs),
+            "tokens_per_s": tps, "num_params": rs[0]["num_params"], "gain_fwd_max": gain,
+        })
+    return {"runs": runs, "table": table}
+
+
+_SHORT = {"eval_accuracy": "acc (higher better)", "eval_bpb": "bpb (lower better)"}
+
+
+def _fmt_metric(row: dict) -> str:
+    if row["mean"] is None:
+        return "-"
+    return f"{row['mean']:.4f} ± {row['std']:.4f}"
+
+
+def _fmt_num(v, spec) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+_HEADERS = ("task", "variant", "metric", "mean ± std", "ok", "diverged", "failed", "gain", "tokens/s", "params")
+
+
+def _table_cells(row: dict) -> tuple[str, ...]:
+    return (row["group"], row["variant"], _SHORT.get(row["metric"], row["metric"]), _fmt_metric(row),
+            f"{row['finished']}/{row['runs']}", str(row["diverged"]), str(row["failed"]),
+            _fmt_num(row["gain_fwd_max"], ".3g"), _fmt_num(row["tokens_per_s"], ",.0f"),
+            _fmt_num(row["num_params"], ","))
+
+
+def to_markdown(summary: dict) -> str:
+    lines = [f"# Comparison `{summary['preset']}`", "", summary.get("description", ""), "",
+             f"Seeds: {summary['seeds']}. Metric: held-out accuracy on kv, bits per byte on bytes; "
+             f"mean ± sample std over the seeds that finished (ok = finished/runs). `gain`: "
+             f"forward Amax gain of the composite transport (token max) at the last evaluation. "
+             f"tokens/s: training steps only.", "",
+             "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
+    lines += ["| " + " | ".join(_table_cells(r)) + " |" for r in summary["table"]]
+    failed = [r for r in summary["runs"] if r["status"] not in DONE]
+    if failed:
+        lines += ["", "Runs not finished:", ""]
+        lines += [f"- `{r['run_dir']}`: {r['status']}" + (f" ({r['error']})" if r.get("error") else "")
+                  for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _print_table(summary: dict, console) -> None:
+    from rich.table import Table
+    t = Table(title=f"hyperconn compare: {summary['preset']}")
+    for h in _HEADERS:
+        t.add_column(h, justify="left" if h in ("task", "variant", "metric") else "right")
+    for r in summary["table"]:
+        t.add_row(*_table_cells(r))
+    console.print(t)
+
+
+def _write_report(out_dir: Path, console) -> None:
+    try:
+        from ..report import write_report  # written by the report module; optional here
+    except ImportError:
+        return
+    try:
+        path = write_report([out_dir], out_dir)
+        console.print(f"report: {path if path else out_dir}")
+    except Exception as e:  # noqa: BLE001 - the comparison itself is already saved
+        print(f"warning: report failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def run_compare(preset: Union[str, Preset], out_dir, seeds: Optional[Sequence[int]] = None,
+                quiet: bool = False, overrides: Optional[Mapping[str, Any]] = None) -> dict:
+    """Run every job of ``preset`` into ``out_dir`` (skipping finished ones) and summarise.
+
+    Args:
+        preset: a preset name (see :data:`~hyperconn.experiments.presets.PRESETS`) or object.
+        out_dir: the comparison directory.
+        seeds: replaces the preset's seeds.
+        quiet: no progress bars or tables (the one-line-per-run progress is still printed).
+        overrides: dotted TrainConfig overrides applied to every run (e.g. ``{"device": "cpu"}``).
+
+    Returns the summary dict (also written to ``out_dir/summary.json``). A run that raises
+    is recorded as "failed" and the comparison goes on; ``summary["failed"]`` counts them.
+    """
+    from rich.console import Console
+
+    console = Console(quiet=quiet)
+    if not console.is_terminal:
+        console = Console(quiet=quiet, width=140)  # a log file: don't squeeze the table into 80 columns
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    out_dir = Path(out_dir)
+    jobs = expand(p, out_dir, seeds, overrides)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used_seeds = list(p.seeds if seeds is None else seeds)
+    write_json(out_dir / "compare.json", {"preset": p.name, "description": p.description, "seeds": used_seeds,
+                                          "runs": [{"label": j.label, "config": j.config.to_dict()}
+                                                   for j in jobs]})
+    start = time.perf_counter()
+    failures: dict[str, str] = {}
+    n = len(jobs)
+    for i, job in enumerate(jobs, 1):
+        run_dir = Path(job.config.out_dir)
+        same = _same_config(read_json(run_dir / "config.json"), job.config)
+        done = read_json(run_dir / "summary.json") or {}
+        elapsed = time.perf_counter() - start
+        head = f"[{i}/{n}] {job.label}"
+        if same and done.get("status") in DONE:
+            print(f"{head}: {done['status']} already, skipped", flush=True)
+            continue
+        note = "" if same or not (run_dir / "config.json").exists() else " (config changed: starting over)"
+        print(f"{head}{note}  (compare elapsed {elapsed:.0f}s)", flush=True)
+        cfg = with_overrides(job.config, {"quiet": quiet, "resume": same})
+        try:
+            s = train(cfg)
+        except (CheckpointError, RuntimeError, ValueError, OSError) as e:
+            failures[job.label] = f"{type(e).__name__}: {e}"
+            print(f"{head}: FAILED: {failures[job.label]}", file=sys.stderr, flush=True)
+            continue
+        if quiet:
+            value = s.get("metric_value")
+            shown = f"{s['metric']} {value:.4f}" if value is not None else ""
+            print(f"{head}: {s['status']} {shown} ({s['wall_time_s']:.1f}s)".rstrip(), flush=True)
+
+    summary = {"preset": p.name, "description": p.description, "seeds": used_seeds,
+               "out_dir": str(out_dir), **summarize(jobs, out_dir, failures),
+               "failed": len(failures), "wall_time_s": time.perf_counter() - start}
+    write_json(out_dir / "summary.json", summary)
+    (out_dir / "summary.md").write_text(to_markdown(summary))
+    if not quiet:
+        _print_table(summary, console)
+    print(f"compare {p.name}: {n} runs in {summary['wall_time_s']:.0f}s -> {out_dir / 'summary.md'}", flush=True)
+    _write_report(out_dir, console)
+    return summary
