@@ -1,0 +1,353 @@
+"""Fused Triton kernels for the per-token hyper-connection ops (forward and backward).
+
+Importing this module imports Triton; :mod:`hyperconn.kernels.dispatch` does so lazily,
+only when the Triton backend is selected. Whether the kernels run compiled (CUDA) or in
+Triton's CPU interpreter is fixed when this module is first imported: ``TRITON_INTERPRET=1``
+must be in the environment before that (``INTERPRETED`` records which one happened).
+
+Layout: inputs are flattened to tokens, streams ``(M, n, C)``, coefficients ``(M, n)`` /
+``(M, n, n)`` or shared ``(n,)`` / ``(n, n)`` (passed with token stride 0). ``n`` is a
+compile-time constant, padded to a power of two ``NP`` with masks. Arithmetic is fp32
+(fp64 when an input is fp64, selected by the ``F64`` constexpr); stores cast to the
+destination dtype.
+
+Work split:
+  * forward stream ops: grid (tokens, C-blocks); each program reads its x tile once and
+    writes its output tile once.
+  * backward stream ops: one program per token looping over C, so the coefficient
+    gradients (reductions over C) stay in registers; they are written per token in the
+    compute dtype and summed over tokens on the host when the coefficients are shared.
+  * Sinkhorn: ``BM`` tokens per program, (BM, NP, NP) tiles, -inf padding. Backward
+    stores nothing from the forward: it recomputes the iterations keeping only the
+    per-iteration log-scalings (2·iters·n values per token, in registers) and then runs
+    the reverse sweep of the unrolled map.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # the interpreter's function type tells which mode the @triton.jit below chose
+    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
+except ImportError:  # pragma: no cover - very old or very new Triton
+    _Interpreted = ()
+
+__all__ = ["stream_pre", "stream_merge", "sinkhorn_tokens", "INTERPRETED", "MAX_SINKHORN_N"]
+
+MAX_SINKHORN_N = 8
+
+
+def _np2(v: int) -> int:
+    """Next power of two, at least 2 (keeps every tl.arange non-trivial)."""
+    return max(2, triton.next_power_of_2(int(v)))
+
+
+# ====================================================================== jit helpers
+@triton.jit
+def _acc(v, F64: tl.constexpr):
+    if F64:
+        r = v.to(tl.float64)
+    else:
+        r = v.to(tl.float32)
+    return r
+
+
+@triton.jit
+def _lse(z, AXIS: tl.constexpr):
+    """log-sum-exp over AXIS (reduced away). All -inf (padding) slices give 0, so
+    subtracting it leaves padding at -inf and no NaN is ever formed."""
+    m = tl.max(z, axis=AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.exp(z - tl.expand_dims(m, AXIS)), axis=AXIS)
+    return m + tl.log(tl.where(s == 0.0, 1.0, s))
+
+
+# ====================================================================== stream_pre
+@triton.jit
+def _pre_fwd_kernel(x_ptr, h_ptr, out_ptr, C, h_stride,
+                    N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask, cmask = rows < N, cols < C
+    h = _acc(tl.load(h_ptr + m * h_stride + rows, mask=rmask, other=0.0), F64)
+    x = tl.load(x_ptr + m * N * C + rows[:, None] * C + cols[None, :],
+                mask=rmask[:, None] & cmask[None, :], other=0.0)
+    out = tl.sum(h[:, None] * _acc(x, F64), axis=0)
+    tl.store(out_ptr + m * C + cols, out.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, C, h_stride,
+                    N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    rmask = rows < N
+    h = _acc(tl.load(h_ptr + m * h_stride + rows, mask=rmask, other=0.0), F64)
+    dh = _acc(tl.zeros((NP,), tl.float32), F64)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask2 = rmask[:, None] & cmask[None, :]
+        offs = m * N * C + rows[:, None] * C + cols[None, :]
+        g = _acc(tl.load(g_ptr + m * C + cols, mask=cmask, other=0.0), F64)
+        x = _acc(tl.load(x_ptr + offs, mask=mask2, other=0.0), F64)
+        tl.store(dx_ptr + offs, (h[:, None] * g[None, :]).to(dx_ptr.dtype.element_ty), mask=mask2)
+        dh += tl.sum(x * g[None, :], axis=1)
+    tl.store(dh_ptr + m * N + rows, dh, mask=rmask)
+
+
+# ====================================================================== stream_merge
+@triton.jit
+def _merge_fwd_kernel(x_ptr, hr_ptr, hp_ptr, y_ptr, out_ptr, C, hr_stride, hp_stride,
+                      N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask, cmask = rows < N, cols < C
+    hp = _acc(tl.load(hp_ptr + m * hp_stride + rows, mask=rmask, other=0.0), F64)
+    y = _acc(tl.load(y_ptr + m * C + cols, mask=cmask, other=0.0), F64)
+    out = hp[:, None] * y[None, :]
+    x_base = x_ptr + m * N * C
+    for j in tl.static_range(N):  # each stream row of x is read exactly once
+        h_col = _acc(tl.load(hr_ptr + m * hr_stride + rows * N + j, mask=rmask, other=0.0), F64)
+        xj = _acc(tl.load(x_base + j * C + cols, mask=cmask, other=0.0), F64)
+        out += h_col[:, None] * xj[None, :]
+    tl.store(out_ptr + m * N * C + rows[:, None] * C + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _merge_bwd_kernel(x_ptr, hr_ptr, hp_ptr, y_ptr, g_ptr,
+                      dx_ptr, dhr_ptr, dhp_ptr, dy_ptr, C, hr_stride, hp_stride,
+                      N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    rmask = rows < N
+    jcols = tl.arange(0, NP)[None, :]
+    hp = _acc(tl.load(hp_ptr + m * hp_stride + rows, mask=rmask, other=0.0), F64)
+    dhp = _acc(tl.zeros((NP,), tl.float32), F64)
+    dhr = _acc(tl.zeros((NP, NP), tl.float32), F64)
+    x_base = x_ptr + m * N * C
+    dx_base = dx_ptr + m * N * C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        g = _acc(tl.load(g_ptr + m * N * C + rows[:, None] * C + cols[None, :],
+                         mask=rmask[:, None] & cmask[None, :], other=0.0), F64)
+        y = _acc(tl.load(y_ptr + m * C + cols, mask=cmask, other=0.0), F64)
+        dy = tl.sum(hp[:, None] * g, axis=0)
+        tl.store(dy_ptr + m * C + cols, dy.to(dy_ptr.dtype.element_ty), mask=cmask)
+        dhp += tl.sum(g * y[None, :], axis=1)
+        for j in tl.static_range(N):
+            h_col = _acc(tl.load(hr_ptr + m * hr_stride + rows * N + j, mask=rmask, other=0.0), F64)
+            xj = _acc(tl.load(x_base + j * C + cols, mask=cmask, other=0.0), F64)
+            dxj = tl.sum(h_col[:, None] * g, axis=0)  # Σ_i h_res[i, j] g[i]
+            tl.store(dx_base + j * C + cols, dxj.to(dx_ptr.dtype.element_ty), mask=cmask)
+            part = tl.sum(g * xj[None, :], axis=1)    # ⟨g[i], x[j]⟩ over this block
+            dhr += tl.where(jcols == j, part[:, None], 0.0)
+    tl.store(dhp_ptr + m * N + rows, dhp, mask=rmask)
+    tl.store(dhr_ptr + m * N * N + rows[:, None] * N + jcols, dhr,
+             mask=rmask[:, None] & (jcols < N))
+
+
+# ====================================================================== sinkhorn
+@triton.jit
+def _sinkhorn_tile(M, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr):
+    tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    i = tl.arange(0, NP)[None, :, None]
+    j = tl.arange(0, NP)[None, None, :]
+    valid = (tok[:, None, None] < M) & (i < N) & (j < N)
+    offs = tok[:, None, None] * (N * N) + i * N + j
+    return offs, valid
+
+
+@triton.jit
+def _sinkhorn_fwd_kernel(z_ptr, p_ptr, M, ITERS: tl.constexpr,
+                         N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
+    offs, valid = _sinkhorn_tile(M, N, NP, BM)
+    z = _acc(tl.load(z_ptr + offs, mask=valid, other=float("-inf")), F64)
+    for _ in range(ITERS):
+        z = z - tl.expand_dims(_lse(z, 1), 1)  # columns
+        z = z - tl.expand_dims(_lse(z, 2), 2)  # rows (last: row sums exact)
+    tl.store(p_ptr + offs, tl.exp(z).to(p_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _sinkhorn_bwd_kernel(z_ptr, g_ptr, dz_ptr, M, ITERS: tl.constexpr, TP: tl.constexpr,
+                         N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
+    offs, valid = _sinkhorn_tile(M, N, NP, BM)
+    z = _acc(tl.load(z_ptr + offs, mask=valid, other=float("-inf")), F64)
+    t_ids = tl.arange(0, TP)[None, :, None]
+    # Per-iteration log-scalings: column c_t[j] and row r_t[i] (0 on padding).
+    c_hist = _acc(tl.zeros((BM, TP, NP), tl.float32), F64)
+    r_hist = c_hist
+    # Recompute the forward: u_t = z_{t-1} - c_t, z_t = u_t - r_t.
+    for t in range(ITERS):
+        c = _lse(z, 1)
+        z = z - c[:, None, :]
+        r = _lse(z, 2)
+        z = z - r[:, :, None]
+        c_hist = tl.where(t_ids == t, c[:, None, :], c_hist)
+        r_hist = tl.where(t_ids == t, r[:, None, :], r_hist)
+    # Reverse sweep. P = exp(z_T); dL/dz_T = G ⊙ P. Row step z = u - LSE_row(u):
+    # ū = z̄ - exp(z) ⊙ rowsum(z̄). Column step u = z' - LSE_col(z'): z̄' = ū - exp(u) ⊙ colsum(ū).
+    g = _acc(tl.load(g_ptr + offs, mask=valid, other=0.0), F64)
+    gz = g * tl.exp(z)
+    for s in range(ITERS):
+        t = ITERS - 1 - s
+        r = tl.sum(tl.where(t_ids == t, r_hist, 0.0), axis=1)
+        c = tl.sum(tl.where(t_ids == t, c_hist, 0.0), axis=1)
+        gu = gz - tl.exp(z) * tl.expand_dims(tl.sum(gz, axis=2), 2)
+        u = z + r[:, :, None]
+        gz = gu - tl.exp(u) * tl.expand_dims(tl.sum(gu, axis=1), 1)
+        z = u + c[:, None, :]
+    tl.store(dz_ptr + offs, gz.to(dz_ptr.dtype.element_ty), mask=valid)
+
+
+# ====================================================================== launchers
+def _block_c(C: int, NP: int, block_c) -> int:
+    if block_c is not None:
+        return _np2(block_c)
+    return min(_np2(C), max(16, 4096 // NP))
+
+
+def _is_f64(*tensors) -> bool:
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def _acc_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if _is_f64(*tensors) else torch.float32
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if grad.shape != like.shape:
+        grad = grad.sum(0)
+    return grad.to(like.dtype)
+
+
+class _StreamPre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, block_c):
+        n, C = x.shape[-2:]
+        lead = x.shape[:-2]
+        x3 = x.contiguous().view(-1, n, C)
+        hc = h.contiguous()
+        h_stride = 0 if h.dim() == 1 and len(lead) != 0 else n
+        M = x3.shape[0]
+        out = torch.empty((M, C), dtype=x.dtype, device=x.device)
+        NP, BC = _np2(n), _block_c(C, _np2(n), block_c)
+        _pre_fwd_kernel[(M, triton.cdiv(C, BC))](
+            x3, hc, out, C, h_stride, N=n, NP=NP, BLOCK_C=BC, F64=_is_f64(x, h))
+        ctx.save_for_backward(x3, hc)
+        ctx.meta = (lead, h_stride, BC)
+        return out.view(*lead, C)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x3, h = ctx.saved_tensors
+        lead, h_stride, BC = ctx.meta
+        M, n, C = x3.shape
+        g = grad_out.contiguous().view(M, C)
+        dx = torch.empty_like(x3)
+        dh = torch.empty((M, n), dtype=_acc_dtype(x3, h, g), device=x3.device)
+        _pre_bwd_kernel[(M,)](x3, h, g, dx, dh, C, h_stride,
+                              N=n, NP=_np2(n), BLOCK_C=BC, F64=_is_f64(x3, h, g))
+        dh = dh.view(*lead, n) if h_stride else dh
+        return dx.view(*lead, n, C), _sum_to(dh, h), None
+
+
+class _StreamMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h_res, h_post, y, block_c):
+        n, C = x.shape[-2:]
+        lead = x.shape[:-2]
+        x3 = x.contiguous().view(-1, n, C)
+        M = x3.shape[0]
+        y2 = y.contiguous().view(M, C)
+        hr, hp = h_res.contiguous(), h_post.contiguous()
+        hr_stride = 0 if h_res.dim() == 2 and len(lead) != 0 else n * n
+        hp_stride = 0 if h_post.dim() == 1 and len(lead) != 0 else n
+        out = torch.empty_like(x3)
+        NP = _np2(n)
+        BC = _block_c(C, NP, block_c)
+        _merge_fwd_kernel[(M, triton.cdiv(C, BC))](
+            x3, hr, hp, y2, out, C, hr_stride, hp_stride,
+            N=n, NP=NP, BLOCK_C=BC, F64=_is_f64(x, h_res, h_post, y))
+        ctx.save_for_backward(x3, hr, hp, y2)
+        ctx.meta = (lead, hr_stride, hp_stride, BC)
+        return out.view(*lead, n, C)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x3, hr, hp, y2 = ctx.saved_tensors
+        lead, hr_stride, hp_stride, BC = ctx.meta
+        M, n, C = x3.shape
+        g = grad_out.contiguous().view(M, n, C)
+        acc = _acc_dtype(x3, hr, hp, y2, g)
+        dx, dy = torch.empty_like(x3), torch.empty_like(y2)
+        dhr = torch.empty((M, n, n), dtype=acc, device=x3.device)
+        dhp = torch.empty((M, n), dtype=acc, device=x3.device)
+        _merge_bwd_kernel[(M,)](x3, hr, hp, y2, g, dx, dhr, dhp, dy, C, hr_stride, hp_stride,
+                                N=n, NP=_np2(n), BLOCK_C=BC, F64=_is_f64(x3, hr, hp, y2, g))
+        dhr = dhr.view(*lead, n, n) if hr_stride else dhr
+        dhp = dhp.view(*lead, n) if hp_stride else dhp
+        return (dx.view(*lead, n, C), _sum_to(dhr, hr), _sum_to(dhp, hp),
+                dy.view(*lead, C), None)
+
+
+def _sinkhorn_bm(NP: int, TP: int) -> int:
+    # Keep the two (BM, TP, NP) scaling histories of the backward near 2·4096 values.
+    return max(1, min(32, 4096 // (TP * NP)))
+
+
+class _Sinkhorn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, iters):
+        n = logits.shape[-1]
+        z = logits.contiguous().view(-1, n, n)
+        M = z.shape[0]
+        NP, TP = _np2(n), _np2(iters)
+        BM = _sinkhorn_bm(NP, TP)
+        p = torch.empty_like(z)
+        _sinkhorn_fwd_kernel[(triton.cdiv(M, BM),)](
+            z, p, M, ITERS=iters, N=n, NP=NP, BM=BM, F64=_is_f64(z))
+        ctx.save_for_backward(z)  # only the input: backward recomputes the iterations
+        ctx.iters = iters
+        return p.view(logits.shape)
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        (z,) = ctx.saved_tensors
+        M, n, _ = z.shape
+        NP, TP = _np2(n), _np2(ctx.iters)
+        BM = _sinkhorn_bm(NP, TP)
+        g = grad_p.contiguous().view(M, n, n)
+        dz = torch.empty_like(z)
+        _sinkhorn_bwd_kernel[(triton.cdiv(M, BM),)](
+            z, g, dz, M, ITERS=ctx.iters, TP=TP, N=n, NP=NP, BM=BM, F64=_is_f64(z, g))
+        return dz.view(grad_p.shape), None
+
+
+# ====================================================================== public
+def stream_pre(x: torch.Tensor, h_pre: torch.Tensor, *, block_c=None) -> torch.Tensor:
+    """Triton ``Σ_j h_pre[j] x[j]``; shapes as :func:`hyperconn.kernels.reference.stream_pre`.
+    ``block_c`` overrides the C tile (tests use it to exercise multi-block loops)."""
+    return _StreamPre.apply(x, h_pre, block_c)
+
+
+def stream_merge(x, h_res, h_post, y, *, block_c=None) -> torch.Tensor:
+    """Triton ``h_res @ x + h_post ⊗ y``; shapes as the reference."""
+    return _StreamMerge.apply(x, h_res, h_post, y, block_c)
+
+
+def sinkhorn_tokens(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """Triton per-token Sinkhorn on (..., n, n), n ≤ MAX_SINKHORN_N; computed in fp32
+    (fp64 for fp64 logits), returned in the logits dtype."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return _Sinkhorn.apply(logits.to(acc), int(iters)).to(logits.dtype)
+
+
+INTERPRETED = bool(_Interpreted) and isinstance(_pre_fwd_kernel, _Interpreted)

@@ -1,0 +1,383 @@
+"""Kernels: torch reference vs direct einsum (always), Triton vs reference (interpreter).
+
+Triton's CPU interpreter must be switched on (``TRITON_INTERPRET=1``) before Triton is
+first imported, which a pytest process that already imported it cannot undo. So the
+``test_interp_*`` tests run only when the variable is set at start-up, and
+``test_triton_interpreter_suite`` re-runs this file in a fresh subprocess with it set:
+
+    pytest tests/test_kernels.py                        # everything, interpreter via subprocess
+    TRITON_INTERPRET=1 pytest tests/test_kernels.py     # everything in-process
+    TRITON_INTERPRET=1 pytest tests/test_kernels.py -k interp_   # only the Triton tests
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyperconn import kernels
+from hyperconn.kernels import dispatch, reference
+from hyperconn.projections import sinkhorn
+
+INTERP = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# (n, leading dims, coefficients shared across tokens); C is odd throughout.
+CASES = [(n, lead, shared) for n in (1, 2, 4, 8) for lead in ((), (3,), (2, 3))
+         for shared in (False, True) if not (shared and lead == ())]
+C_ODD = 13
+
+
+def _ids(case):
+    n, lead, shared = case
+    return f"n{n}-lead{'x'.join(map(str, lead)) or '0'}-{'shared' if shared else 'tok'}"
+
+
+def _inputs(n, lead, shared, C=C_ODD, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coeff_lead = () if shared else lead
+    x = torch.randn(*lead, n, C, generator=g).to(dtype)
+    y = torch.randn(*lead, C, generator=g).to(dtype)
+    h_pre = torch.randn(*coeff_lead, n, generator=g)
+    h_post = torch.randn(*coeff_lead, n, generator=g)
+    h_res = torch.randn(*coeff_lead, n, n, generator=g)
+    return x, h_pre, h_res, h_post, y
+
+
+def _grads(fn, inputs, seed=1):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return out, torch.autograd.grad(out, inputs, g)
+
+
+def _einsum_pre(x, h_pre):
+    x64 = x.double()
+    return torch.einsum("...n,...nc->...c", h_pre.double().expand(x.shape[:-1]), x64)
+
+
+def _einsum_merge(x, h_res, h_post, y):
+    lead, n = x.shape[:-2], x.shape[-2]
+    hr = h_res.double().expand(*lead, n, n)
+    hp = h_post.double().expand(*lead, n)
+    return (torch.einsum("...ij,...jc->...ic", hr, x.double())
+            + torch.einsum("...i,...c->...ic", hp, y.double()))
+
+
+def _close(a, b, dtype):
+    """Tolerances per stream dtype, relative to the larger magnitude in b."""
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    scale = max(1.0, b.double().abs().max().item())
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale)
+
+
+# =================================================================== reference (always)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_reference_pre_matches_einsum(case):
+    x, h_pre, *_ = _inputs(*case, dtype=torch.float64)
+    out, grads = _grads(reference.stream_pre, [x, h_pre])
+    want, want_grads = _grads(_einsum_pre, [x, h_pre])
+    assert out.shape == case[1] + (C_ODD,)
+    for a, b in zip((out, *grads), (want, *want_grads)):
+        _close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_reference_merge_matches_einsum(case):
+    x, _, h_res, h_post, y = _inputs(*case, dtype=torch.float64)
+    out, grads = _grads(reference.stream_merge, [x, h_res, h_post, y])
+    want, want_grads = _grads(_einsum_merge, [x, h_res, h_post, y])
+    assert out.shape == x.shape
+    for a, b in zip((out, *grads), (want, *want_grads)):
+        assert a.shape == b.shape
+        _close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_low_precision_streams(dtype):
+    x, h_pre, h_res, h_post, y = _inputs(4, (2, 3), False, dtype=dtype)
+    pre = reference.stream_pre(x, h_pre)
+    merged = reference.stream_merge(x, h_res, h_post, y)
+    assert pre.dtype == merged.dtype == dtype
+    # fp32 accumulation, one rounding to the stream dtype at the end
+    _close(pre, _einsum_pre(x, h_pre), dtype)
+    _close(merged, _einsum_merge(x, h_res, h_post, y), dtype)
+    _, grads = _grads(reference.stream_merge, [x, h_res, h_post, y])
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32, dtype]
+
+
+def test_reference_sinkhorn_is_projection_sinkhorn():
+    z = torch.randn(2, 5, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    p, (gp,) = _grads(lambda t: reference.sinkhorn_tokens(t, 7), [z])
+    q, (gq,) = _grads(lambda t: sinkhorn(t, 7, backward="unrolled"), [z])
+    assert torch.equal(p, q) and torch.equal(gp, gq)
+
+
+def test_reference_compiles_fullgraph():
+    x, h_pre, h_res, h_post, y = _inputs(4, (2, 3), False)
+    z = torch.randn(2, 3, 4, 4)
+
+    def step(x, h_pre, h_post, y, z):
+        mixed = kernels.sinkhorn_tokens(z, 5, backend="torch")
+        branch = kernels.stream_pre(x, h_pre) + y
+        return kernels.stream_merge(x, mixed, h_post, branch).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    args = [x, h_pre, h_post, y, z]
+    out, grads = _grads(compiled, args)
+    want, want_grads = _grads(step, args)
+    for a, b in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(a, b)
+
+
+# =================================================================== dispatch (always)
+def test_dispatch_auto_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    x = torch.zeros(2, 4, 8)
+    assert kernels.resolve_backend(None, x) == "torch"
+    assert kernels.resolve_backend("auto", x) == "torch"
+    assert kernels.resolve_backend(" Torch ", x) == "torch"
+
+
+def test_dispatch_env_var_and_precedence(monkeypatch):
+    x = torch.zeros(2, 4, 8)
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert kernels.resolve_backend(None, x) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="HYPERCONN_KERNELS"):
+        kernels.resolve_backend(None, x)
+    assert kernels.resolve_backend("torch", x) == "torch"  # argument beats environment
+    with pytest.raises(ValueError, match="backend"):
+        kernels.resolve_backend("cuda", x)
+
+
+def test_dispatch_triton_missing_is_clear(monkeypatch):
+    monkeypatch.setattr(dispatch, "_triton_state", {"available": False, "error": "ImportError: no"})
+    x = torch.zeros(2, 4, 8)
+    with pytest.raises(RuntimeError, match="not importable.*hyperconn\\[gpu\\]"):
+        kernels.stream_pre(x, torch.zeros(4), backend="triton")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="not importable"):
+        kernels.stream_pre(x, torch.zeros(4))
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    assert kernels.stream_pre(x, torch.zeros(4)).shape == (2, 8)
+
+
+@pytest.mark.skipif(INTERP or not HAS_TRITON, reason="needs Triton, outside the interpreter")
+def test_dispatch_triton_on_cpu_needs_interpreter():
+    x = torch.zeros(2, 4, 8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.stream_merge(x, torch.eye(4), torch.ones(4), torch.zeros(2, 8), backend="triton")
+
+
+def test_dispatch_validates_shapes():
+    x = torch.zeros(2, 3, 4, 8)
+    with pytest.raises(ValueError, match="x: expected"):
+        kernels.stream_pre(torch.zeros(8), torch.zeros(1))
+    with pytest.raises(ValueError, match="h_pre"):
+        kernels.stream_pre(x, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="h_res"):
+        kernels.stream_merge(x, torch.zeros(4, 3), torch.zeros(4), torch.zeros(2, 3, 8))
+    with pytest.raises(ValueError, match="h_post"):
+        kernels.stream_merge(x, torch.zeros(4, 4), torch.zeros(3), torch.zeros(2, 3, 8))
+    with pytest.raises(ValueError, match="y"):
+        kernels.stream_merge(x, torch.zeros(4, 4), torch.zeros(4), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="logits"):
+        kernels.sinkhorn_tokens(torch.zeros(3, 4, 5))
+    with pytest.raises(ValueError, match="iters"):
+        kernels.sinkhorn_tokens(torch.zeros(3, 4, 4), 0)
+
+
+def test_dispatch_empty_tensors():
+    assert kernels.stream_pre(torch.zeros(0, 4, 8), torch.zeros(4)).shape == (0, 8)
+    assert kernels.stream_merge(torch.zeros(0, 4, 8), torch.eye(4), torch.ones(4),
+                                torch.zeros(0, 8)).shape == (0, 4, 8)
+
+
+# =================================================================== Triton, interpreter
+@pytest.mark.skipif(INTERP, reason="this process is the interpreter run")
+def test_triton_interpreter_suite():
+    """Run the ``test_interp_*`` tests in a fresh process with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop(dispatch.ENV_VAR, None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp_",
+           str(Path(__file__).resolve())]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+needs_interp = pytest.mark.skipif(not INTERP, reason="set TRITON_INTERPRET=1 (see module doc)")
+
+
+@pytest.fixture(scope="module")
+def tops():
+    pytest.importorskip("triton")
+    from hyperconn.kernels import triton_ops
+    assert triton_ops.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set"
+    return triton_ops
+
+
+def _block_sizes(case):
+    # One C tile everywhere; on the one-batch-dim cases also C tiles of 4, which loops
+    # over several blocks with a partial tail (the interpreter is slow: keep this small).
+    return (None, 4) if len(case[1]) == 1 else (None,)
+
+
+@needs_interp
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_interp_pre_fp32(tops, case):
+    x, h_pre, *_ = _inputs(*case)
+    for block_c in _block_sizes(case):
+        out, grads = _grads(lambda a, b: tops.stream_pre(a, b, block_c=block_c), [x, h_pre])
+        want, want_grads = _grads(reference.stream_pre, [x, h_pre])
+        for a, b in zip((out, *grads), (want, *want_grads)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            _close(a, b, torch.float32)
+
+
+@needs_interp
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_interp_merge_fp32(tops, case):
+    x, _, h_res, h_post, y = _inputs(*case)
+    for block_c in _block_sizes(case):
+        out, grads = _grads(lambda *a: tops.stream_merge(*a, block_c=block_c), [x, h_res, h_post, y])
+        want, want_grads = _grads(reference.stream_merge, [x, h_res, h_post, y])
+        for a, b in zip((out, *grads), (want, *want_grads)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            _close(a, b, torch.float32)
+
+
+# Triton's interpreter rounds fp32 → bf16 toward zero (the GPU rounds to nearest even),
+# so bf16 results may sit one bf16 ulp from the reference: _close allows ~2 ulps.
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [(2, (2, 3), False), (4, (5,), True), (8, (), False)], ids=_ids)
+def test_interp_low_precision_streams(tops, case, dtype):
+    x, h_pre, h_res, h_post, y = _inputs(*case, C=37, dtype=dtype)
+    for fn, ref, args in ((tops.stream_pre, reference.stream_pre, [x, h_pre]),
+                          (tops.stream_merge, reference.stream_merge, [x, h_res, h_post, y])):
+        out, grads = _grads(lambda *a: fn(*a, block_c=16), args)
+        want, want_grads = _grads(ref, args)
+        for a, b in zip((out, *grads), (want, *want_grads)):
+            assert a.dtype == b.dtype
+            _close(a, b, a.dtype)
+
+
+@needs_interp
+def test_interp_noncontiguous_inputs(tops):
+    base = torch.randn(3, 9, 4, generator=torch.Generator().manual_seed(3))
+    x = base.transpose(-1, -2)                     # (3, 4, 9), not contiguous
+    h_res = torch.randn(3, 4, 4).transpose(-1, -2)
+    h_post, y = torch.randn(3, 4), torch.randn(9, 3).t()
+    out, grads = _grads(tops.stream_merge, [x, h_res, h_post, y])
+    want, want_grads = _grads(reference.stream_merge, [x, h_res, h_post, y])
+    for a, b in zip((out, *grads), (want, *want_grads)):
+        _close(a, b, torch.float32)
+
+
+SINKHORN = [(n, 20, 4.0) for n in (1, 2, 3, 4, 5, 8)] + [(4, 1, 1.0), (8, 3, 1.0)]
+
+
+@needs_interp
+@pytest.mark.parametrize("n,iters,scale", SINKHORN)
+def test_interp_sinkhorn_fp32(tops, n, iters, scale):
+    # 37 tokens: not a multiple of the kernel's token block, with two leading dims.
+    z = torch.randn(37, n, n, generator=torch.Generator().manual_seed(n)) * scale
+    z = z.view(37, 1, n, n)
+    p, (gp,) = _grads(lambda t: tops.sinkhorn_tokens(t, iters), [z])
+    q, (gq,) = _grads(lambda t: sinkhorn(t, iters, backward="unrolled"), [z])
+    torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gp, gq, rtol=0, atol=1e-4)
+
+
+@needs_interp
+def test_interp_sinkhorn_extreme_logits(tops):
+    z = torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(9)) * 1e3
+    p, (gp,) = _grads(lambda t: tops.sinkhorn_tokens(t, 20), [z])
+    q, (gq,) = _grads(lambda t: sinkhorn(t, 20, backward="unrolled"), [z])
+    assert torch.isfinite(p).all() and torch.isfinite(gp).all()
+    torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gp, gq, rtol=0, atol=1e-4)
+
+
+@needs_interp
+def test_interp_sinkhorn_half_logits(tops):
+    z = (torch.randn(8, 4, 4, generator=torch.Generator().manual_seed(2)) * 2).bfloat16()
+    p, (gp,) = _grads(lambda t: tops.sinkhorn_tokens(t, 10), [z])
+    q, (gq,) = _grads(lambda t: sinkhorn(t, 10), [z])
+    assert p.dtype == gp.dtype == torch.bfloat16
+    torch.testing.assert_close(p, q, rtol=1.6e-2, atol=4e-3)
+    torch.testing.assert_close(gp, gq, rtol=1.6e-2, atol=4e-3)
+
+
+@needs_interp
+def test_interp_gradcheck_float64(tops):
+    """Finite differences on the Triton ops themselves (fp64 in the interpreter)."""
+    g = torch.Generator().manual_seed(5)
+    tight = dict(rtol=1e-6, atol=1e-9)  # fp64 central differences are good to ~1e-10 here
+    z = (torch.randn(1, 3, 3, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: tops.sinkhorn_tokens(t, 6), (z,), **tight)  # full
+    z = (torch.randn(5, 5, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: tops.sinkhorn_tokens(t, 6), (z,), fast_mode=True, **tight)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    h_res = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    h_post = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    # fast_mode checks random projections vᵀJu: a few launches instead of one per element
+    assert torch.autograd.gradcheck(lambda *a: tops.stream_merge(*a, block_c=2),
+                                    (x, h_res, h_post, y), fast_mode=True, **tight)
+    assert torch.autograd.gradcheck(lambda a, b: tops.stream_pre(a, b, block_c=2),
+                                    (x, h_post), fast_mode=True, **tight)
+
+
+@needs_interp
+def test_interp_dispatch_selects_triton(tops, monkeypatch):
+    x, h_pre, h_res, h_post, y = _inputs(4, (2,), False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert kernels.resolve_backend(None, x) == "torch"           # auto: CPU → torch
+    assert kernels.resolve_backend("triton", x) == "triton"      # interpreter allows CPU
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    _close(kernels.stream_merge(x, h_res, h_post, y),
+           reference.stream_merge(x, h_res, h_post, y), torch.float32)
+    _close(kernels.stream_pre(x, h_pre), reference.stream_pre(x, h_pre), torch.float32)
+    z = torch.randn(2, 4, 4)
+    torch.testing.assert_close(kernels.sinkhorn_tokens(z, 5), sinkhorn(z, 5), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="n ≤ 8"):
+        kernels.sinkhorn_tokens(torch.randn(2, 9, 9), 5)
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    assert kernels.sinkhorn_tokens(torch.randn(2, 9, 9), 5).shape == (2, 9, 9)
+
+
+# =================================================================== Triton, compiled (CUDA)
+@pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(1, (3,), False), (4, (2, 3), False), (4, (5,), True),
+                                  (8, (2, 3), True)], ids=_ids)
+def test_cuda_triton_matches_reference(case, dtype):
+    pytest.importorskip("triton")
+    from hyperconn.kernels import triton_ops
+    dev = torch.device("cuda")
+    x, h_pre, h_res, h_post, y = (t.to(dev) for t in _inputs(*case, C=1031, dtype=dtype))
+    if not os.environ.get(dispatch.ENV_VAR):
+        assert kernels.resolve_backend(None, x) == "triton"  # auto picks Triton on CUDA
+    for fn, ref, args in ((triton_ops.stream_pre, reference.stream_pre, [x, h_pre]),
+                          (triton_ops.stream_merge, reference.stream_merge, [x, h_res, h_post, y])):
+        out, grads = _grads(fn, args)
+        want, want_grads = _grads(ref, args)
+        for a, b in zip((out, *grads), (want, *want_grads)):
+            _close(a, b, a.dtype)
+    n = case[0]
+    z = torch.randn(257, n, n, device=dev) * 4
+    p, (gp,) = _grads(lambda t: triton_ops.sinkhorn_tokens(t, 20), [z])
+    q, (gq,) = _grads(lambda t: sinkhorn(t, 20, backward="unrolled"), [z])
+    torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gp, gq, rtol=0, atol=1e-4)
