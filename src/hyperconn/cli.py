@@ -78,21 +78,33 @@ def _config_error_line(field: str, msg: str) -> str:
     return f"{_flag(field)}: {msg}" if field in _field_paths() else f"{field}: {msg}"
 
 
-_BOX = re.compile(r"[│╭╮╰╯]")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _tyro_one_line(text: str) -> str:
-    """Condense tyro's boxed error into one line naming the flag."""
-    body, title = [], ""
-    for raw in text.splitlines():
-        line = _BOX.sub("", raw).strip()
-        if raw.lstrip().startswith("╭"):
-            title = line.strip("─ ").strip()
+    """Condense tyro's error message into one line naming the flag.
+
+    tyro draws either a UTF-8 box (title in the top border, ``│`` sides) or, when stdout
+    is not UTF-8, a plain block (title line, a line of dashes, indented body), possibly
+    with ANSI colours; sections of the body are separated by rules.
+    """
+    title, body = "", []
+    for raw in _ANSI.sub("", text).splitlines():
+        line = raw.strip()
+        if not line:
             continue
-        body.append(line)
+        if line[0] in "╭╰":
+            if line[0] == "╭" and not title:
+                title = line.strip("╭╮─ ")
+            continue
+        if line[0] == "│":
+            line = line[1:-1] if line.endswith("│") else line[1:]
+        body.append(line.strip())
+    if not title and len(body) >= 2 and body[1] and set(body[1]) <= {"-"}:
+        title, body = body[0], body[2:]
     sections, cur = [], []
     for line in body:
-        if line and set(line) <= {"─"}:
+        if line and set(line) <= {"─", "-"}:
             sections.append(cur)
             cur = []
         elif line:
@@ -143,6 +155,8 @@ def load_config_file(path: str) -> dict:
     except OSError as e:
         raise ValueError(f"--config: cannot read {path}: {e.strerror or e}") from None
     suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"--config: expected a .toml, .yaml, .yml or .json file, got {path}")
     try:
         if suffix == ".toml":
             try:
@@ -150,16 +164,12 @@ def load_config_file(path: str) -> dict:
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib  # type: ignore[no-redef]
             data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text) or {}
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"--config: expected a .toml, .yaml, .yml or .json file, got {path}")
-    except ValueError:
-        raise
-    except Exception as e:  # parser errors of the three formats
+            import yaml
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # the parsers' own error types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--config: cannot parse {path}: {first}") from None
     if not isinstance(data, dict):
