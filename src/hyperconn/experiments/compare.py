@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..train.checkpoint import CheckpointError
 from ..train.config import TrainConfig, with_overrides
-from ..train.loop import train
+from ..train.loop import resolve_device, train
 from ..train.metrics import read_json, write_json
 from .presets import Job, Preset, expand, get_preset
 
@@ -167,6 +167,8 @@ def run_compare(preset: Union[str, Preset], out_dir, seeds: Optional[Sequence[in
     p = get_preset(preset) if isinstance(preset, str) else preset
     out_dir = Path(out_dir)
     jobs = expand(p, out_dir, seeds, overrides)
+    for device in {j.config.device for j in jobs}:
+        resolve_device(device)  # ConfigError now rather than N failed runs
     out_dir.mkdir(parents=True, exist_ok=True)
     used_seeds = list(p.seeds if seeds is None else seeds)
     write_json(out_dir / "compare.json", {"preset": p.name, "description": p.description, "seeds": used_seeds,
