@@ -12,7 +12,7 @@ from hyperconn.train.metrics import read_metrics
 
 TINY = ["--model.n-layer", "2", "--model.n-head", "2", "--model.n-embd", "32", "--model.seq-len", "16",
         "--model.connection.variant", "hc", "--kv-pairs", "2", "--batch-size", "4", "--eval-batches", "1",
-        "--no-diagnostics", "--quiet"]
+        "--no-diagnostics", "--quiet", "--threads", "1"]
 
 
 def run_main(argv, capsys):
@@ -84,7 +84,8 @@ def test_train_runs_and_config_file_defaults(tmp_path, capsys):
     out2 = tmp_path / "run2"
     code, _, err = run_main(["train", f"--config={yaml_file}", "--out-dir", str(out2), "--quiet",
                              "--no-diagnostics", "--model.n-embd", "32", "--model.n-layer", "1",
-                             "--model.seq-len", "16", "--kv-pairs", "2", "--batch-size", "2"], capsys)
+                             "--model.seq-len", "16", "--kv-pairs", "2", "--batch-size", "2", "--threads", "1"],
+                            capsys)
     assert code == 0, err
     assert json.loads((out2 / "config.json").read_text())["model"]["connection"]["variant"] == "isohc"
 

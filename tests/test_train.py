@@ -18,7 +18,8 @@ def tiny(out_dir, variant="hc", streams=4, **kw) -> TrainConfig:
     model = GPTConfig(n_layer=2, n_head=2, n_embd=32, seq_len=16,
                       connection=ConnectionConfig(variant, streams=1 if variant == "residual" else streams))
     base = dict(model=model, out_dir=str(out_dir), task="kv", kv_pairs=2, steps=20, batch_size=4,
-                lr=3e-3, warmup_steps=2, eval_every=5, eval_batches=1, quiet=True, diagnostics=False)
+                lr=3e-3, warmup_steps=2, eval_every=5, eval_batches=1, quiet=True, diagnostics=False,
+                threads=1)
     base.update(kw)
     return TrainConfig(**base)
 

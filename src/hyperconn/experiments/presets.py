@@ -62,9 +62,11 @@ class Job:
 
 # ---------------------------------------------------------------------------- presets
 # Shared by both groups of `quick`: a 2-block model small enough for a laptop CPU; 1024
-# tokens per step. Measured on 2 busy CPU cores (ms/step): residual 23, hc 32, mhc 94,
-# isohc 71, hybrid 112, harmonized 35.
+# tokens per step. Measured on 2 busy CPU cores (ms/step, threads=1): residual 23, hc 32,
+# mhc 94, isohc 71, hybrid 112, harmonized 35. One thread: at this size two threads gain
+# little on an idle machine and lose 4-15x when another process holds a core.
 _QUICK = {
+    "threads": 1,
     "model.n_layer": 2, "model.n_head": 4, "model.n_embd": 64, "model.connection.streams": 4,
     "lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.1,
     "eval_every": 100, "eval_batches": 4, "log_every": 10, "ckpt_every": 100,
@@ -87,7 +89,7 @@ PRESETS: dict[str, Preset] = {
         name="smoke",
         description="Two variants, a few steps on a tiny model: checks the pipeline end to end.",
         groups=(
-            RunGroup("kv", {"task": "kv", "kv_pairs": 2, "steps": 6, "eval_every": 3, "eval_batches": 1,
+            RunGroup("kv", {"threads": 1, "task": "kv", "kv_pairs": 2, "steps": 6, "eval_every": 3, "eval_batches": 1,
                             "batch_size": 4, "warmup_steps": 2, "lr": 3e-3, "model.n_layer": 2,
                             "model.n_head": 2, "model.n_embd": 32, "model.seq_len": 16,
                             "model.connection.streams": 2},

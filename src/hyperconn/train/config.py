@@ -52,8 +52,12 @@ def _int_at_least(name: str, v, lo: int) -> None:
 def _num_in(name: str, v, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
     ok = _is_num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ConfigError(name, f"expected a number in {lb}{lo:g}, {hi:g}{rb}, got {v!r}")
+        if hi == math.inf:
+            want = f"a finite number > {lo:g}" if lo_open else f"a finite number >= {lo:g}"
+        else:
+            lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+            want = f"a number in {lb}{lo:g}, {hi:g}{rb}"
+        raise ConfigError(name, f"expected {want}, got {v!r}")
 
 
 def _choice(name: str, v, choices) -> None:
@@ -127,6 +131,8 @@ class TrainConfig:
     """seeds model init and training batches (the held-out data never depends on it)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available, else cpu; bf16 autocast is used on cuda only"""
+    threads: int = 0
+    """torch CPU threads during the run (0 = torch's default); 1 avoids oversubscription on busy CPUs"""
     quiet: bool = False
     """no progress bar or console output"""
     diagnostics: bool = True
@@ -184,6 +190,7 @@ class TrainConfig:
         if self.seed >= 2**20:  # training windows of the bytes task are offset by seed * 10^7
             raise ConfigError("seed", f"expected an integer < {2**20}, got {self.seed}")
         _choice("device", self.device, DEVICES)
+        _int_at_least("threads", self.threads, 0)
         _int_at_least("stop_after", self.stop_after, 0)
         for name in ("quiet", "diagnostics", "resume"):
             if not isinstance(getattr(self, name), bool):

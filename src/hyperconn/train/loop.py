@@ -126,6 +126,16 @@ def train(config: TrainConfig, hooks: Optional[Sequence[Hook]] = None) -> dict:
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, list(hooks or []))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, hooks: list) -> dict:
     wall_start = time.perf_counter()
     device = resolve_device(config.device)
     run_dir = Path(config.out_dir)
@@ -146,7 +156,7 @@ def train(config: TrainConfig, hooks: Optional[Sequence[Hook]] = None) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext
     all_hooks = [(h, getattr(h, "__name__", type(h).__name__)) for h in
-                 _default_hooks(config, run_dir) + list(hooks or [])]
+                 _default_hooks(config, run_dir) + hooks]
 
     # -------------------------------------------------------------- resume
     start_step, progress_state = 0, {}
