@@ -28,6 +28,7 @@ in time order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -138,6 +139,25 @@ def summarize(samples: list[float]) -> dict:
 _FWD_MARK = "hyperconn.bench.forward"
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 for a moment: the CPU profiler (kineto) prints two
+    lines per session straight from C++, which no setting turns off."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_memory_timeline(prof) -> Optional[tuple[list[tuple[int, int]], Optional[int]]]:
     """(sorted (start_ns, ±bytes) CPU allocation events, end_ns of the forward marker)."""
     try:
@@ -171,12 +191,18 @@ def measure_memory(case: Case, device: torch.device) -> dict:
         peak = torch.cuda.max_memory_allocated(device) - base
         return {"activation_bytes": held, "peak_bytes": peak}
     from torch.profiler import ProfilerActivity, profile, record_function
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_native_stderr():
+        prof.start()
+    try:
         with record_function(_FWD_MARK):
             out = case.forward()
         out_bytes = tensor_bytes(out)
         case.backward(out)
         del out
+    finally:
+        with _quiet_native_stderr():
+            prof.stop()
     timeline = _cpu_memory_timeline(prof)
     if timeline is None:
         return {"activation_bytes": None, "peak_bytes": None}
