@@ -95,7 +95,7 @@ class _Progress:
 
     def print(self, msg: str) -> None:
         if self.bar is not None:
-            self.bar.console.print(msg, highlight=False)
+            self.bar.console.print(msg, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.bar is not None:
