@@ -156,3 +156,32 @@ def test_truncated_metrics_line_is_skipped(tmp_path):
         f.write('{"step": 11, "loss": 0.')  # a writer killed mid-line
     (run,) = find_runs([tmp_path])
     assert run.last_step == 10
+
+
+def test_report_of_real_training_runs(tmp_path):
+    train_mod = pytest.importorskip("hyperconn.train")
+    from hyperconn.models import ConnectionConfig, GPTConfig
+
+    root = tmp_path / "cmp"
+    for variant in ("mhc", "harmonized"):
+        cfg = train_mod.TrainConfig(
+            model=GPTConfig(vocab_size=16, seq_len=12, n_layer=1, n_head=2, n_embd=16,
+                            connection=ConnectionConfig(variant, streams=2)),
+            task="kv", kv_pairs=2, steps=4, batch_size=4, warmup_steps=1, eval_every=2, eval_batches=1,
+            quiet=True, device="cpu", out_dir=str(root / "kv" / variant / "seed0"))
+        summary = train_mod.train(cfg)
+        assert summary["status"] == "finished"
+    path = write_report([root], tmp_path / "out")
+    md = path.read_text()
+    for section in SECTIONS:
+        assert f"## {section}" in md
+    images = _images(md)
+    assert {"curves", "quality", "gain_training", "gain_profile", "grad_norms", "similarity",
+            "harmonized"} <= {Path(p).stem for p in images}
+    for rel in images:
+        assert (tmp_path / "out" / rel).read_bytes()[:8] == PNG_MAGIC
+    runs = find_runs([root])
+    assert sorted(r.variant for r in runs) == ["harmonized", "mhc"]
+    assert all(r.diagnostics is not None and r.diagnostics["step"] == 4 for r in runs)
+    assert all(r.has("diag/gain_fwd_mean") and r.has("diag/grad_ratio") for r in runs)
+    assert "Figure skipped" not in md

@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import Run
@@ -32,6 +33,8 @@ FIGURE_KEYS = ("curves", "quality", "gain_training", "gain_profile", "grad_norms
 _KNOWN = {"residual": "#555555", "hc": "#d62728", "mhc": "#1f77b4", "isohc": "#2ca02c",
           "hybrid": "#9467bd", "harmonized": "#ff7f0e"}
 _EXTRA = ["#17becf", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a", "#ff9896"]
+
+_MARKERS = {"residual": "s", "hc": "o", "mhc": "^", "isohc": "D", "hybrid": "v", "harmonized": "P"}
 
 DIAG = {  # metric keys (metrics.jsonl, with the diag/ prefix) used by the figures
     "gain_fwd": "diag/gain_fwd_mean", "gain_bwd": "diag/gain_bwd_mean",
@@ -98,11 +101,26 @@ def _log_if_wide(ax, values: Sequence[float], force: bool = False, ratio: float 
             ax.set_yscale("symlog", linthresh=1e-3)
 
 
+def _marker(label: str) -> str:
+    base = next((v for v in sorted(_MARKERS, key=len, reverse=True) if label.startswith(v)), None)
+    return _MARKERS.get(base, "o")
+
+
 def _draw(ax, label: str, color: str, series, diverged_ends=(), linestyle="-", marker=None):
+    """Mean line (+ min–max band) of several (xs, ys) series. Sparse lines get the
+    variant's marker, so curves lying on top of each other stay distinguishable; the
+    residual baseline is dashed and drawn underneath."""
     xs, mean, lo, hi = _aggregate(series)
     if not xs:
         return []
-    ax.plot(xs, mean, color=color, lw=1.8, ls=linestyle, marker=marker, ms=3.5, label=label)
+    baseline = label.startswith("residual")
+    if marker is None and len(xs) <= 30:
+        marker = _marker(label)
+    elif marker is not None:
+        marker = _marker(label)
+    ls = "--" if baseline and linestyle == "-" else linestyle
+    ax.plot(xs, mean, color=color, lw=1.8, ls=ls, marker=marker, ms=4.5, mfc="white" if baseline else color,
+            label=label, zorder=1.5 if baseline else 2.5)
     if len(series) > 1 and any(a != b for a, b in zip(lo, hi)):
         ax.fill_between(xs, lo, hi, color=color, alpha=0.18, lw=0)
     for x, y in diverged_ends:
@@ -117,7 +135,10 @@ def _diverged_end(run: "Run", key: str):
 
 
 def _legend(fig, colors: dict[str, str], used: Sequence[str], diverged: bool, extra=()):
-    handles = [Line2D([], [], color=colors[lab], lw=2, label=lab) for lab in sorted(set(used))]
+    handles = [Line2D([], [], color=colors[lab], lw=2, marker=_marker(lab), ms=5,
+                      ls="--" if lab.startswith("residual") else "-",
+                      mfc="white" if lab.startswith("residual") else colors[lab], label=lab)
+               for lab in sorted(set(used))]
     handles += list(extra)
     if diverged:
         handles.append(Line2D([], [], marker="X", ms=9, color="white", mec="black", ls="none",
@@ -133,7 +154,24 @@ def _new_figure(rows: int, cols: int, width: float = 5.0, height: float = 3.6):
     return fig, axes
 
 
+def _plain_log_ticks(ax) -> None:
+    """Log axes labelled 0.5, 1, 2, 100, 1e+06 rather than 5×10⁻¹; minor ticks labelled
+    too when the axis spans less than about two decades."""
+    lo, hi = ax.get_ylim()
+    if lo <= 0 or hi <= 0:
+        return
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(fmt)
+    small = hi / lo < 10 ** 1.5
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}") if small else NullFormatter())
+    if small:
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:
+        if ax.get_yscale() == "log":
+            _plain_log_ticks(ax)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -230,7 +268,11 @@ def _unit_line(ax, task, key):
 
 
 def plot_harmonized(runs, colors, path: Path) -> Optional[Path]:
-    harm = [r for r in runs if r.has(DIAG["scale"]) or r.has(DIAG["raw_gain"])]
+    harm = [r for r in runs if r.has(DIAG["scale"]) or r.has(DIAG["raw_gain"]) or r.has("harmonized_scale")]
+
+    def scale_of(r):  # the loop logs the scale every step; the hook only at evaluations
+        return r.series("harmonized_scale") if r.has("harmonized_scale") else r.series(DIAG["scale"])
+
     if not harm:
         return None
     groups = _groups(harm)
@@ -244,7 +286,7 @@ def plot_harmonized(runs, colors, path: Path) -> Optional[Path]:
             c = colors[label]
             values += _draw(ax_gain, label, c, [r.series(DIAG["applied_gain"]) for r in group])
             values += _draw(ax_gain, label, c, [r.series(DIAG["raw_gain"]) for r in group], linestyle="--")
-            _draw(ax_scale, label, c, [r.series(DIAG["scale"]) for r in group])
+            _draw(ax_scale, label, c, [scale_of(r) for r in group])
             used.append(label)
             targets = {r.config.get("harmonized", {}).get("target_gain") for r in group}
             targets.discard(None)
@@ -255,7 +297,7 @@ def plot_harmonized(runs, colors, path: Path) -> Optional[Path]:
         ax_gain.set_ylabel("forward Amax gain (token mean)")
         ax_scale.set_title(f"{_task_title(task)} — controller scale s", fontsize=10)
         ax_scale.set_ylabel("s")
-        _log_if_wide(ax_scale, [v for r in harm for v in r.series(DIAG["scale"])[1]], ratio=10)
+        _log_if_wide(ax_scale, [v for r in harm for v in scale_of(r)[1]], ratio=10)
         for ax in (ax_gain, ax_scale):
             ax.set_xlabel("training step")
             ax.grid(True, alpha=0.3)
@@ -317,7 +359,11 @@ def _layer_figure(runs, colors, path: Path, panels: list[tuple[str, Callable, st
                 ax.axhline(hline, color="gray", ls=":", lw=1)
             if log:
                 _log_if_wide(ax, values, force=True)
-            if ylim:
+            if ylim == "similarity" and values:
+                lo = min(v for v in values if _finite(v))
+                pad = max(0.02, 0.1 * (1.0 - lo))
+                ax.set_ylim(max(-1.05, min(lo, 0.9) - pad), 1.0 + pad / 2)
+            elif ylim:
                 ax.set_ylim(*ylim)
             ax.set_title(f"{_task_title(task)} — {name}\n(last diagnostics, {when})", fontsize=10)
             ax.set_xlabel(xlabel)
@@ -354,7 +400,7 @@ def plot_similarity(runs, colors, path: Path) -> Optional[Path]:
     panels = [("stream similarity", lambda d: d["similarity"], "mean off-diagonal cosine")]
     return _layer_figure(runs, colors, path, panels, "Stream similarity (→ 1: streams collapse)",
                          _STATE_AXIS, log=False,
-                         ylim=(-0.05, 1.05))
+                         ylim="similarity")
 
 
 _PLOTS = {

@@ -36,7 +36,7 @@ _CAPTIONS = {
                   "vanish nor explode with depth.",
     "similarity": "Mean off-diagonal cosine similarity of the n streams of a token, averaged over tokens. "
                   "x_0 is n copies of the embedding (similarity 1); staying near 1 means the streams "
-                  "collapsed into one. Undefined for n = 1.",
+                  "collapsed into one. The y axis is zoomed to the data. Undefined for n = 1.",
 }
 
 
