@@ -273,3 +273,17 @@ def test_stability_hook_on_gpt(tmp_path):
                                                             "blocks.1.attn", "blocks.1.mlp"]
     assert data["similarity"][0] == pytest.approx(1.0)  # expand_streams copies the embedding
     assert math.isfinite(out["grad_ratio"]) and out["row_sum_err"] < 1e-4
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "diagnostics.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)
+    assert (tmp_path / "runs" / "demo" / "diagnostics" / "step_0000100.json").is_file()

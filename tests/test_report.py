@@ -24,8 +24,8 @@ def _profile(growth: float) -> dict:
 
 
 def make_run(root: Path, task: str, variant: str, seed: int, *, steps=40, growth=1.0, diverge_at=None,
-             diagnostics=True, harmonized=False, summary=True, streams=4) -> Path:
-    d = root / task / variant / f"seed{seed}"
+             diagnostics=True, harmonized=False, summary=True, streams=4, group=None) -> Path:
+    d = root / (group or task) / variant / f"seed{seed}"
     d.mkdir(parents=True)
     config = {"task": task, "seed": seed, "kv_pairs": 8, "steps": steps,
               "model": {"n_layer": LAYERS // 2, "connection": {"variant": variant, "streams": streams}},
@@ -185,3 +185,16 @@ def test_report_of_real_training_runs(tmp_path):
     assert all(r.diagnostics is not None and r.diagnostics["step"] == 4 for r in runs)
     assert all(r.has("diag/gain_fwd_mean") and r.has("diag/grad_ratio") for r in runs)
     assert "Figure skipped" not in md
+
+
+def test_compare_groups_of_one_task_get_their_own_panels(tmp_path):
+    root = tmp_path / "sweep"
+    for group, growth in (("depth12", 1.1), ("depth4", 1.02)):
+        for variant in ("hc", "mhc"):
+            make_run(root, "kv", variant, 0, group=group, growth=growth)
+    runs = find_runs([root])
+    assert [r.group for r in runs] == ["depth4", "depth4", "depth12", "depth12"]  # natural order
+    assert runs[0].panel == "depth4 (kv: key-value retrieval)"
+    md = write_report([root], root).read_text()
+    assert "### `depth4` (task `kv`)" in md and "### `depth12` (task `kv`)" in md
+    assert md.index("### `depth4`") < md.index("### `depth12`")

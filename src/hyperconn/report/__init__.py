@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["Run", "find_runs", "load_run", "write_report", "DIAG_PREFIX"]
+__all__ = ["Run", "find_runs", "load_run", "write_report", "DIAG_PREFIX", "TASK_TITLES"]
 
 DIAG_PREFIX = "diag/"
+TASK_TITLES = {"kv": "key-value retrieval", "bytes": "byte-level LM"}
 FAILED_STATUSES = ("diverged", "failed", "error", "nan")
 
 
@@ -80,10 +81,19 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     diagnostics: Optional[dict] = None      # the last diagnostics/step_*.json
-    label: str = ""                          # the group name shown in figures and tables
+    label: str = ""                          # the variant name shown in figures and tables
+    group: str = ""                          # runs compared side by side (a panel, a table)
 
     def __post_init__(self):
         self.label = self.label or self.variant
+        self.group = self.group or self.task
+
+    @property
+    def panel(self) -> str:
+        """Title of this run's group: ``"kv: key-value retrieval"`` or, for a group
+        named differently from its task, ``"depth24 (kv: key-value retrieval)"``."""
+        task = f"{self.task}: {TASK_TITLES[self.task]}" if self.task in TASK_TITLES else self.task
+        return task if self.group == self.task else f"{self.group} ({task})"
 
     @property
     def status(self) -> str:
@@ -160,6 +170,19 @@ def _seed_of(config: dict, path: Path) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def _group_of(path: Path, variant: str, task: str) -> str:
+    """``<group>/<variant>/seed<k>/`` (the compare layout) → group; otherwise the task."""
+    if re.fullmatch(r"seed\d+", path.name) and path.parent.name.startswith(variant) \
+            and path.parent.parent.name:
+        return path.parent.parent.name
+    return task
+
+
+def natural_key(text: str):
+    """Sort ``depth8`` before ``depth12``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
 def _last_diagnostics(path: Path) -> Optional[dict]:
     files = sorted((path / "diagnostics").glob("step_*.json"))
     for f in reversed(files):  # the newest readable one
@@ -174,9 +197,11 @@ def load_run(path: Path) -> Run:
     path = Path(path)
     config = _read_json(path / "config.json") or {}
     task = config.get("task") if isinstance(config.get("task"), str) else "task"
-    return Run(path=path, task=task, variant=_variant_of(config, path), seed=_seed_of(config, path),
+    variant = _variant_of(config, path)
+    return Run(path=path, task=task, variant=variant, seed=_seed_of(config, path),
                config=config, metrics=_read_jsonl(path / "metrics.jsonl"),
-               summary=_read_json(path / "summary.json") or {}, diagnostics=_last_diagnostics(path))
+               summary=_read_json(path / "summary.json") or {}, diagnostics=_last_diagnostics(path),
+               group=_group_of(path, variant, task))
 
 
 def find_runs(dirs: Sequence[Path]) -> list[Run]:
@@ -195,7 +220,8 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
                 seen.add(key)
                 runs.append(load_run(c))
     _assign_labels(runs)
-    runs.sort(key=lambda r: (r.task, r.label, r.seed if r.seed is not None else -1, str(r.path)))
+    runs.sort(key=lambda r: (natural_key(r.group), r.task, natural_key(r.label),
+                             r.seed if r.seed is not None else -1, str(r.path)))
     return runs
 
 
@@ -206,11 +232,11 @@ def _connection_key(run: Run) -> str:
 
 
 def _assign_labels(runs: list[Run]) -> None:
-    """Label = variant, unless runs of one task share a variant but differ in their
+    """Label = variant, unless runs of one group share a variant but differ in their
     connection settings: then the variant-level directory name tells them apart."""
-    groups: dict[tuple[str, str], list[Run]] = {}
+    groups: dict[tuple[str, str, str], list[Run]] = {}
     for r in runs:
-        groups.setdefault((r.task, r.variant), []).append(r)
+        groups.setdefault((r.group, r.task, r.variant), []).append(r)
     for group in groups.values():
         if len({_connection_key(r) for r in group}) <= 1:
             continue

@@ -1,6 +1,6 @@
 """PNG figures of a report (matplotlib, Agg backend: no display needed).
 
-Every figure has one column (or row) of panels per task, one colour per variant (the
+Every figure has one column (or row) of panels per task (or compare group), one colour per variant (the
 same colour in every figure), the mean over seeds as a line and the min–max range over
 seeds as a band. Runs that diverged end with a ✕ at their last finite value.
 :func:`make_figures` returns, per figure key, a :class:`Figure` whose ``path`` is None
@@ -42,9 +42,6 @@ DIAG = {  # metric keys (metrics.jsonl, with the diag/ prefix) used by the figur
     "raw_gain": "diag/harm_gain_raw_mean", "applied_gain": "diag/harm_gain_applied_mean",
 }
 
-TASK_TITLES = {"kv": "key-value retrieval", "bytes": "byte-level LM"}
-
-
 @dataclass
 class Figure:
     key: str
@@ -61,15 +58,16 @@ def variant_colors(labels: Sequence[str]) -> dict[str, str]:
     return colors
 
 
-def _task_title(task: str) -> str:
-    return f"{task}: {TASK_TITLES[task]}" if task in TASK_TITLES else task
+def _task_title(panel: str) -> str:
+    return panel
 
 
 def _groups(runs: Sequence["Run"]) -> dict[str, dict[str, list["Run"]]]:
-    out: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    """{panel title: {label: runs}}, panels in the runs' order (natural group order)."""
+    out: dict[str, dict[str, list]] = {}
     for r in runs:
-        out[r.task][r.label].append(r)
-    return {t: dict(g) for t, g in sorted(out.items())}
+        out.setdefault(r.panel, {}).setdefault(r.label, []).append(r)
+    return out
 
 
 def _finite(v) -> bool:

@@ -77,9 +77,10 @@ def _rel(path: Path, start: Path) -> str:
 
 
 def _tasks(runs) -> dict[str, dict[str, list]]:
+    """{group: {label: runs}} in the runs' (natural) order."""
     out: dict[str, dict[str, list]] = {}
     for r in runs:
-        out.setdefault(r.task, {}).setdefault(r.label, []).append(r)
+        out.setdefault(r.group, {}).setdefault(r.label, []).append(r)
     return out
 
 
@@ -117,11 +118,14 @@ def _summary_section(runs) -> list[str]:
                  "non-finite. Gain and gradient ratio are the last diagnostics of each run "
                  "(composite forward Amax gain, token mean; ‖∂L/∂x_0‖ / ‖∂L/∂x_L‖).")
     lines.append("")
-    for task, groups in sorted(_tasks(runs).items()):
+    for name, groups in _tasks(runs).items():
         all_runs = [r for g in groups.values() for r in g]
         qkey = _quality_key(all_runs)
         qname = {"eval_accuracy": "eval accuracy ↑", "eval_bpb": "eval bpb ↓"}.get(qkey, "eval metric")
-        lines += [f"### Task `{task}`", ""]
+        tasks = sorted({r.task for r in all_runs})
+        heading = f"Task `{name}`" if tasks == [name] else \
+            f"`{name}` (task {', '.join(f'`{t}`' for t in tasks)})"
+        lines += [f"### {heading}", ""]
         head = ["variant", "seeds", "diverged", "train loss", "eval loss", qname, "composite gain",
                 "grad ratio", "tokens/s", "params"]
         lines.append("| " + " | ".join(head) + " |")
@@ -158,14 +162,14 @@ def _figure_section(title: str, figs: Sequence[Figure], out: Path, notes: list[s
 
 
 def _runs_section(runs, out: Path) -> list[str]:
-    lines = ["## Runs", "", "| task | variant | seed | status | last step | directory |",
-             "|---|---|---:|---|---:|---|"]
+    lines = ["## Runs", "", "| group | task | variant | seed | status | last step | directory |",
+             "|---|---|---|---:|---|---:|---|"]
     for r in runs:
         status = f"**{r.status} (diverged)**" if r.diverged and "diverg" not in r.status else \
             (f"**{r.status}**" if r.diverged else r.status)
         seed = "–" if r.seed is None else str(r.seed)
         last = _f(r.last_step, 8) if r.last_step is not None else "–"
-        lines.append(f"| {r.task} | `{r.label}` | {seed} | {status} | {last} | `{_rel(r.path, out)}` |")
+        lines.append(f"| {r.group} | {r.task} | `{r.label}` | {seed} | {status} | {last} | `{_rel(r.path, out)}` |")
     lines.append("")
     return lines
 
