@@ -222,6 +222,10 @@ def test_stability_hook(tmp_path, variant):
     loss.backward()
     expect = [float(s.grad.norm()) for s in probe.stream_states]
     assert data["grad_norms"] == pytest.approx(expect, rel=1e-5)
+    whole = composite_gain([h.detach().double() for h in probe.h_res])
+    assert (out["gain_fwd_mean"], out["gain_fwd_max"]) == pytest.approx(token_stats(whole.forward_amax))
+    assert (out["gain_bwd_mean"], out["gain_bwd_max"]) == pytest.approx(token_stats(whole.backward_amax))
+    assert out["spectral_mean"] == pytest.approx(token_stats(whole.spectral)[0])
     if variant == "mhc":
         assert out["row_sum_err"] < 1e-5 and out["min_entry"] >= 0
     if variant == "residual":

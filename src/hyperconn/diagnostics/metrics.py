@@ -108,10 +108,15 @@ def suffix_products(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out[::-1]
 
 
-def _profile_of(products: Sequence[torch.Tensor]) -> dict:
+def _profile_of(matrices: Sequence[torch.Tensor], order: Sequence[int], left: bool) -> dict:
+    """Gains of the running products over ``order``, reduced as they are formed so only
+    one product is alive at a time (per-token products of a deep stack add up)."""
     prof = {name: {"mean": [], "max": []} for name in GAIN_NAMES}
-    for p in products:
-        g = gains_of(p)
+    prod = None
+    for i in order:
+        h = matrices[i].detach().double()
+        prod = h if prod is None else (h @ prod if left else prod @ h)
+        g = gains_of(prod)
         for name in GAIN_NAMES:
             mean, mx = token_stats(getattr(g, name))
             prof[name]["mean"].append(mean)
@@ -131,11 +136,16 @@ def layer_profile(matrices: Sequence[torch.Tensor]) -> dict:
         ``H_l ⋯ H_0`` and ``backward[·][l]`` the gain of ``H_{L−1} ⋯ H_l``. So
         ``forward[·][L−1] == backward[·][0]`` is the whole-stack composite.
 
-    Products are taken in float64 so long unstable chains overflow late.
+    Products are taken in float64 so long unstable chains overflow late; one product is
+    kept at a time.
     """
     _check_square(matrices)
-    mats = [m.detach().double() for m in matrices]
-    return {"forward": _profile_of(prefix_products(mats)), "backward": _profile_of(suffix_products(mats))}
+    L = len(matrices)
+    backward = _profile_of(matrices, range(L - 1, -1, -1), left=False)
+    for gain in backward.values():  # built top-down; entry l must be H_{L−1}⋯H_l
+        gain["mean"].reverse()
+        gain["max"].reverse()
+    return {"forward": _profile_of(matrices, range(L), left=True), "backward": backward}
 
 
 def manifold_errors(h: torch.Tensor) -> dict[str, float]:

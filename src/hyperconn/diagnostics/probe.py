@@ -26,9 +26,7 @@ import torch
 from torch import nn
 
 from ..connection import HyperConnection
-from .gain import composite_gain
-from .metrics import (MANIFOLD_ERROR_NAMES, layer_profile, manifold_errors, stream_similarity,
-                      token_stats)
+from .metrics import MANIFOLD_ERROR_NAMES, layer_profile, manifold_errors, stream_similarity
 
 __all__ = ["LayerRecord", "Probe", "StabilityHook", "SCALAR_KEYS", "HARMONIZED_KEYS"]
 
@@ -274,14 +272,17 @@ class StabilityHook:
 
     @torch.no_grad()
     def _measure(self, records: list[LayerRecord], states, grad_norms) -> dict:
-        mats = [r.h_res.detach().double() for r in records]
-        gain = composite_gain(mats)
+        mats = [r.h_res.detach() for r in records]
+        # The last forward composite H_{L−1}⋯H_0 is the whole stack: its gains are the
+        # headline scalars (computed once, in float64, inside the profile).
+        profile = layer_profile(mats)
+        whole = {name: (g["mean"][-1], g["max"][-1]) for name, g in profile["forward"].items()}
         scalars: dict[str, float] = {}
         for key, field in (("fwd", "forward_amax"), ("bwd", "backward_amax")):
-            scalars[f"gain_{key}_mean"], scalars[f"gain_{key}_max"] = token_stats(getattr(gain, field))
-        scalars["norm_inf_mean"] = token_stats(gain.inf_norm)[0]
-        scalars["norm_one_mean"] = token_stats(gain.one_norm)[0]
-        scalars["spectral_mean"] = token_stats(gain.spectral)[0]
+            scalars[f"gain_{key}_mean"], scalars[f"gain_{key}_max"] = whole[field]
+        scalars["norm_inf_mean"] = whole["inf_norm"][0]
+        scalars["norm_one_mean"] = whole["one_norm"][0]
+        scalars["spectral_mean"] = whole["spectral"][0]
 
         g0, gl = grad_norms[0], grad_norms[-1]
         scalars["grad_norm_first"], scalars["grad_norm_last"] = g0, gl
@@ -303,19 +304,19 @@ class StabilityHook:
             "streams": int(records[0].x.shape[-2]),
             "layers": [{"name": r.name, "variant": r.layer.variant_name} for r in records],
             "scalars": scalars,
-            "profile": layer_profile(mats),
+            "profile": profile,
             "grad_norms": grad_norms,
             "similarity": similarity,
             "manifold": manifold,
         }
-        harmonized = self._harmonized(records, mats)
+        harmonized = self._harmonized(records, mats, profile)
         if harmonized is not None:
             scalars.update(harmonized.pop("scalars"))
             payload["harmonized"] = harmonized
         return payload
 
     @staticmethod
-    def _harmonized(records: list[LayerRecord], applied: list[torch.Tensor]) -> Optional[dict]:
+    def _harmonized(records: list[LayerRecord], applied: list[torch.Tensor], profile: dict) -> Optional[dict]:
         harm = [r for r in records if r.layer.variant_name == "harmonized"]
         if not harm:
             return None
@@ -325,12 +326,11 @@ class StabilityHook:
                 raw.append(h)  # non-harmonized layers count as applied
                 continue
             raw_res = r.layer.raw_coefficients(r.x.detach())[2]
-            raw.append(r.layer.mixer.raw_transport(raw_res).double().expand_as(h))
-        g_app, g_raw = composite_gain(applied).forward_amax, composite_gain(raw).forward_amax
-        app_mean, app_max = token_stats(g_app)
-        raw_mean, raw_max = token_stats(g_raw)
-        scale = float(harm[0].layer.mixer.scale)
+            raw.append(r.layer.mixer.raw_transport(raw_res).expand_as(h))
         raw_profile = layer_profile(raw)
+        app_mean, app_max = (profile["forward"]["forward_amax"][k][-1] for k in ("mean", "max"))
+        raw_mean, raw_max = (raw_profile["forward"]["forward_amax"][k][-1] for k in ("mean", "max"))
+        scale = float(harm[0].layer.mixer.scale)
         return {
             "scalars": {"harm_scale": scale, "harm_gain_applied_mean": app_mean,
                         "harm_gain_applied_max": app_max, "harm_gain_raw_mean": raw_mean,
