@@ -155,7 +155,15 @@ def test_truncated_metrics_line_is_skipped(tmp_path):
     with open(d / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "loss": 0.')  # a writer killed mid-line
     (run,) = find_runs([tmp_path])
-    assert run.last_step == 10
+    assert run.last_step == 10 and not run.diverged
+
+
+def test_diverged_line_without_summary(tmp_path):
+    d = make_run(tmp_path, "kv", "hc", 0, steps=10, summary=False)
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 11, "loss": None, "lr": 1e-3, "grad_norm": None, "diverged": True}) + "\n")
+    (run,) = find_runs([tmp_path])
+    assert run.diverged and run.status == "no summary"
 
 
 def test_report_of_real_training_runs(tmp_path):

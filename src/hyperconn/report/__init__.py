@@ -106,6 +106,8 @@ class Run:
     def diverged(self) -> bool:
         if self.status.lower() in FAILED_STATUSES:
             return True
+        if any(r.get("diverged") is True for r in self.metrics):  # the loop's last line
+            return True
         losses = [_number(r.get("loss")) for r in self.metrics if "loss" in r]
         return any(v is not None and not math.isfinite(v) for v in losses)
 
