@@ -73,6 +73,8 @@ _QUICK = {
     "eval_every": 100, "eval_batches": 4, "log_every": 10, "ckpt_every": 100,
 }
 
+from .claim_presets import CLAIM_PRESETS  # noqa: E402 - defined there, listed here
+
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
@@ -98,6 +100,7 @@ PRESETS: dict[str, Preset] = {
         ),
         seeds=(0,),
     ),
+    **CLAIM_PRESETS,
 }
 
 

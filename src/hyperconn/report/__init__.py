@@ -257,6 +257,7 @@ def write_report(dirs: Sequence[Path], out: Path) -> Path:
     """
     from .figures import make_figures
     from .markdown import render
+    from .stability import plot_depth
 
     dirs = [Path(d) for d in dirs]
     if not dirs:
@@ -267,8 +268,12 @@ def write_report(dirs: Sequence[Path], out: Path) -> Path:
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     figures = make_figures(runs, out / "figures")
+    depth_png = out / "figures" / "depth.png"
+    depth_figure = plot_depth(runs, depth_png)
+    if depth_figure is None:
+        depth_png.unlink(missing_ok=True)  # a stale figure from an earlier report
     path = out / "report.md"
-    text = render(runs, figures, dirs, out)
+    text = render(runs, figures, dirs, out, depth_figure)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)

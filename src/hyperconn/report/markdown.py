@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .figures import DIAG, Figure
+from .stability import stability_section
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import Run
@@ -17,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["render", "SECTIONS", "fmt_mean_std"]
 
 SECTIONS = ("Summary", "Training curves", "Composite gain over training", "Gain layer profile",
-            "Stream gradient norms", "Stream similarity", "Runs", "Notes")
+            "Stream gradient norms", "Stream similarity", "Stability and cost", "Runs", "Notes")
 
 _CAPTIONS = {
     "curves": "Training loss (mean since the previous log line) and held-out loss per variant. "
@@ -174,7 +175,8 @@ def _runs_section(runs, out: Path) -> list[str]:
     return lines
 
 
-def render(runs: Sequence["Run"], figures: dict[str, Figure], dirs: Sequence[Path], out: Path) -> str:
+def render(runs: Sequence["Run"], figures: dict[str, Figure], dirs: Sequence[Path], out: Path,
+           depth_figure: Optional[Path] = None) -> str:
     """The markdown of the report; figure paths are written relative to ``out``."""
     out = Path(out)
     notes: list[str] = []
@@ -198,6 +200,7 @@ def render(runs: Sequence["Run"], figures: dict[str, Figure], dirs: Sequence[Pat
     lines += _figure_section("Gain layer profile", [figures["gain_profile"]], out, notes)
     lines += _figure_section("Stream gradient norms", [figures["grad_norms"]], out, notes)
     lines += _figure_section("Stream similarity", [figures["similarity"]], out, notes)
+    lines += stability_section(runs, depth_figure, out)
     lines += _runs_section(runs, out)
 
     no_diag = [r for r in runs if r.diagnostics is None]
