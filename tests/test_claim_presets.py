@@ -1,0 +1,55 @@
+"""The claim presets: each published claim has a laptop and a -paper preset that fit it."""
+
+import pytest
+import torch
+
+from hyperconn.experiments import PRESETS, expand
+from hyperconn.experiments.claim_presets import CLAIM_PRESETS
+from hyperconn.models import GPT
+
+CLAIMS = ("gain", "depth", "kv", "lm", "overhead")
+
+
+def test_every_claim_has_a_laptop_and_a_paper_preset_with_the_same_variants():
+    for name in CLAIMS:
+        laptop, paper = PRESETS[name], PRESETS[f"{name}-paper"]
+        assert set(CLAIM_PRESETS) >= {name, f"{name}-paper"}
+        assert {g.variants for g in laptop.groups[:1]} == {g.variants for g in paper.groups[:1]}
+        assert all(j.config.device == "cuda" for j in expand(paper, "/tmp/x"))
+        assert all(j.config.device == "auto" and j.config.threads == 1 for j in expand(laptop, "/tmp/x"))
+
+
+def test_claim_specific_settings():
+    assert set(PRESETS["gain"].groups[0].variants) == set(PRESETS["lm"].groups[0].variants) \
+        == set(PRESETS["overhead"].groups[0].variants) == {"residual", "hc", "mhc", "isohc", "hybrid", "harmonized"}
+    depths = [j.config.model.n_layer for j in expand(PRESETS["depth"], "/tmp/x") if j.variant == "isohc"]
+    assert depths == [12, 24, 48]
+    kv = expand(PRESETS["kv"], "/tmp/x")
+    assert len(PRESETS["kv"].seeds) >= 3 and {j.variant for j in kv} >= {"hc", "mhc", "harmonized"}
+    assert all(j.config.task == "kv" for j in kv)
+    # Matched tokens in lm: every run sees the same bytes.
+    lm = expand(PRESETS["lm"], "/tmp/x")
+    assert len({j.config.steps * j.config.batch_size * j.config.model.seq_len for j in lm}) == 1
+    # overhead times only the step: no diagnostics, a single evaluation at the end.
+    assert all(not j.config.diagnostics and j.config.eval_every == 0 for j in expand(PRESETS["overhead"], "/tmp/x"))
+
+
+def test_lm_matched_residual_has_the_parameters_of_the_hyper_connected_models():
+    jobs = expand(PRESETS["lm"], "/tmp/x")
+    wide = next(j for j in jobs if j.group == "lm-matched")
+    narrow = next(j for j in jobs if j.group == "lm" and j.variant == "residual")
+    mhc = next(j for j in jobs if j.group == "lm" and j.variant == "mhc")
+    with torch.device("meta"):
+        p_wide, p_narrow, p_mhc = (GPT(j.config.model).num_params() for j in (wide, narrow, mhc))
+    assert p_narrow < 0.85 * p_mhc                       # the gap being corrected
+    assert abs(p_wide - p_mhc) / p_mhc < 0.05            # within 5 %
+
+
+@pytest.mark.parametrize("name", [f"{c}-paper" for c in CLAIMS])
+def test_paper_presets_refuse_to_start_without_cuda(name, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from hyperconn.cli import main
+    code = main(["compare", "--preset", name, "--out", str(tmp_path / "x"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device" in err and "cuda" in err
