@@ -113,7 +113,7 @@ def stability_section(runs: Sequence["Run"], depth_figure: Optional[Path] = None
                 _g(_mean(peak_gain(r) for r in group)),
                 _range([_last(r, GAIN_MEAN) for r in ok]),
                 _g(_mean(_last(r, "diag/grad_ratio") for r in ok)),
-                _g(_mean(_last(r, "diag/stream_similarity") for r in ok)),
+                _g(_mean(_last(r, "diag/stream_similarity") for r in ok), 4),
                 _g(t, 4), ratio("hc"), ratio("residual"),
             ]) + " |")
         lines.append("")
