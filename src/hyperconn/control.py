@@ -12,6 +12,8 @@ layer (and, under data parallelism, every rank that sees the same G) holds the s
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -75,9 +77,16 @@ class HarmonizedController:
         return float(gains_of(composite_product(mats)).forward_amax.float().mean())
 
     @torch.no_grad()
-    def update(self) -> float:
-        """One control step after a training forward; returns the new scale s."""
-        gain = self.measured_gain()
+    def update(self, gain: Optional[float] = None) -> float:
+        """One control step after a training forward; returns the new scale s.
+
+        ``gain``: the gain to feed back instead of :meth:`measured_gain` of this process,
+        e.g. its mean over data-parallel ranks (each saw a different slice of the batch),
+        so every rank applies the same update and holds the same scale.
+        """
+        if gain is None:
+            gain = self.measured_gain()
+        gain = float(gain)
         self._captured.clear()
         self.last_gain = gain
         self.ema = self.beta * self.ema + (1.0 - self.beta) * gain

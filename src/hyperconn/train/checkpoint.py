@@ -22,8 +22,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
-           "check_compatible"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "rng_state",
+           "set_rng_state", "check_compatible"]
 
 VERSION = 1
 # Settings that must match to continue a run from its checkpoint.
@@ -101,14 +101,9 @@ def check_compatible(saved_config: dict, config_dict: dict, path: Path) -> None:
                               f"Use another out_dir, or drop resume to start over")
 
 
-def load_checkpoint(path: Path, config_dict: dict, model: torch.nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer] = None, controller=None,
-                    map_location="cpu") -> dict:
-    """Load ``path`` into ``model`` / ``optimizer`` / ``controller`` and restore RNG states.
-
-    Returns the checkpoint dict (``step``, ``progress``, ...). Raises
-    :class:`CheckpointError` for an unreadable, truncated or incompatible checkpoint.
-    """
+def read_checkpoint(path: Path, config_dict: dict, map_location="cpu") -> dict:
+    """The checkpoint dict at ``path``, checked (format, version, run configuration) but not
+    loaded into anything. Raises :class:`CheckpointError` like :func:`load_checkpoint`."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -127,6 +122,19 @@ def load_checkpoint(path: Path, config_dict: dict, model: torch.nn.Module,
         raise CheckpointError(f"checkpoint {path} has format version {state['version']}, "
                               f"this hyperconn reads version {VERSION}")
     check_compatible(state["config"], config_dict, path)
+    return state
+
+
+def load_checkpoint(path: Path, config_dict: dict, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer] = None, controller=None,
+                    map_location="cpu") -> dict:
+    """Load ``path`` into ``model`` / ``optimizer`` / ``controller`` and restore RNG states.
+
+    Returns the checkpoint dict (``step``, ``progress``, ...). Raises
+    :class:`CheckpointError` for an unreadable, truncated or incompatible checkpoint.
+    """
+    path = Path(path)
+    state = read_checkpoint(path, config_dict, map_location)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -26,6 +26,7 @@ __all__ = ["ConfigError", "HarmonizedConfig", "TrainConfig", "with_overrides", "
 TASKS = ("kv", "bytes")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -102,7 +103,7 @@ class TrainConfig:
     steps: int = 1000
     """optimizer steps of the whole run"""
     batch_size: int = 32
-    """sequences per step (also per eval batch)"""
+    """sequences per step (also per eval batch); global under torchrun: a multiple of the world size, split over ranks"""
     lr: float = 1e-3
     """peak learning rate"""
     warmup_steps: int = 100
@@ -131,6 +132,8 @@ class TrainConfig:
     """seeds model init and training batches (the held-out data never depends on it)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available, else cpu; bf16 autocast is used on cuda only"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun (WORLD_SIZE > 1): ddp = DistributedDataParallel, fsdp = FSDP2 fully_shard; ignored in one process"""
     threads: int = 0
     """torch CPU threads during the run (0 = torch's default); 1 avoids oversubscription on busy CPUs"""
     quiet: bool = False
@@ -190,6 +193,7 @@ class TrainConfig:
         if self.seed >= 2**20:  # training windows of the bytes task are offset by seed * 10^7
             raise ConfigError("seed", f"expected an integer < {2**20}, got {self.seed}")
         _choice("device", self.device, DEVICES)
+        _choice("parallel", self.parallel, PARALLEL)
         _int_at_least("threads", self.threads, 0)
         _int_at_least("stop_after", self.stop_after, 0)
         for name in ("quiet", "diagnostics", "resume"):

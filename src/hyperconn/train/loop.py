@@ -6,6 +6,7 @@ One run writes into ``config.out_dir``::
     metrics.jsonl     one line per log step (train loss, lr, grad norm, tokens/s; eval and
                       diagnostics fields on evaluation steps)
     checkpoint.pt     model, optimizer, controller, RNG states, step (atomic writes)
+    checkpoint/       instead of checkpoint.pt under torchrun: a sharded DCP checkpoint
     summary.json      status ("finished" | "diverged" | "stopped"), final metrics, timing
     diagnostics/      per-evaluation profiles written by the stability hook
 
@@ -13,6 +14,13 @@ Order of one step ``s`` (0-based; the logged ``step`` is ``s + 1``, the number o
 steps done): lr ← schedule(s); forward on ``train_batch(s)``; backward; Harmonized
 controller update (from this forward's transport); gradient norm (clip if ``grad_clip > 0``); AdamW step. A non-finite
 loss or gradient norm stops the run before the update with status "diverged".
+
+Under ``torchrun`` (``WORLD_SIZE > 1``, see :mod:`.distributed` and docs/distributed.md)
+the same loop runs on every rank with DDP or FSDP2: ``batch_size`` is the global batch and
+each rank trains on its rows of it; the logged loss, the gradient norm, the Harmonized
+gain and the held-out metrics are reduced over ranks, so every rank takes the same
+decisions (divergence, clipping, controller scale) and rank 0 alone writes the run
+directory and the console.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,10 +39,12 @@ import torch
 
 from ..control import HarmonizedController
 from ..models import GPT
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint
+from . import dcp
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint
 from .config import ConfigError, TrainConfig
+from .distributed import setup
 from .metrics import MetricsWriter, read_json, write_json
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, decay_split, lr_at, set_lr
 from .tasks import build_task
 
 __all__ = ["train", "Hook", "resolve_device", "seed_everything"]
@@ -57,7 +68,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _default_hooks(config: TrainConfig, run_dir: Path) -> list[Hook]:
+def _default_hooks(config: TrainConfig, run_dir: Optional[Path]) -> list[Hook]:
     if not config.diagnostics:
         return []
     try:
@@ -67,11 +78,14 @@ def _default_hooks(config: TrainConfig, run_dir: Path) -> list[Hook]:
     return [StabilityHook(run_dir)]
 
 
-def _total_grad_norm(params) -> torch.Tensor:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    if not norms:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(norms))
+class _NoMetrics:
+    """Stands in for the MetricsWriter on ranks other than 0."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Progress:
@@ -119,9 +133,13 @@ def train(config: TrainConfig, hooks: Optional[Sequence[Hook]] = None) -> dict:
 
     Returns normally for a diverged run (``summary["status"] == "diverged"``).
 
+    Under torchrun every rank calls this and gets the same summary; hooks run on every
+    rank (with the same full first held-out batch) and rank 0's scalars are logged.
+
     Raises:
-        ConfigError: invalid config (e.g. ``device="cuda"`` without CUDA).
-        CheckpointError: ``resume=True`` and ``checkpoint.pt`` is unreadable or was
+        ConfigError: invalid config (e.g. ``device="cuda"`` without CUDA, or under
+            torchrun a ``batch_size`` that is not a multiple of the world size).
+        CheckpointError: ``resume=True`` and the checkpoint is unreadable or was
             written by a different model / task.
     """
     if not isinstance(config, TrainConfig):
@@ -136,8 +154,17 @@ def train(config: TrainConfig, hooks: Optional[Sequence[Hook]] = None) -> dict:
 
 
 def _train(config: TrainConfig, hooks: list) -> dict:
+    ctx = setup(resolve_device(config.device), config.parallel, config.batch_size)
+    try:
+        return _run(config, hooks, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(config: TrainConfig, hooks: list, ctx) -> dict:
     wall_start = time.perf_counter()
-    device = resolve_device(config.device)
+    device = ctx.device
+    main = ctx.is_main
     run_dir = Path(config.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -145,24 +172,34 @@ def _train(config: TrainConfig, hooks: list) -> dict:
 
     seed_everything(config.seed)
     task = build_task(config)
-    model = GPT(config.model).to(device)
+    model = GPT(config.model).to(device)  # the same init on every rank (same seed)
     controller = None
     if any(hc.variant_name == "harmonized" for hc in model.connections()):
         h = config.harmonized
         controller = HarmonizedController(model, target_gain=h.target_gain, beta=h.beta,
                                           exponent=h.exponent, min_scale=h.min_scale)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2),
+    num_params = model.num_params()  # before FSDP shards the parameters
+    model = ctx.wrap(model)  # DDP / FSDP2 under torchrun, else the model itself
+    optimizer = build_optimizer(ctx.local(model), config.lr, config.weight_decay, (config.beta1, config.beta2),
                                 device.type)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext
     all_hooks = [(h, getattr(h, "__name__", type(h).__name__)) for h in
-                 _default_hooks(config, run_dir) + hooks]
+                 _default_hooks(config, run_dir if main else None) + hooks]
 
     # -------------------------------------------------------------- resume
     start_step, progress_state = 0, {}
     resumed = False
-    if config.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, config_dict, model, optimizer, controller, map_location=device)
+    sharded_dir = dcp.find(run_dir) if config.resume else None
+    if config.resume and (ckpt_path.exists() or sharded_dir is not None):
+        if sharded_dir is not None:  # saved under torchrun, by any number of ranks
+            state = dcp.load_sharded(sharded_dir, config_dict, model, optimizer, controller)
+        elif ctx.world_size == 1:
+            state = load_checkpoint(ckpt_path, config_dict, model, optimizer, controller, map_location=device)
+        else:  # a single-process checkpoint continued under torchrun
+            state = read_checkpoint(ckpt_path, config_dict)
+            decay, no_decay = decay_split(ctx.local(model))
+            dcp.load_full_into(state, decay + no_decay, model, optimizer, controller, ckpt_path)
         start_step = int(state["step"])
         progress_state = dict(state.get("progress") or {})
         resumed = True
@@ -172,19 +209,24 @@ def _train(config: TrainConfig, hooks: list) -> dict:
     last_eval: dict = dict(progress_state.get("last_eval") or {})
     hook_errors: list[str] = list(progress_state.get("hook_errors") or [])
 
-    (run_dir / "summary.json").unlink(missing_ok=True)
-    write_json(run_dir / "config.json", config_dict)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", keep_through=start_step if resumed else None)
-    num_params = model.num_params()
-    tokens_per_step = config.batch_size * config.model.seq_len
-    eval_set = [(x.to(device), y.to(device)) for x, y in task.eval_batches()]
+    if main:
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        write_json(run_dir / "config.json", config_dict)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", keep_through=start_step if resumed else None) \
+        if main else _NoMetrics()
+    tokens_per_step = config.batch_size * config.model.seq_len  # global
+    # Held-out batches: each rank scores its rows; the mean over ranks is the global mean
+    # (kv: P queries per sequence, bytes: every position, so every row weighs the same).
+    eval_set = [(ctx.rows(x).to(device), ctx.rows(y).to(device)) for x, y in task.eval_batches()]
+    hook_batch = tuple(t.to(device) for t in task.eval_batches()[0])  # full first batch, every rank
     params = [p for p in model.parameters() if p.requires_grad]
 
-    bar = _Progress(config.quiet, config.steps, start_step,
+    bar = _Progress(config.quiet or not main, config.steps, start_step,
                     f"{config.task}/{config.variant}/seed{config.seed}")
     if resumed:
         bar.print(f"resumed {run_dir} at step {start_step}")
-    bar.print(f"{config.describe()} | {num_params:,} params | {device}")
+    where = f"{device}" if ctx.world_size == 1 else f"{ctx.world_size} x {device.type} ({ctx.parallel})"
+    bar.print(f"{config.describe()} | {num_params:,} params | {where}")
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -193,18 +235,23 @@ def _train(config: TrainConfig, hooks: list) -> dict:
             for x, y in eval_set:
                 for k, v in task.score(model(x), y).items():
                     sums[k] = sums.get(k, 0.0) + v
-        out = {k: v / len(eval_set) for k, v in sums.items()}
-        x, y = eval_set[0]
+        keys = sorted(sums)
+        out = dict(zip(keys, ctx.mean([sums[k] / len(eval_set) for k in keys])))
+        x, y = hook_batch
+        hook_model = ctx.hook_model(model, lambda: GPT(config.model).to(device)) if all_hooks else None
         for entry in list(all_hooks):
             hook, name = entry
             try:
                 with torch.enable_grad():
-                    scalars = hook(model, x, y, task.loss, step)
+                    # Every rank runs the hooks on the same full batch with a plain model
+                    # (see Single.hook_model), so they agree; only rank 0's hook writes.
+                    scalars = hook(hook_model, x, y, task.loss, step)
             except Exception as e:  # noqa: BLE001 - a broken diagnostic must not end a long run
                 msg = f"hook {name} failed at step {step}: {type(e).__name__}: {e}"
                 hook_errors.append(msg)
                 all_hooks.remove(entry)
-                print(f"warning: {msg} (disabled for the rest of the run)", file=sys.stderr)
+                if main:
+                    print(f"warning: {msg} (disabled for the rest of the run)", file=sys.stderr)
                 continue
             for k, v in (scalars or {}).items():
                 out[k if k.startswith("diag/") else f"diag/{k}"] = float(v)
@@ -224,22 +271,25 @@ def _train(config: TrainConfig, hooks: list) -> dict:
                 break
             lr = lr_at(step, config.lr, config.steps, config.warmup_steps, config.schedule, config.min_lr_ratio)
             set_lr(optimizer, lr)
-            x, y = task.train_batch(step)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = task.train_batch(step)  # the global batch; this rank trains on its rows
+            x, y = ctx.rows(x).to(device, non_blocking=True), ctx.rows(y).to(device, non_blocking=True)
             t0 = time.perf_counter()
             with autocast():
                 logits = model(x)
             loss = task.loss(logits, y)
-            loss_val = float(loss.detach())
+            # Global-batch loss (mean of equal-weight rank means); a NaN anywhere is NaN
+            # everywhere, so all ranks skip backward and stop together.
+            loss_val = ctx.mean([float(loss.detach())])[0]
             optimizer.zero_grad(set_to_none=True)
             grad_norm = float("nan")
             if math.isfinite(loss_val):
                 loss.backward()
-                grad_norm = float(_total_grad_norm(params))
+                grad_norm = ctx.grad_norm(params)
                 if controller is not None:
                     # After backward: update() rewrites the scale buffer in place, and this
-                    # forward's graph still holds it. The gain measured is this forward's.
-                    controller.update()
+                    # forward's graph still holds it. The gain measured is this forward's,
+                    # averaged over ranks so that every rank applies the same scale.
+                    controller.update(ctx.mean([controller.measured_gain()])[0])
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 status, diverged_step = "diverged", step + 1
                 metrics.write({"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
@@ -279,7 +329,7 @@ def _train(config: TrainConfig, hooks: list) -> dict:
                 window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
             if done == config.steps or done == config.stop_after \
                     or (config.ckpt_every > 0 and done % config.ckpt_every == 0):
-                _save(ckpt_path, done, config_dict, model, optimizer, controller, {
+                _save(ctx, run_dir, done, config_dict, model, optimizer, controller, {
                     "train_time_s": train_time, "tokens": tokens_seen, "last_eval": last_eval,
                     "last_loss": last_loss, "hook_errors": hook_errors,
                     "wall_time_s": prior_wall + time.perf_counter() - wall_start})
@@ -306,24 +356,30 @@ def _train(config: TrainConfig, hooks: list) -> dict:
         "wall_time_s": prior_wall + time.perf_counter() - wall_start,
         "tokens_per_s": tokens_seen / train_time if train_time > 0 else None,
         "device": str(device),
+        "world_size": ctx.world_size,
+        "parallel": ctx.parallel,
         "hook_errors": hook_errors,
     }
     if controller is not None:
         summary["harmonized"] = controller.state_dict()
-    write_json(run_dir / "summary.json", summary)
-    if not config.quiet:
+    if main:
+        write_json(run_dir / "summary.json", summary)
+    if main and not config.quiet:
         tail = f"{task.metric} {_fmt(summary['metric_value'])}" if summary["metric_value"] is not None else ""
         print(f"{status}: {run_dir} step {done}/{config.steps} {tail}".rstrip())
     return summary
 
 
-def _save(path, step, config_dict, model, optimizer, controller, progress) -> None:
-    save_checkpoint(path, {
-        "step": step,
-        "config": config_dict,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "controller": controller.state_dict() if controller is not None else None,
-        "rng": rng_state(),
-        "progress": progress,
-    })
+def _save(ctx, run_dir: Path, step, config_dict, model, optimizer, controller, progress) -> None:
+    """checkpoint.pt in one process; a sharded checkpoint/ directory under torchrun."""
+    meta = {"step": step, "config": config_dict,
+            "controller": controller.state_dict() if controller is not None else None,
+            "rng": rng_state(), "progress": progress}
+    if ctx.world_size > 1:
+        dcp.save_sharded(run_dir, ctx, model, optimizer, meta)
+        return
+    save_checkpoint(run_dir / "checkpoint.pt", {**meta, "model": model.state_dict(),
+                                                "optimizer": optimizer.state_dict()})
+    for name in ("checkpoint", "checkpoint.old"):  # a run continued from a sharded checkpoint
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)

@@ -1,0 +1,143 @@
+"""Sharded checkpoints of distributed runs: ``out_dir/checkpoint/`` (torch.distributed.checkpoint).
+
+Layout of the directory::
+
+    checkpoint/
+      .metadata, __*_*.distcp   model + optimizer (DCP: every rank writes its own shards)
+      meta.pt                    version, step, config, controller, rng (rank 0's),
+                                 progress, world_size, parallel  (torch.save, weights_only)
+
+Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``
+(``get_state_dict`` / ``set_state_dict``): keys are parameter names whatever the wrapper
+(plain, DDP or FSDP2), so a checkpoint saved by W ranks loads into W' ranks, and into a
+single process, which DCP reads without a process group.
+
+Writes are atomic: all ranks save into ``checkpoint.tmp/``; after a barrier rank 0 adds
+``meta.pt`` and renames the directory into place (the previous one is moved to
+``checkpoint.old/`` first and deleted last; :func:`find` falls back to it if a crash hit
+between the two renames). A multi-node run needs ``out_dir`` on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import VERSION, CheckpointError, check_compatible, set_rng_state
+
+__all__ = ["find", "save_sharded", "load_sharded", "load_full_into"]
+
+META = "meta.pt"
+
+
+def find(run_dir: Path) -> Optional[Path]:
+    """The sharded checkpoint directory of ``run_dir`` (or its ``.old`` twin), or None."""
+    for name in ("checkpoint", "checkpoint.old"):
+        d = Path(run_dir) / name
+        if (d / META).exists():
+            return d
+    return None
+
+
+def save_sharded(run_dir: Path, ctx, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Collective: every rank calls it with the same ``meta`` (only rank 0's is written)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    run_dir = Path(run_dir)
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    ctx.barrier()  # every rank's shards are on disk
+    if ctx.is_main:
+        torch.save({"version": VERSION, "world_size": ctx.world_size, "parallel": ctx.parallel, **meta},
+                   tmp / META)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # one checkpoint per run dir
+    ctx.barrier()
+
+
+def _read_meta(path: Path, config_dict: dict) -> dict:
+    try:
+        meta = torch.load(path / META, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable or truncated file
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
+                              f"{str(e).strip()[:200]})") from None
+    needed = ("version", "step", "config", "rng")
+    missing = [k for k in needed if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a hyperconn checkpoint (missing {', '.join(missing)})")
+    if meta["version"] != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta['version']}, "
+                              f"this hyperconn reads version {VERSION}")
+    check_compatible(meta["config"], config_dict, path)
+    return meta
+
+
+def _restore_rest(meta: dict, path: Path, controller) -> None:
+    if controller is not None:
+        if not meta.get("controller"):
+            raise CheckpointError(f"checkpoint {path} has no Harmonized controller state")
+        controller.load_state_dict(meta["controller"])
+    try:
+        # Rank 0's RNG state on every rank: the model has no dropout and batches are a
+        # pure function of (seed, step), so nothing a rank draws depends on it.
+        set_rng_state(meta["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot restore RNG state ({e})") from None
+
+
+def load_sharded(path: Path, config_dict: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 controller=None) -> dict:
+    """Load a sharded checkpoint into ``model`` / ``optimizer`` (plain, DDP or FSDP2, any
+    world size; collective when a process group exists). Returns ``meta``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    meta = _read_meta(path, config_dict)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    try:
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    except Exception as e:  # noqa: BLE001 - DCP raises several types for missing/mismatched entries
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({type(e).__name__}: "
+                              f"{first[:300]})") from None
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    _restore_rest(meta, path, controller)
+    return meta
+
+
+def load_full_into(state: dict, names: list[str], model: nn.Module, optimizer: torch.optim.Optimizer,
+                   controller, path: Path) -> None:
+    """Load a single-process ``checkpoint.pt`` dict into a DDP / FSDP2 model and optimizer.
+
+    ``names``: the parameter names in the optimizer's order (its integer state keys), used
+    to re-key the optimizer state by name as ``set_state_dict`` expects.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    osd = state["optimizer"]
+    by_name = {"state": {names[int(i)]: s for i, s in osd["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                                for g in osd["param_groups"]]}
+    try:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=by_name,
+                       options=StateDictOptions(full_state_dict=True))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+                              f"{str(e).strip().splitlines()[0][:300]}") from None
+    _restore_rest(state, path, controller)
