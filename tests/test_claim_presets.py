@@ -22,8 +22,9 @@ def test_every_claim_has_a_laptop_and_a_paper_preset_with_the_same_variants():
 def test_claim_specific_settings():
     assert set(PRESETS["gain"].groups[0].variants) == set(PRESETS["lm"].groups[0].variants) \
         == set(PRESETS["overhead"].groups[0].variants) == {"residual", "hc", "mhc", "isohc", "hybrid", "harmonized"}
-    depths = [j.config.model.n_layer for j in expand(PRESETS["depth"], "/tmp/x") if j.variant == "isohc"]
-    assert depths == [12, 24, 48]
+    depth = [(j.config.lr, j.config.model.n_layer) for j in expand(PRESETS["depth"], "/tmp/x")
+             if j.variant == "isohc"]
+    assert depth == [(1e-2, 12), (1e-2, 24), (1e-2, 48), (3e-2, 12), (3e-2, 24), (3e-2, 48)]
     kv = expand(PRESETS["kv"], "/tmp/x")
     assert len(PRESETS["kv"].seeds) >= 3 and {j.variant for j in kv} >= {"hc", "mhc", "harmonized"}
     assert all(j.config.task == "kv" for j in kv)

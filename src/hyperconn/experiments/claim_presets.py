@@ -64,16 +64,17 @@ CLAIM_PRESETS: dict[str, Preset] = {
                                        "lr": 1e-3, "warmup_steps": 200, "eval_every": 250})),
         seeds=(0,)),
     # ------------------------------------------------------------------ depth (IsoHC)
-    # Same model at 12, 24 and 48 blocks with an aggressive learning rate (1e-2, short
-    # warmup): the residual path is stressed; divergence is recorded per depth.
+    # Same model at 12, 24 and 48 blocks at two aggressive learning rates (1e-2 and 3e-2,
+    # short warmup, no clipping), the same for every variant: the residual path is
+    # stressed; divergence is recorded per depth. At 1e-2 nothing diverged, hence 3e-2.
     "depth": Preset(
         "depth", "IsoHC's claim: stream-gradient norms stay flat with depth for IsoHC, decay for "
-                 "mHC, HC fails past ~20 layers. Byte LM at 12/24/48 blocks, C=32, n=4, lr 1e-2, "
-                 "120 steps, 1 seed.",
-        tuple(RunGroup(f"depth{d}", _gain(_CPU, **{"model.n_layer": d, "model.n_embd": 32,
-                                                   "model.seq_len": 32, "batch_size": 8, "steps": 120,
-                                                   "lr": 1e-2, "warmup_steps": 10, "eval_every": 40}),
-                       ("residual", "hc", "mhc", "isohc")) for d in (12, 24, 48)),
+                 "mHC, HC fails past ~20 layers. Byte LM at 12/24/48 blocks, C=32, n=4, lr 1e-2 "
+                 "(groups depthN) and 3e-2 (depthN-lr3e-2), 120 steps, 1 seed.",
+        tuple(RunGroup(f"depth{d}{suffix}", _gain(_CPU, **{
+            "model.n_layer": d, "model.n_embd": 32, "model.seq_len": 32, "batch_size": 8, "steps": 120,
+            "lr": lr, "warmup_steps": 10, "eval_every": 40}), ("residual", "hc", "mhc", "isohc"))
+            for lr, suffix in ((1e-2, ""), (3e-2, "-lr3e-2")) for d in (12, 24, 48)),
         seeds=(0,)),
     "depth-paper": Preset(
         "depth-paper", "GPU scale of `depth`: 12/24/48/96 blocks, d=256, T=256, lr 3e-3, 2000 steps.",
