@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -111,7 +112,9 @@ def load_sharded(path: Path, config_dict: dict, model: nn.Module, optimizer: tor
     meta = _read_meta(path, config_dict)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        with warnings.catch_warnings():  # DCP warns that it loads without a process group: intended
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     except Exception as e:  # noqa: BLE001 - DCP raises several types for missing/mismatched entries
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model ({type(e).__name__}: "
