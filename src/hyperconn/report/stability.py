@@ -162,6 +162,14 @@ def depth_sweeps(runs: Sequence["Run"]) -> dict[str, list["Run"]]:
     return out
 
 
+_METRIC_TITLES = {"eval_bpb": "held-out bits per byte (lower is better)",
+                  "eval_accuracy": "held-out accuracy (higher is better)"}
+
+
+def _metric(run: "Run") -> str:
+    return run.summary.get("metric") or ("eval_accuracy" if run.task == "kv" else "eval_bpb")
+
+
 def plot_depth(runs: Sequence["Run"], path: Path) -> Optional[Path]:
     """Depth-sweep figure (None when the runs hold no sweep)."""
     sweeps = depth_sweeps(runs)
@@ -172,7 +180,7 @@ def plot_depth(runs: Sequence["Run"], path: Path) -> Optional[Path]:
     colors = variant_colors([r.label for r in runs])
     panels = [("stream-gradient ratio first/last", lambda r: _last(r, "diag/grad_ratio"), True),
               ("composite forward gain (token mean)", lambda r: _last(r, GAIN_MEAN), True),
-              ("held-out metric", lambda r: r.final(r.summary.get("metric") or "eval_bpb"), False)]
+              (None, lambda r: r.final(_metric(r)), False)]
     fig, axes = _new_figure(len(sweeps), len(panels), width=4.6, height=3.4)
     for row, (task, rs) in enumerate(sweeps.items()):
         labels = sorted({r.label for r in rs})
@@ -203,7 +211,8 @@ def plot_depth(runs: Sequence["Run"], path: Path) -> Optional[Path]:
                 ax.set_yscale("log")
             if col == 0:
                 ax.axhline(1.0, color="black", lw=0.8, ls=":")
-            ax.set_title(f"{task}: {title}", fontsize=10)
+            shown = title or _METRIC_TITLES.get(_metric(rs[0]), "held-out metric")
+            ax.set_title(f"{task}: {shown}", fontsize=10)
             ax.set_xlabel("hyper-connected layers")
             ax.grid(alpha=0.3)
         axes[row][0].legend(fontsize=8)
