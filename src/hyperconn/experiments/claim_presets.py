@@ -109,7 +109,7 @@ CLAIM_PRESETS: dict[str, Preset] = {
     "lm": Preset(
         "lm", "Bits per byte of every variant vs the residual baseline at matched tokens; a wider "
               "residual (C=72) matches the n=4 models' parameters within 4%. 4 blocks, C=64, "
-              "400 steps of 1024 bytes, 1 seed.",
+              "400 steps of 1024 bytes, 3 seeds.",
         _groups("lm", _gain(_CPU, **{"model.n_layer": 4, "model.n_embd": 64, "model.seq_len": 64,
                                      "batch_size": 16, "steps": 400, "lr": 3e-3, "warmup_steps": 40,
                                      "eval_every": 100, "eval_batches": 8}),
@@ -117,7 +117,7 @@ CLAIM_PRESETS: dict[str, Preset] = {
                     "model.n_layer": 4, "model.n_embd": 72, "model.seq_len": 64, "batch_size": 16,
                     "steps": 400, "lr": 3e-3, "warmup_steps": 40, "eval_every": 100, "eval_batches": 8}),
                     ("residual",)),)),
-        seeds=(0,)),
+        seeds=(0, 1, 2)),
     "lm-paper": Preset(
         "lm-paper", "GPU scale of `lm`: 12 blocks, d=768, T=1024, 5000 steps of 64k bytes.",
         _groups("lm", _gain(_GPU, **{"model.n_layer": 12, "model.n_embd": 768, "model.n_head": 12,
