@@ -70,7 +70,9 @@ class HyperConnection(nn.Module):
             dynamic part moves H_res by O(α·n) from the static map at init.
         **options: ``sinkhorn_iters`` (20), ``sinkhorn_backward`` ("unrolled"|"implicit"),
             ``iso_method`` ("ns"|"polar"), ``iso_steps`` (5), ``hybrid_lambda``
-            ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0).
+            ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0), ``pre_init``
+            ("default" | "uniform" | "onehot": the static H_pre at init; see
+            :meth:`hyperconn.variants.Variant.static_init`).
 
     Shapes: ``forward(x (..., n, C), *args, **kwargs) → (..., n, C)``; extra arguments go
     to the branch. With n = 1 and the identity transport every variant reduces to a

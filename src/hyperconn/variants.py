@@ -29,6 +29,10 @@ class Variant(nn.Module):
     name = "base"
     uses_res = True
 
+    # "uniform" (every stream feeds the branch equally) or "onehot" (stream
+    # ``layer_index % n`` alone, as HC initialises); make_variant sets it from ``pre_init``.
+    pre_init = "uniform"
+
     def __init__(self, streams: int, layer_index: int, res_init: float):
         super().__init__()
         self.streams = streams
@@ -41,11 +45,18 @@ class Variant(nn.Module):
     def static_init(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Initial (b_pre (n,), b_post (n,), b_res (n, n)).
 
-        σ(b_pre) = 1/n so H_pre averages the streams; 2σ(0) = 1 so every stream receives
-        the branch output once; b_res = res_init·I.
+        σ(b_pre) = 1/n so H_pre averages the streams (``pre_init="uniform"``), or, with
+        ``pre_init="onehot"``, b_pre = +4 at ``layer_index % n`` and −4 elsewhere
+        (σ = 0.982 / 0.018: HC's one-hot read, which makes the layers read different
+        streams and so breaks the symmetry of streams that start as copies); 2σ(0) = 1
+        so every stream receives the branch output once; b_res = res_init·I.
         """
         n = self.streams
-        b_pre = torch.full((n,), -math.log(n - 1) if n > 1 else 20.0)
+        if self.pre_init == "onehot" and n > 1:
+            b_pre = torch.full((n,), -4.0)
+            b_pre[self.layer_index % n] = 4.0
+        else:
+            b_pre = torch.full((n,), -math.log(n - 1) if n > 1 else 20.0)
         return b_pre, torch.zeros(n), self.res_init * torch.eye(n)
 
     def map_pre_post(self, raw_pre, raw_post):
@@ -76,18 +87,23 @@ class HC(Variant):
     """Unconstrained Hyper-Connections (arXiv:2409.19606).
 
     No activation on the static part, tanh on the dynamic part. Init equivalent to
-    Pre-Norm: H_res = I, H_pre one-hot at ``layer_index % n``, H_post all ones.
+    Pre-Norm: H_res = I, H_pre one-hot at ``layer_index % n`` (``pre_init="uniform"``:
+    1/n each instead), H_post all ones.
     """
 
     name = "hc"
+    pre_init = "onehot"
 
     def dynamic_activation(self, raw):
         return torch.tanh(raw)
 
     def static_init(self):
         n = self.streams
-        b_pre = torch.zeros(n)
-        b_pre[self.layer_index % n] = 1.0
+        if self.pre_init == "uniform":
+            b_pre = torch.full((n,), 1.0 / n)
+        else:
+            b_pre = torch.zeros(n)
+            b_pre[self.layer_index % n] = 1.0
         return b_pre, torch.ones(n), self.res_init * torch.eye(n)
 
     def map_pre_post(self, raw_pre, raw_post):
@@ -186,7 +202,10 @@ _OPTIONS = {
     "hybrid": ("sinkhorn_iters", "sinkhorn_backward", "iso_method", "iso_steps", "hybrid_lambda"),
     "harmonized": ("harmonized_eps",),
 }
-ALL_VARIANT_OPTIONS = tuple(sorted({o for opts in _OPTIONS.values() for o in opts}))
+# Accepted by every variant but residual; applied by make_variant, not the constructors.
+_COMMON_OPTIONS = ("pre_init",)
+PRE_INITS = ("default", "uniform", "onehot")
+ALL_VARIANT_OPTIONS = tuple(sorted({o for opts in _OPTIONS.values() for o in opts} | set(_COMMON_OPTIONS)))
 
 
 def _check_option(name, value):
@@ -201,6 +220,8 @@ def _check_option(name, value):
     if name == "hybrid_lambda" and value != "learned":
         if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"hybrid_lambda: expected 'learned' or a number in [0, 1], got {value!r}")
+    if name == "pre_init" and value not in PRE_INITS:
+        raise ValueError(f"pre_init: expected one of {PRE_INITS}, got {value!r}")
     if name == "harmonized_eps" and (not isinstance(value, (int, float)) or value <= 0):
         raise ValueError(f"harmonized_eps: expected a positive number, got {value!r}")
 
@@ -219,4 +240,8 @@ def make_variant(variant: str, streams: int, layer_index: int = 0, res_init=None
     kept = {k: v for k, v in options.items() if k in _OPTIONS[variant]}
     if res_init is None:
         res_init = DEFAULT_RES_INIT.get(variant, 1.0)
-    return _CLASSES[variant](streams, layer_index, float(res_init), **kept)
+    module = _CLASSES[variant](streams, layer_index, float(res_init), **kept)
+    pre_init = options.get("pre_init", "default")
+    if pre_init != "default" and variant != "residual":
+        module.pre_init = pre_init
+    return module

@@ -37,6 +37,10 @@ _GPU = {"model.connection.streams": 4, "weight_decay": 0.1, "log_every": 10, "ev
         "ckpt_every": 500, "device": "cuda"}
 
 
+_KV = {**_CPU, "task": "kv", "kv_pairs": 4, "model.n_layer": 4, "model.n_embd": 64, "model.seq_len": 16,
+       "batch_size": 32, "steps": 800, "lr": 1e-2, "warmup_steps": 30, "eval_every": 50, "eval_batches": 4}
+
+
 def _groups(name: str, base: dict[str, Any], variants=ALL, extra_groups=()) -> tuple[RunGroup, ...]:
     return (RunGroup(name, base, variants), *extra_groups)
 
@@ -89,10 +93,13 @@ CLAIM_PRESETS: dict[str, Preset] = {
     "kv": Preset(
         "kv", "Harmonized HC's claim: on kv retrieval HC's gain varies across seeds, mHC is stable "
               "but loses accuracy, Harmonized keeps gain bounded and accuracy near HC's. 4 blocks, "
-              "C=64, n=4, 4 pairs, 800 steps, 3 seeds.",
-        _groups("kv", {**_CPU, "task": "kv", "kv_pairs": 4, "model.n_layer": 4, "model.n_embd": 64,
-                       "model.seq_len": 16, "batch_size": 32, "steps": 800, "lr": 1e-2, "warmup_steps": 30,
-                       "eval_every": 50, "eval_batches": 4}, ("residual", "hc", "mhc", "harmonized")),
+              "C=64, n=4, 4 pairs, 800 steps, 3 seeds; group kv-onehot repeats mhc and harmonized with "
+              "hc's one-stream H_pre read (pre_init=onehot).",
+        _groups("kv", _KV, ("residual", "hc", "mhc", "harmonized"),
+                # Ablation: hc reads one stream per layer (one-hot H_pre), the others read the
+                # mean; give mhc and harmonized hc's read to separate the read from H_res.
+                extra_groups=(RunGroup("kv-onehot", {**_KV, "model.connection.pre_init": "onehot"},
+                                       ("mhc", "harmonized")),)),
         seeds=(0, 1, 2)),
     "kv-paper": Preset(
         "kv-paper", "GPU scale of `kv`: 48 blocks (96 layers, the published controller's depth), "

@@ -37,6 +37,10 @@ _COSMETIC = ("out_dir", "quiet", "resume", "stop_after")
 def _same_config(saved: Optional[dict], config: TrainConfig) -> bool:
     if not isinstance(saved, dict):
         return False
+    try:  # settings added since the run was saved take their defaults
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except ValueError:
+        return False
     now = config.to_dict()
     return all(saved.get(k) == now.get(k) for k in set(saved) | set(now) if k not in _COSMETIC)
 

@@ -44,6 +44,9 @@ class ConnectionConfig:
         hybrid_lambda: ``"learned"`` or a number in [0, 1] written as a string (``"0.5"``)
             so command lines stay simple; converted to float for the layer.
         harmonized_eps: ε of Harmonized HC (H_raw = I + εΘ).
+        pre_init: initial static H_pre: ``"default"`` (the variant's own: one-hot for hc,
+            uniform 1/n for the others), ``"uniform"`` or ``"onehot"`` (each layer reads
+            stream ``layer_index % n``; breaks the symmetry of streams that start as copies).
         recompute: recompute each hyper-connected layer (branch included) in backward
             instead of storing its intermediates: stores one stream state per layer.
 
@@ -65,6 +68,7 @@ class ConnectionConfig:
     iso_steps: int = 5
     hybrid_lambda: str = "learned"
     harmonized_eps: float = 1.0
+    pre_init: str = "default"
     recompute: bool = False
 
     def __post_init__(self):
@@ -96,7 +100,8 @@ class ConnectionConfig:
     def _options(self) -> dict:
         return dict(sinkhorn_iters=self.sinkhorn_iters, sinkhorn_backward=self.sinkhorn_backward,
                     iso_method=self.iso_method, iso_steps=self.iso_steps,
-                    hybrid_lambda=self._lambda(), harmonized_eps=self.harmonized_eps)
+                    hybrid_lambda=self._lambda(), harmonized_eps=self.harmonized_eps,
+                    pre_init=self.pre_init)
 
     def layer_kwargs(self) -> dict:
         """Keyword arguments for ``HyperConnection(dim, streams, branch, **kwargs)``:
@@ -121,6 +126,8 @@ class ConnectionConfig:
             parts.append(f"eps={self.harmonized_eps:g}")
         if self.res_init is not None:
             parts.append(f"res_init={self.res_init:g}")
+        if self.pre_init != "default":
+            parts.append(f"pre_init={self.pre_init}")
         if self.recompute:
             parts.append("recompute")
         return " ".join(parts)
