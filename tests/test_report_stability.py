@@ -81,3 +81,12 @@ def test_depth_sweep_figure_only_for_groups_differing_in_depth(tmp_path):
     assert depth_sweeps(find_runs([other])) == {}
     md = write_report([other], other).read_text()
     assert "depth sweep" not in md and not (other / "figures" / "depth.png").exists()
+
+
+def test_two_sweeps_are_titled_by_the_setting_that_differs(tmp_path):
+    root = tmp_path / "cmp"
+    for lr in (0.01, 0.03):
+        for depth in (2, 4):
+            d = make_run(root, "bytes", "isohc", 0, group=f"depth{depth}-lr{lr}")
+            _set(d, n_layer=depth, lr=lr)
+    assert sorted(depth_sweeps(find_runs([root]))) == ["bytes, lr=0.01", "bytes, lr=0.03"]

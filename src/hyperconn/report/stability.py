@@ -143,8 +143,21 @@ def _without_depth(run: "Run") -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def depth_sweeps(runs: Sequence["Run"]) -> dict[str, list["Run"]]:
-    """{task: runs} for every set of ≥ 2 groups that share all settings but depth."""
+    """{title: runs} for every set of ≥ 2 groups that share all settings but depth.
+
+    The title is the task, plus the settings that tell sweeps apart when there are
+    several (``"bytes, lr=0.03"``)."""
     buckets: dict[str, dict[int, set]] = {}
     members: dict[str, list] = {}
     for r in runs:
@@ -154,11 +167,15 @@ def depth_sweeps(runs: Sequence["Run"]) -> dict[str, list["Run"]]:
         key = _without_depth(r)
         buckets.setdefault(key, {}).setdefault(d, set()).add(r.group)
         members.setdefault(key, []).append(r)
+    keys = [k for k, depths in buckets.items() if len(depths) >= 2]
+    flats = {k: _flat(json.loads(k)) for k in keys}
+    differing = sorted({name for k in keys for name, v in flats[k].items()
+                        if any(flats[o].get(name) != v for o in keys)})
     out = {}
-    for key, depths in buckets.items():
-        if len(depths) >= 2:
-            rs = members[key]
-            out[f"{rs[0].task}" if rs[0].task not in out else f"{rs[0].task} ({len(out)})"] = rs
+    for k in keys:
+        rs = members[k]
+        title = ", ".join([rs[0].task] + [f"{name.split('.')[-1]}={flats[k].get(name)}" for name in differing])
+        out[title if title not in out else f"{title} ({len(out)})"] = rs
     return out
 
 
