@@ -93,8 +93,9 @@ def main(argv=None) -> int:
         "## How it was run", "",
         f"    {cmd}", "",
         f"- Machine: {_machine()}.",
-        f"- Finished {when:%Y-%m-%d %H:%M} UTC; {len(summary['runs'])} runs in "
-        f"{summary['wall_time_s'] / 60:.1f} min of wall time.",
+        f"- Finished {when:%Y-%m-%d %H:%M} UTC; {len(summary['runs'])} runs, "
+        f"{sum(r.get('wall_time_s') or 0 for r in summary['runs']) / 60:.1f} min of wall time in all "
+        f"(sum over runs, evaluations included).",
         "- Seeds: " + ", ".join(map(str, info["seeds"])) + ".", "",
         *_settings(preset), "",
         "## Verdict", "", args.verdict.read_text().strip(), "",
