@@ -135,7 +135,9 @@ class HyperConnection(nn.Module):
         flat = x.reshape(*x.shape[:-2], n * self.dim).float()
         # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar.
         proj = flat @ self.phi.float()
-        inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        # vector_norm: one pass and a cheap backward (pow + mean cost 2× on CPU).
+        mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1]
+        inv_rms = torch.rsqrt(mean_sq + self.norm_eps)
         proj = self.mixer.dynamic_activation(proj * inv_rms)
         a_pre, a_post, a_res = self.alpha.float().unbind()
         raw_pre = b_pre + a_pre * proj[..., :n]
