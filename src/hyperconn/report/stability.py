@@ -143,16 +143,6 @@ def _without_depth(run: "Run") -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def depth_sweeps(runs: Sequence["Run"]) -> dict[str, list["Run"]]:
     """{title: runs} for every set of ≥ 2 groups that share all settings but depth.
 
@@ -167,8 +157,10 @@ def depth_sweeps(runs: Sequence["Run"]) -> dict[str, list["Run"]]:
         key = _without_depth(r)
         buckets.setdefault(key, {}).setdefault(d, set()).add(r.group)
         members.setdefault(key, []).append(r)
+    from ..train.config import flatten  # {"model": {"lr": 1}} -> {"model.lr": 1}
+
     keys = [k for k, depths in buckets.items() if len(depths) >= 2]
-    flats = {k: _flat(json.loads(k)) for k in keys}
+    flats = {k: flatten(json.loads(k)) for k in keys}
     differing = sorted({name for k in keys for name, v in flats[k].items()
                         if any(flats[o].get(name) != v for o in keys)})
     out = {}

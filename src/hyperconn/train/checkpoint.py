@@ -145,6 +145,13 @@ def load_checkpoint(path: Path, config_dict: dict, model: torch.nn.Module,
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this model ({e})") from None
+    restore_controller_and_rng(state, path, controller)
+    return state
+
+
+def restore_controller_and_rng(state: dict, path: Path, controller=None) -> None:
+    """Load the Harmonized controller (if any) and the RNG states from a checkpoint's
+    ``controller`` and ``rng`` entries; :class:`CheckpointError` if either is unusable."""
     if controller is not None:
         if not state.get("controller"):
             raise CheckpointError(f"checkpoint {path} has no Harmonized controller state")
@@ -153,4 +160,3 @@ def load_checkpoint(path: Path, config_dict: dict, model: torch.nn.Module,
         set_rng_state(state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot restore RNG state ({e})") from None
-    return state

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import VERSION, CheckpointError, check_compatible, set_rng_state
+from .checkpoint import VERSION, CheckpointError, check_compatible, restore_controller_and_rng
 
 __all__ = ["find", "save_sharded", "load_sharded", "load_full_into"]
 
@@ -88,19 +88,6 @@ def _read_meta(path: Path, config_dict: dict) -> dict:
     return meta
 
 
-def _restore_rest(meta: dict, path: Path, controller) -> None:
-    if controller is not None:
-        if not meta.get("controller"):
-            raise CheckpointError(f"checkpoint {path} has no Harmonized controller state")
-        controller.load_state_dict(meta["controller"])
-    try:
-        # Rank 0's RNG state on every rank: the model has no dropout and batches are a
-        # pure function of (seed, step), so nothing a rank draws depends on it.
-        set_rng_state(meta["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot restore RNG state ({e})") from None
-
-
 def load_sharded(path: Path, config_dict: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
                  controller=None) -> dict:
     """Load a sharded checkpoint into ``model`` / ``optimizer`` (plain, DDP or FSDP2, any
@@ -120,7 +107,9 @@ def load_sharded(path: Path, config_dict: dict, model: nn.Module, optimizer: tor
         raise CheckpointError(f"checkpoint {path} does not fit this model ({type(e).__name__}: "
                               f"{first[:300]})") from None
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    _restore_rest(meta, path, controller)
+    # Rank 0's RNG state on every rank: the model has no dropout and batches are a pure
+    # function of (seed, step), so nothing a rank draws depends on it.
+    restore_controller_and_rng(meta, path, controller)
     return meta
 
 
@@ -143,4 +132,4 @@ def load_full_into(state: dict, names: list[str], model: nn.Module, optimizer: t
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model: "
                               f"{str(e).strip().splitlines()[0][:300]}") from None
-    _restore_rest(state, path, controller)
+    restore_controller_and_rng(state, path, controller)
