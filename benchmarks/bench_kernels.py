@@ -121,6 +121,11 @@ def run(tokens: int, dim: int, streams: int, dtype: torch.dtype, device: torch.d
     nbytes = {"stream_pre": pre_bytes, "stream_merge": merge_bytes}
 
     rows = []
+    if device.type == "cuda":  # the ceiling, measured: a device-to-device copy of the streams
+        dst = torch.empty_like(x)
+        sec = time_fn(lambda: dst.copy_(x), device, reps, warmup)
+        rows.append({"op": "copy (ceiling)", "impl": "torch", "mode": "fwd", "ms": sec * 1e3,
+                     "GB/s": 2 * x.numel() * elt / sec / 1e9})
     for op_name, variants in impls.items():
         for impl, op in variants.items():
             for mode, make in (("fwd", _fwd), ("fwd+bwd", _fwd_bwd)):

@@ -381,3 +381,64 @@ def test_cuda_triton_matches_reference(case, dtype):
     q, (gq,) = _grads(lambda t: sinkhorn(t, 20, backward="unrolled"), [z])
     torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
     torch.testing.assert_close(gp, gq, rtol=0, atol=1e-4)
+
+
+# =================================================================== the layer's dispatch
+def _layer_pair(variant, n, C, device, **kw):
+    """Two identical HyperConnection layers (Linear branch), torch and Triton backends."""
+    from hyperconn import HyperConnection
+    torch.manual_seed(0)
+    ref = HyperConnection(C, n, torch.nn.Linear(C, C), variant=variant, kernels="torch", **kw)
+    fast = HyperConnection(C, n, torch.nn.Linear(C, C), variant=variant, kernels="triton", **kw)
+    fast.load_state_dict(ref.state_dict())
+    return ref.to(device), fast.to(device)
+
+
+def _layer_grads(layer, x, g):
+    x = x.detach().clone().requires_grad_()
+    out = layer(x)
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], g)
+    return out, grads
+
+
+def _check_layer_backends(variant, device, dtype, tol):
+    n, C = 4, 37
+    ref, fast = _layer_pair(variant, n, C, device)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, n, C, generator=gen).to(device, dtype)
+    g = torch.randn(2, 5, n, C, generator=gen).to(device, dtype)
+    ref, fast = ref.to(dtype), fast.to(dtype)
+    out_r, grads_r = _layer_grads(ref, x, g)
+    out_f, grads_f = _layer_grads(fast, x, g)
+    for a, b in zip((out_f, *grads_f), (out_r, *grads_r)):
+        scale = max(1.0, b.double().abs().max().item())
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale)
+
+
+@needs_interp
+@pytest.mark.parametrize("variant", ["hc", "mhc", "hybrid"])
+def test_interp_layer_triton_matches_torch(tops, variant):
+    """HyperConnection(kernels="triton") = kernels="torch": output and every gradient."""
+    _check_layer_backends(variant, torch.device("cpu"), torch.float32, 2e-5)
+
+
+def test_layer_kernels_argument_is_validated():
+    from hyperconn import HyperConnection
+    with pytest.raises(ValueError, match="kernels"):
+        HyperConnection(8, 2, torch.nn.Identity(), kernels="cuda")
+
+
+@pytest.mark.skipif(INTERP or not HAS_TRITON, reason="needs Triton, outside the interpreter")
+def test_layer_triton_on_cpu_needs_interpreter():
+    from hyperconn import HyperConnection
+    layer = HyperConnection(8, 2, torch.nn.Identity(), kernels="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        layer(torch.randn(3, 2, 8))
+
+
+@pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid", "harmonized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_layer_triton_matches_torch(variant, dtype):
+    _check_layer_backends(variant, torch.device("cuda"), dtype,
+                          1e-4 if dtype == torch.float32 else 2e-2)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels as _kernels
 from .variants import VARIANTS, make_variant
 
 __all__ = ["HyperConnection", "expand_streams", "reduce_streams"]
@@ -68,6 +69,12 @@ class HyperConnection(nn.Module):
             layer for its activation memory. A probe is called again during recompute.
         alpha_init: initial α scale of the dynamic part (0.01); with ``dynamic=True`` the
             dynamic part moves H_res by O(α·n) from the static map at init.
+        kernels: ``"torch"``, ``"triton"``, ``"auto"`` or None (the default: the
+            ``HYPERCONN_KERNELS`` environment variable, else ``"auto"``). Chooses the
+            implementation of ``H_pre x``, the merge ``H_res x + H_postᵀ y`` and the
+            per-token Sinkhorn (``sinkhorn_backward="unrolled"``) through
+            :func:`hyperconn.kernels.resolve_backend`: ``"auto"`` takes the fused Triton
+            kernels when the streams are on CUDA and Triton imports, torch otherwise.
         **options: ``sinkhorn_iters`` (20), ``sinkhorn_backward`` ("unrolled"|"implicit"),
             ``iso_method`` ("ns"|"polar"), ``iso_steps`` (5), ``hybrid_lambda``
             ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0), ``pre_init``
@@ -86,7 +93,7 @@ class HyperConnection(nn.Module):
     def __init__(self, dim: int, streams: int, branch: Optional[nn.Module] = None, *,
                  variant: str = "mhc", dynamic: bool = True, layer_index: int = 0,
                  res_init: Optional[float] = None, recompute: bool = False, alpha_init: float = 0.01,
-                 norm_eps: float = 1e-6, **options):
+                 norm_eps: float = 1e-6, kernels: Optional[str] = None, **options):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim: expected a positive integer, got {dim!r}")
@@ -96,9 +103,13 @@ class HyperConnection(nn.Module):
             raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
         if variant == "residual" and streams != 1:
             raise ValueError(f"streams: variant 'residual' expects streams=1, got {streams}")
+        if kernels is not None and kernels not in _kernels.BACKENDS:
+            raise ValueError(f"kernels: expected None or one of {_kernels.BACKENDS}, got {kernels!r}")
         self.dim, self.streams, self.variant_name = dim, streams, variant
+        self.kernels = kernels
         self.branch = branch
         self.mixer = make_variant(variant, streams, layer_index, res_init, **options)
+        self.mixer.kernels = kernels  # the per-token Sinkhorn dispatches on the same choice
         self.dynamic = dynamic and variant != "residual"
         self.recompute = bool(recompute)
         self.norm_eps = norm_eps
@@ -151,6 +162,11 @@ class HyperConnection(nn.Module):
         return self.mixer(*self.raw_coefficients(x))
 
     # ------------------------------------------------------------------ apply
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        # The CPU path below stays plain torch (einsum / baddbmm): on CPU those beat the
+        # reference autograd Functions, and torch.compile traces them whole.
+        return _kernels.resolve_backend(self.kernels, x) == "triton"
+
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         """Branch input ``H_pre x``: (..., n, C) → (..., C). Pair with :meth:`post`."""
         self._check_input(x)
@@ -158,6 +174,8 @@ class HyperConnection(nn.Module):
         if self.probe is not None:
             self.probe(self, h_pre, h_post, h_res, x)
         self._pending = (h_post, h_res)
+        if self._use_triton(x):
+            return _kernels.stream_pre(x, h_pre, backend="triton")
         return torch.einsum("...n,...nc->...c", h_pre.to(x.dtype), x)
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -168,6 +186,9 @@ class HyperConnection(nn.Module):
         self._pending = None
         if y.shape[-1] != self.dim:
             raise ValueError(f"y: expected shape (..., dim={self.dim}), got {tuple(y.shape)}")
+        if self._use_triton(x):
+            # One Triton kernel: reads the streams once, writes the result once.
+            return _kernels.stream_merge(x, h_res, h_post, y, backend="triton")
         n, C = x.shape[-2:]
         lead = x.shape[:-2]
         # One fused baddbmm over flattened tokens: on CPU a separate (..,n,n)@(..,n,C)

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from . import kernels as _kernels
 from .projections import ISO_METHODS, SINKHORN_BACKWARDS, hybrid_mix, iso_project, sinkhorn
 
 __all__ = ["VARIANTS", "make_variant", "Variant"]
@@ -21,6 +22,14 @@ VARIANTS = ("residual", "hc", "mhc", "isohc", "hybrid", "harmonized")
 
 # Defaults for the diagonal of the static H̃_res (see `res_init` in HyperConnection).
 DEFAULT_RES_INIT = {"hc": 1.0, "mhc": 4.0, "isohc": 1.0, "hybrid": 4.0, "harmonized": 0.0}
+
+
+def _sinkhorn(raw_res: torch.Tensor, iters: int, backward: str, kernels) -> torch.Tensor:
+    """Sinkhorn on (..., n, n); the unrolled map goes through the kernel dispatch (the
+    Triton kernel on CUDA: same map and gradient, iterates recomputed in backward)."""
+    if backward == "unrolled":
+        return _kernels.sinkhorn_tokens(raw_res, iters, backend=kernels)
+    return sinkhorn(raw_res, iters, backward)
 
 
 class Variant(nn.Module):
@@ -32,6 +41,10 @@ class Variant(nn.Module):
     # "uniform" (every stream feeds the branch equally) or "onehot" (stream
     # ``layer_index % n`` alone, as HC initialises); make_variant sets it from ``pre_init``.
     pre_init = "uniform"
+
+    # Backend for the per-token ops ("torch" | "triton" | "auto" | None = environment,
+    # see hyperconn.kernels.resolve_backend); HyperConnection sets it from ``kernels``.
+    kernels = None
 
     def __init__(self, streams: int, layer_index: int, res_init: float):
         super().__init__()
@@ -124,7 +137,7 @@ class MHC(Variant):
         self.sinkhorn_backward = sinkhorn_backward
 
     def map_res(self, raw_res):
-        return sinkhorn(raw_res, self.sinkhorn_iters, self.sinkhorn_backward)
+        return _sinkhorn(raw_res, self.sinkhorn_iters, self.sinkhorn_backward, self.kernels)
 
 
 class IsoHC(Variant):
@@ -164,7 +177,7 @@ class Hybrid(Variant):
 
     def map_res(self, raw_res):
         h_iso = iso_project(raw_res, self.iso_method, self.iso_steps)
-        h_birk = sinkhorn(raw_res, self.sinkhorn_iters, self.sinkhorn_backward)
+        h_birk = _sinkhorn(raw_res, self.sinkhorn_iters, self.sinkhorn_backward, self.kernels)
         return hybrid_mix(h_iso, h_birk, self.lam)
 
 

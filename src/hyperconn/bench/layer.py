@@ -7,6 +7,8 @@ round-robin (see :func:`hyperconn.bench.time_interleaved`):
     hc mhc isohc hybrid harmonized
                         HyperConnection(C, n, Linear(C, C), variant=v) (dynamic), (B, T, n, C)
     mhc+recompute       the same mhc layer with recompute=True
+    mhc+torch           the mhc layer on the torch ops (kernels="torch"): on CUDA, what the
+                        Triton kernels save (any variant may take +recompute and/or +torch)
     peer-mhc peer-mhcv2 hyper-connections 0.4.11 (see :mod:`.peers`); peer-mhcv2+triton on CUDA
 
 Each step is ``layer(x).backward(g)`` with ``x.requires_grad`` (a layer inside a model
@@ -38,6 +40,9 @@ __all__ = ["build_parser", "run", "layer_case", "TARGET", "DEFAULT_CASES"]
 TARGET = {"streams": 4, "dim": 512, "speedup": 3.0}  # ours mhc vs peer mHCv2
 OURS = tuple(v for v in VARIANTS if v != "residual")
 DEFAULT_CASES = ("residual",) + OURS + ("mhc+recompute", "peer-mhc", "peer-mhcv2", "peer-mhcv2+triton")
+CUDA_CASES = ("mhc+torch",)  # added to the defaults on CUDA
+SUFFIXES = ("recompute", "torch")
+PEERS = ("peer-mhc", "peer-mhcv2", "peer-mhcv2+triton")
 BASELINE, PEER_REF = "residual", "peer-mhcv2"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--cases", nargs="+", default=None, metavar="CASE",
-                   help=f"subset of {' '.join(DEFAULT_CASES)} (any variant may take +recompute)")
+                   help=f"subset of {' '.join(DEFAULT_CASES + CUDA_CASES)} (any variant may take "
+                        "+recompute and/or +torch)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="stream and parameter dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--no-target", action="store_true", help="do not add the target configuration n=4, C=512")
@@ -60,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def layer_case(variant: str, dim: int, streams: int, batch: int, seq: int, *, device: torch.device,
                dtype: torch.dtype = torch.float32, recompute: bool = False, name: Optional[str] = None,
-               branch: Optional[nn.Module] = None, **options) -> Case:
+               branch: Optional[nn.Module] = None, kernels: Optional[str] = None, **options) -> Case:
     """A timed forward + backward of our ``HyperConnection`` (Linear(C, C) branch by default).
 
     ``variant="residual"`` uses one stream whatever ``streams`` says.
     """
     n = 1 if variant == "residual" else streams
     branch = branch if branch is not None else nn.Linear(dim, dim)
-    layer = HyperConnection(dim, n, branch, variant=variant, recompute=recompute, **options)
+    layer = HyperConnection(dim, n, branch, variant=variant, recompute=recompute, kernels=kernels, **options)
     layer = layer.to(device=device, dtype=dtype).train()
     x = torch.randn(batch, seq, n, dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(batch, seq, n, dim, device=device, dtype=dtype)
@@ -80,14 +86,23 @@ def layer_case(variant: str, dim: int, streams: int, batch: int, seq: int, *, de
     return Case(name=name or (variant + ("+recompute" if recompute else "")), forward=lambda: layer(x),
                 backward=lambda out: out.backward(grad), reset=reset,
                 info={"impl": "hyperconn", "variant": variant, "recompute": recompute,
-                      "input_shape": [batch, seq, n, dim]})
+                      "kernels": kernels or "auto", "input_shape": [batch, seq, n, dim]})
+
+
+def parse_case(name: str) -> tuple[str, set]:
+    """``"mhc+recompute+torch"`` → ``("mhc", {"recompute", "torch"})``; raises UsageError."""
+    base, *suffixes = name.split("+")
+    if base not in VARIANTS or not set(suffixes) <= set(SUFFIXES) or len(set(suffixes)) != len(suffixes):
+        raise UsageError(f"--cases: unknown case {name!r}; expected some of "
+                         f"{' '.join(DEFAULT_CASES + CUDA_CASES)} (a variant may take "
+                         f"+{' and/or +'.join(SUFFIXES)})")
+    return base, set(suffixes)
 
 
 def _check_cases(names: Sequence[str]) -> None:
     for name in names:
-        base = name[:-len("+recompute")] if name.endswith("+recompute") else name
-        if not (base in VARIANTS or name in ("peer-mhc", "peer-mhcv2", "peer-mhcv2+triton")):
-            raise UsageError(f"--cases: unknown case {name!r}; expected some of {' '.join(DEFAULT_CASES)}")
+        if name not in PEERS:
+            parse_case(name)
 
 
 def _build_group(names, n, C, args, device, dtype, peers_ok) -> list[Case]:
@@ -101,10 +116,10 @@ def _build_group(names, n, C, args, device, dtype, peers_ok) -> list[Case]:
                 continue
             cases.append(peer_case(kind, C, n, args.batch, args.seq, device=device, dtype=dtype, name=name))
         else:
-            recompute = name.endswith("+recompute")
-            variant = name[:-len("+recompute")] if recompute else name
+            variant, suffixes = parse_case(name)
             cases.append(layer_case(variant, C, n, args.batch, args.seq, device=device, dtype=dtype,
-                                    recompute=recompute, name=name))
+                                    recompute="recompute" in suffixes, name=name,
+                                    kernels="torch" if "torch" in suffixes else None))
     return cases
 
 
@@ -117,7 +132,7 @@ def run(args, device: torch.device, argv: Sequence[str]) -> dict:
     warmup = args.warmup if args.warmup is not None else ((5 if cuda else 1) if args.quick else (5 if cuda else 3))
     inner = args.inner or (10 if cuda else 1)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    names = list(args.cases or DEFAULT_CASES)
+    names = list(args.cases or (DEFAULT_CASES + (CUDA_CASES if cuda else ())))
     _check_cases(names)
     for flag, values in (("--streams", streams), ("--dims", dims), ("--batch", [args.batch]), ("--seq", [args.seq])):
         if any(v < 1 for v in values):

@@ -67,12 +67,17 @@ def sizes(args, cuda: bool) -> dict:
 
 
 def model_case(variant: str, streams: int, recompute: bool, size: dict, vocab: int, *,
-               device: torch.device, autocast: bool, name: str | None = None) -> Case:
-    """A timed training step (forward, loss, backward, AdamW step) of one GPT."""
+               device: torch.device, autocast: bool, name: str | None = None,
+               kernels: str | None = None) -> Case:
+    """A timed training step (forward, loss, backward, AdamW step) of one GPT.
+
+    ``kernels`` sets every HyperConnection's backend (None: ``HYPERCONN_KERNELS``/auto)."""
     n = 1 if variant == "residual" else streams
     cfg = GPTConfig(vocab_size=vocab, seq_len=size["seq"], n_layer=size["layers"], n_head=size["heads"],
                     n_embd=size["dim"], connection=ConnectionConfig(variant, streams=n, recompute=recompute))
     model = GPT(cfg).to(device).train()
+    for hc in model.connections():
+        hc.kernels = hc.mixer.kernels = kernels
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
     idx = torch.randint(0, vocab, (size["batch"], size["seq"]), device=device)
@@ -97,6 +102,7 @@ def model_case(variant: str, streams: int, recompute: bool, size: dict, vocab: i
 
     return Case(name=name or (variant + ("+recompute" if recompute else "")), forward=forward, backward=backward,
                 reset=reset, info={"variant": variant, "streams": n, "recompute": recompute,
+                                   "kernels": kernels or "auto",
                                    "params": model.num_params(), "config": cfg.describe()})
 
 
@@ -125,6 +131,9 @@ def run(args, device: torch.device, argv: Sequence[str]) -> dict:
     torch.manual_seed(args.seed)
     cases = [model_case(v, args.streams, rc, size, args.vocab, device=device, autocast=autocast)
              for rc in recomputes for v in variants]
+    if cuda and "mhc" in variants:  # what the Triton kernels save, in the same run
+        cases.append(model_case("mhc", args.streams, False, size, args.vocab, device=device,
+                                autocast=autocast, name="mhc+torch", kernels="torch"))
     progress(args, f"model: {len(cases)} cases x {repeats} rounds "
                    f"(L={size['layers']} C={size['dim']} T={size['seq']} B={size['batch']})")
     times = time_interleaved(cases, repeats=repeats, warmup=warmup, device=device, inner=inner)

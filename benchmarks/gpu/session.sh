@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One GPU session's checks and measurements, in one command (see docs/benchmarks.md).
+#
+#   bash benchmarks/gpu/session.sh OUT_DIR [steps...]
+#
+# steps (default: all): env tests kernels layer model
+# Every step writes its log (and JSON/markdown) into OUT_DIR and has its own time limit,
+# so one hang does not lose the rest.
+set -uo pipefail
+out=${1:?usage: session.sh OUT_DIR [steps...]}; shift
+steps=${*:-env tests kernels layer model}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+step() { # name limit_s cmd...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-25}" "$out/$name.log"
+  echo "=== $name rc=$rc"
+}
+
+for s in $steps; do
+  case $s in
+    env) step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; \
+           $py -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
+    tests) step tests 240 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
+    kernels) step kernels 120 $py benchmarks/bench_kernels.py --device cuda --dtype bf16 --tokens 65536 --dim 2048 --reps 50 ;;
+    layer) step layer 240 $py -m hyperconn.cli bench layer --device cuda --out "$out/layer.json" ;;
+    model) step model 300 $py -m hyperconn.cli bench model --device cuda --out "$out/model.json" ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
