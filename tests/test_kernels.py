@@ -53,7 +53,7 @@ def _inputs(n, lead, shared, C=C_ODD, dtype=torch.float32, seed=0):
 def _grads(fn, inputs, seed=1):
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*inputs)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     return out, torch.autograd.grad(out, inputs, g)
 
 

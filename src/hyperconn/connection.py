@@ -143,11 +143,14 @@ class HyperConnection(nn.Module):
         if not self.dynamic:
             return b_pre, b_post, b_res
         n = self.streams
-        flat = x.reshape(*x.shape[:-2], n * self.dim).float()
-        # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar.
-        proj = flat @ self.phi.float()
+        flat = x.reshape(*x.shape[:-2], n * self.dim)
+        if flat.dtype not in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar. Half-precision
+        # streams go into the GEMM as they are (fp32 accumulation, no fp32 copy of x).
+        proj = (flat @ self.phi.to(flat.dtype)).float()
         # vector_norm: one pass and a cheap backward (pow + mean cost 2× on CPU).
-        mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1]
+        mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / flat.shape[-1]
         inv_rms = torch.rsqrt(mean_sq + self.norm_eps)
         proj = self.mixer.dynamic_activation(proj * inv_rms)
         a_pre, a_post, a_res = self.alpha.float().unbind()

@@ -24,6 +24,9 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+STREAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _positive_int(name: str, value) -> None:
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -151,6 +154,10 @@ class GPTConfig:
         norm_eps: ε of every RMSNorm (branch norms, final norm, and the RMS scaling of
             the connections' dynamic coefficients).
         connection: a :class:`ConnectionConfig` (a dict is converted).
+        stream_dtype: dtype of the (B, T, n, C) stream state: None (the default) keeps
+            the embedding's dtype; ``"bfloat16"``/``"float16"`` halve the bytes every
+            connection reads and writes (coefficients stay fp32; use with autocast);
+            ``"float32"`` forces fp32.
 
     Raises:
         ValueError: naming the field, for non-positive sizes, ``n_embd % n_head != 0``,
@@ -167,6 +174,7 @@ class GPTConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     connection: ConnectionConfig = field(default_factory=ConnectionConfig)
+    stream_dtype: Optional[str] = None
 
     def __post_init__(self):
         if isinstance(self.connection, dict):
@@ -181,6 +189,8 @@ class GPTConfig:
             raise ValueError(f"n_embd: must be divisible by n_head={self.n_head}, got {self.n_embd}")
         if self.head_dim % 2 != 0:
             raise ValueError(f"n_head: head dimension n_embd/n_head = {self.head_dim} must be even for RoPE")
+        if self.stream_dtype is not None and self.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"stream_dtype: expected None or one of {STREAM_DTYPES}, got {self.stream_dtype!r}")
         for name in ("rope_base", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
@@ -200,6 +210,7 @@ class GPTConfig:
 
     def describe(self) -> str:
         """One line: sizes and the connection, e.g. for logs."""
+        streams = f" streams={self.stream_dtype}" if self.stream_dtype else ""
         return (f"GPT L={self.n_layer} C={self.n_embd} H={self.n_head} T={self.seq_len} "
-                f"V={self.vocab_size} | {self.connection.describe()}")
+                f"V={self.vocab_size}{streams} | {self.connection.describe()}")
 

@@ -201,10 +201,13 @@ class GPT(nn.Module):
         if not 1 <= T <= self.config.seq_len:
             raise ValueError(f"idx: sequence length {T} must be in [1, seq_len={self.config.seq_len}]")
         cos, sin = self.rotary(T)
-        x = expand_streams(self.wte(idx), self.config.connection.streams)  # (B, T, n, C)
+        h = self.wte(idx)
+        if self.config.stream_dtype is not None:
+            h = h.to(getattr(torch, self.config.stream_dtype))
+        x = expand_streams(h, self.config.connection.streams)  # (B, T, n, C)
         for block in self.blocks:
             x = block(x, cos, sin)
-        x = reduce_streams(x)  # (B, T, C)
+        x = reduce_streams(x).to(self.norm.weight.dtype)  # (B, T, C)
         return self.head(self.norm(x))
 
     def connections(self) -> list[HyperConnection]:

@@ -1,0 +1,134 @@
+"""Where a GPT training step's time goes on CUDA: wall time vs GPU-busy time, top kernels.
+
+    python benchmarks/gpu/profile_step.py --configs residual mhc mhc:bf16 mhc:bf16:compile
+
+A config is ``VARIANT[:STREAM_DTYPE][:compile]`` (STREAM_DTYPE ``fp32`` or ``bf16``). Every
+model is the ``hyperconn bench model`` CUDA default (12 blocks, C = 768, 12 heads, seq
+1024, batch 8, bf16 autocast, fused AdamW); n = 4 except residual. For each config:
+median wall time per step (synchronised), GPU-busy time per step (sum of kernel times
+from torch.profiler over the profiled steps), kernels launched per step, and the kernels
+that take the most GPU time. Wall ≫ GPU-busy means the step is bound by the host
+(Python and kernel launches), not by the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from hyperconn.models import GPT, ConnectionConfig, GPTConfig
+
+DTYPES = {"fp32": None, "bf16": "bfloat16"}
+
+
+def build(config: str, args):
+    parts = config.split(":")
+    variant, dtype, compiled = parts[0], "fp32", False
+    for p in parts[1:]:
+        if p == "compile":
+            compiled = True
+        elif p in DTYPES:
+            dtype = p
+        else:
+            raise SystemExit(f"--configs: unknown part {p!r} in {config!r}")
+    n = 1 if variant == "residual" else args.streams
+    cfg = GPTConfig(vocab_size=256, seq_len=args.seq, n_layer=args.layers, n_head=args.heads, n_embd=args.dim,
+                    connection=ConnectionConfig(variant, streams=n), stream_dtype=DTYPES[dtype])
+    model = GPT(cfg).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compiled else model
+    idx = torch.randint(0, 256, (args.batch, args.seq), device="cuda")
+    tgt = torch.randint(0, 256, (args.batch, args.seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fwd(idx)
+        loss = F.cross_entropy(logits.float().view(-1, 256), tgt.view(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(step, args) -> dict:
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    prof_steps = 2
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(prof_steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    busy, count = 0.0, 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            per_kernel[ev.name][0] += us
+            per_kernel[ev.name][1] += 1
+            busy += us
+            count += 1
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
+    return {"wall_ms": statistics.median(walls) * 1e3, "wall_spread": (max(walls) - min(walls)) / statistics.median(walls),
+            "gpu_busy_ms": busy / 1e3 / prof_steps, "kernels_per_step": count / prof_steps,
+            "top": [{"name": k[:90], "ms_per_step": v[0] / 1e3 / prof_steps, "calls_per_step": v[1] / prof_steps}
+                    for k, v in top]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=["residual", "mhc", "residual:bf16", "mhc:bf16"])
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", default=None, help="JSON file for the full results")
+    args = p.parse_args()
+    results = {}
+    for config in args.configs:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        try:
+            r = measure(build(config, args), args)
+        except Exception as exc:  # keep going: one config failing (e.g. compile) loses only itself
+            print(f"\n## {config}: FAILED {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+            continue
+        results[config] = r
+        print(f"\n## {config}: wall {r['wall_ms']:.1f} ms/step (range {r['wall_spread'] * 100:.0f}%), "
+              f"GPU busy {r['gpu_busy_ms']:.1f} ms/step, {r['kernels_per_step']:.0f} kernels/step "
+              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        for k in r["top"]:
+            print(f"  {k['ms_per_step']:8.2f} ms {k['calls_per_step']:6.0f}x  {k['name']}")
+    base = {c: results[c] for c in results if c.split(":")[0] == "residual"}
+    print("\n| config | wall ms | GPU busy ms | kernels/step | wall vs residual | busy vs residual |")
+    print("|---|---|---|---|---|---|")
+    for c, r in results.items():
+        ref = base.get(":".join(["residual"] + c.split(":")[1:])) or base.get("residual")
+        rw = f"{r['wall_ms'] / ref['wall_ms']:.3f}" if ref else "-"
+        rb = f"{r['gpu_busy_ms'] / ref['gpu_busy_ms']:.3f}" if ref else "-"
+        print(f"| {c} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels_per_step']:.0f} | {rw} | {rb} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
