@@ -307,3 +307,33 @@ def test_forward_rejects_bad_idx():
                 torch.zeros(2, 0, dtype=torch.long)):
         with pytest.raises(ValueError, match="idx"):
             model(bad)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stream_dtype_bfloat16_streams(autocast):
+    """stream_dtype="bfloat16": the (B, T, n, C) state between blocks is bf16, the model
+    trains with or without autocast, and the loss stays close to the fp32-stream model."""
+    cfg = dict(n_layer=2, n_embd=32, n_head=2, seq_len=16, connection=ConnectionConfig("mhc", streams=4))
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(**cfg))
+    fast = GPT(GPTConfig(**cfg, stream_dtype="bfloat16"))
+    fast.load_state_dict(ref.state_dict())
+    seen = []
+    fast.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (ref, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(idx)
+        loss = F.cross_entropy(logits.float().view(-1, 256), idx.view(-1))
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses.append(loss.item())
+    assert seen == [torch.bfloat16]
+    assert logits.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0])
+
+
+def test_stream_dtype_is_validated():
+    with pytest.raises(ValueError, match="stream_dtype"):
+        GPTConfig(stream_dtype="int8")

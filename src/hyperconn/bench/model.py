@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=256, help="vocabulary (256, byte level)")
     p.add_argument("--autocast", choices=["none", "bf16"], default=None,
                    help="forward under torch.autocast (default bf16 on CUDA, none on CPU)")
+    p.add_argument("--stream-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="GPTConfig.stream_dtype of every model (default: the parameters' dtype, fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model (the first steps compile; warm-up covers them)")
     return p
 
 
@@ -68,13 +72,15 @@ def sizes(args, cuda: bool) -> dict:
 
 def model_case(variant: str, streams: int, recompute: bool, size: dict, vocab: int, *,
                device: torch.device, autocast: bool, name: str | None = None,
-               kernels: str | None = None) -> Case:
+               kernels: str | None = None, stream_dtype: str | None = None,
+               compile: bool = False) -> Case:
     """A timed training step (forward, loss, backward, AdamW step) of one GPT.
 
     ``kernels`` sets every HyperConnection's backend (None: ``HYPERCONN_KERNELS``/auto)."""
     n = 1 if variant == "residual" else streams
     cfg = GPTConfig(vocab_size=vocab, seq_len=size["seq"], n_layer=size["layers"], n_head=size["heads"],
-                    n_embd=size["dim"], connection=ConnectionConfig(variant, streams=n, recompute=recompute))
+                    n_embd=size["dim"], connection=ConnectionConfig(variant, streams=n, recompute=recompute),
+                    stream_dtype=stream_dtype)
     model = GPT(cfg).to(device).train()
     for hc in model.connections():
         hc.kernels = hc.mixer.kernels = kernels
@@ -88,9 +94,11 @@ def model_case(variant: str, streams: int, recompute: bool, size: dict, vocab: i
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    run_model = torch.compile(model) if compile else model
+
     def forward():
         with ctx():
-            logits = model(idx)
+            logits = run_model(idx)
         return F.cross_entropy(logits.float().view(-1, vocab), tgt.view(-1))
 
     def backward(loss):
@@ -117,7 +125,8 @@ def run(args, device: torch.device, argv: Sequence[str]) -> dict:
     variants = list(dict.fromkeys(["residual"] + list(args.variants)))  # residual is the baseline
     recomputes = [False] if args.no_recompute else [False, True]
     settings = {**{k: v for k, v in size.items()}, "vocab": args.vocab, "streams": args.streams,
-                "autocast": "bf16" if autocast else "none", "optimizer": "AdamW" + (" (fused)" if cuda else ""),
+                "autocast": "bf16" if autocast else "none", "stream_dtype": args.stream_dtype or "default",
+                "compile": bool(args.compile), "optimizer": "AdamW" + (" (fused)" if cuda else ""),
                 "repeats": repeats, "warmup": warmup, "inner": inner, "memory": not args.no_memory}
     report = {"kind": "model", "meta": meta(argv, device, settings), "records": [], "tables": [], "notes": []}
 
@@ -129,11 +138,12 @@ def run(args, device: torch.device, argv: Sequence[str]) -> dict:
     if size["batch"] < 1:
         raise UsageError(f"--batch: expected a positive integer, got {size['batch']}")
     torch.manual_seed(args.seed)
-    cases = [model_case(v, args.streams, rc, size, args.vocab, device=device, autocast=autocast)
+    common = dict(device=device, autocast=autocast, stream_dtype=args.stream_dtype, compile=args.compile)
+    cases = [model_case(v, args.streams, rc, size, args.vocab, **common)
              for rc in recomputes for v in variants]
     if cuda and "mhc" in variants:  # what the Triton kernels save, in the same run
-        cases.append(model_case("mhc", args.streams, False, size, args.vocab, device=device,
-                                autocast=autocast, name="mhc+torch", kernels="torch"))
+        cases.append(model_case("mhc", args.streams, False, size, args.vocab, name="mhc+torch",
+                                kernels="torch", **common))
     progress(args, f"model: {len(cases)} cases x {repeats} rounds "
                    f"(L={size['layers']} C={size['dim']} T={size['seq']} B={size['batch']})")
     times = time_interleaved(cases, repeats=repeats, warmup=warmup, device=device, inner=inner)

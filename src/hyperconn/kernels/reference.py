@@ -30,6 +30,13 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` that skips the call when the dtype already matches: under
+    torch.compile, torch 2.11 computed wrong gradients for an autograd.Function whose
+    forward returned ``out.to(out.dtype)`` (a no-op alias); 2.13 does not."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reduce a per-token coefficient gradient to a shared coefficient's shape."""
     if grad.shape != like.shape:
@@ -54,7 +61,7 @@ class _StreamPre(torch.autograd.Function):
         acc = compute_dtype(x, h_pre)
         out = (h_pre.to(acc).unsqueeze(-2) @ x.to(acc)).squeeze(-2)     # (..., C)
         ctx.save_for_backward(x, h_pre)
-        return out.to(x.dtype)
+        return _cast(out, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -86,7 +93,7 @@ class _StreamMerge(torch.autograd.Function):
         acc = compute_dtype(x, h_res, h_post, y)
         out = h_res.to(acc) @ x.to(acc) + h_post.to(acc).unsqueeze(-1) * y.to(acc).unsqueeze(-2)
         ctx.save_for_backward(x, h_res, h_post, y)
-        return out.to(x.dtype)
+        return _cast(out, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -176,30 +176,34 @@ def _sinkhorn_fwd_kernel(z_ptr, p_ptr, M, ITERS: tl.constexpr,
 
 
 @triton.jit
-def _sinkhorn_bwd_kernel(z_ptr, g_ptr, dz_ptr, M, ITERS: tl.constexpr, TP: tl.constexpr,
+def _sinkhorn_bwd_kernel(z_ptr, g_ptr, dz_ptr, hist_ptr, M, ITERS: tl.constexpr,
                          N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
     offs, valid = _sinkhorn_tile(M, N, NP, BM)
     z = _acc(tl.load(z_ptr + offs, mask=valid, other=float("-inf")), F64)
-    t_ids = tl.arange(0, TP)[None, :, None]
-    # Per-iteration log-scalings: column c_t[j] and row r_t[i] (0 on padding).
-    c_hist = _acc(tl.zeros((BM, TP, NP), tl.float32), F64)
-    r_hist = c_hist
+    # Per-iteration log-scalings, column c_t[j] and row r_t[i], go to a scratch buffer
+    # hist (M, ITERS, 2, NP): O(ITERS) work and ~2·ITERS·NP values per token of traffic
+    # (an in-register history indexed by t costs O(ITERS²) selects).
+    tok = tl.program_id(0) * BM + tl.arange(0, BM)
+    k = tl.arange(0, NP)
+    h_offs = tok.to(tl.int64)[:, None] * (ITERS * 2 * NP) + k[None, :]
+    h_mask = (tok < M)[:, None] & (k < NP)[None, :]
     # Recompute the forward: u_t = z_{t-1} - c_t, z_t = u_t - r_t.
     for t in range(ITERS):
         c = _lse(z, 1)
         z = z - c[:, None, :]
         r = _lse(z, 2)
         z = z - r[:, :, None]
-        c_hist = tl.where(t_ids == t, c[:, None, :], c_hist)
-        r_hist = tl.where(t_ids == t, r[:, None, :], r_hist)
+        tl.store(hist_ptr + h_offs + (2 * t) * NP, tl.where(k[None, :] < N, c, 0.0), mask=h_mask)
+        tl.store(hist_ptr + h_offs + (2 * t + 1) * NP, tl.where(k[None, :] < N, r, 0.0), mask=h_mask)
+    tl.debug_barrier()  # the reverse sweep reads what this block wrote
     # Reverse sweep. P = exp(z_T); dL/dz_T = G ⊙ P. Row step z = u - LSE_row(u):
     # ū = z̄ - exp(z) ⊙ rowsum(z̄). Column step u = z' - LSE_col(z'): z̄' = ū - exp(u) ⊙ colsum(ū).
     g = _acc(tl.load(g_ptr + offs, mask=valid, other=0.0), F64)
     gz = g * tl.exp(z)
     for s in range(ITERS):
         t = ITERS - 1 - s
-        r = tl.sum(tl.where(t_ids == t, r_hist, 0.0), axis=1)
-        c = tl.sum(tl.where(t_ids == t, c_hist, 0.0), axis=1)
+        c = tl.load(hist_ptr + h_offs + (2 * t) * NP, mask=h_mask, other=0.0)
+        r = tl.load(hist_ptr + h_offs + (2 * t + 1) * NP, mask=h_mask, other=0.0)
         gu = gz - tl.exp(z) * tl.expand_dims(tl.sum(gz, axis=2), 2)
         u = z + r[:, :, None]
         gz = gu - tl.exp(u) * tl.expand_dims(tl.sum(gu, axis=1), 1)
@@ -298,9 +302,9 @@ class _StreamMerge(torch.autograd.Function):
                 dy.view(*lead, C), None)
 
 
-def _sinkhorn_bm(NP: int, TP: int) -> int:
-    # Keep the two (BM, TP, NP) scaling histories of the backward near 2·4096 values.
-    return max(1, min(32, 4096 // (TP * NP)))
+def _sinkhorn_bm(NP: int) -> int:
+    # Tokens per program: a (BM, NP, NP) tile of about 512 values in registers.
+    return max(1, min(64, 512 // (NP * NP)))
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -309,8 +313,8 @@ class _Sinkhorn(torch.autograd.Function):
         n = logits.shape[-1]
         z = logits.contiguous().view(-1, n, n)
         M = z.shape[0]
-        NP, TP = _np2(n), _np2(iters)
-        BM = _sinkhorn_bm(NP, TP)
+        NP = _np2(n)
+        BM = _sinkhorn_bm(NP)
         p = torch.empty_like(z)
         _sinkhorn_fwd_kernel[(triton.cdiv(M, BM),)](
             z, p, M, ITERS=iters, N=n, NP=NP, BM=BM, F64=_is_f64(z))
@@ -322,12 +326,14 @@ class _Sinkhorn(torch.autograd.Function):
     def backward(ctx, grad_p):
         (z,) = ctx.saved_tensors
         M, n, _ = z.shape
-        NP, TP = _np2(n), _np2(ctx.iters)
-        BM = _sinkhorn_bm(NP, TP)
+        NP = _np2(n)
+        BM = _sinkhorn_bm(NP)
         g = grad_p.contiguous().view(M, n, n)
         dz = torch.empty_like(z)
+        acc = _acc_dtype(z, g)
+        hist = torch.empty(M, ctx.iters, 2, NP, device=z.device, dtype=acc)  # scratch
         _sinkhorn_bwd_kernel[(triton.cdiv(M, BM),)](
-            z, g, dz, M, ITERS=ctx.iters, TP=TP, N=n, NP=NP, BM=BM, F64=_is_f64(z, g))
+            z, g, dz, hist, M, ITERS=ctx.iters, N=n, NP=NP, BM=BM, F64=_is_f64(z, g))
         return dz.view(grad_p.shape), None
 
 

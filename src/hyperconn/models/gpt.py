@@ -116,7 +116,13 @@ class PreNorm(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
-        return self.fn(self.norm(x), *args)
+        h = self.norm(x)
+        weight = self.norm.weight
+        if h.dtype != weight.dtype and not torch.is_autocast_enabled(h.device.type):
+            # Streams in another dtype than the parameters (GPTConfig.stream_dtype)
+            # without autocast: the branch computes in the parameters' dtype.
+            h = h.to(weight.dtype)
+        return self.fn(h, *args)
 
 
 # ----------------------------------------------------------------------------- block
