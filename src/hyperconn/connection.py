@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as _kernels
+from .kernels.torch_fused import merge_streams, rms_projection
 from .variants import VARIANTS, make_variant
 
 __all__ = ["HyperConnection", "expand_streams", "reduce_streams"]
@@ -148,13 +149,17 @@ class HyperConnection(nn.Module):
         flat = x.reshape(*x.shape[:-2], n * self.dim)
         if flat.dtype not in (torch.float16, torch.bfloat16):
             flat = flat.float()
-        # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar. Half-precision
-        # streams go into the GEMM as they are (fp32 accumulation, no fp32 copy of x).
-        proj = (flat @ self.phi.to(flat.dtype)).float()
-        # vector_norm: one pass and a cheap backward (pow + mean cost 2× on CPU).
-        mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / flat.shape[-1]
-        inv_rms = torch.rsqrt(mean_sq + self.norm_eps)
-        proj = self.mixer.dynamic_activation(proj * inv_rms)
+        # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar.
+        if x.is_cuda:
+            # Half-precision streams go into the GEMM as they are (fp32 accumulation,
+            # no fp32 copy of x); autocast and torch.compile see plain ops.
+            proj = (flat @ self.phi.to(flat.dtype)).float()
+            mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / flat.shape[-1]
+            proj = proj * torch.rsqrt(mean_sq + self.norm_eps)
+        else:
+            # CPU: hand-written backward that writes ∂x once (see kernels.torch_fused).
+            proj = rms_projection(flat, self.phi.to(flat.dtype), self.norm_eps).float()
+        proj = self.mixer.dynamic_activation(proj)
         a_pre, a_post, a_res = self.alpha.float().unbind()
         raw_pre = b_pre + a_pre * proj[..., :n]
         raw_post = b_post + a_post * proj[..., n:2 * n]
@@ -203,12 +208,11 @@ class HyperConnection(nn.Module):
             return _kernels.stream_merge(x, h_res, h_post, y, backend="triton")
         n, C = x.shape[-2:]
         lead = x.shape[:-2]
-        # One fused baddbmm over flattened tokens: on CPU a separate (..,n,n)@(..,n,C)
-        # matmul plus an add allocates and writes the (..., n, C) result twice
-        # (measured 2.5× slower for n=4, C=512, 1024 tokens).
-        base = (h_post.to(x.dtype).unsqueeze(-1) * y.to(x.dtype).unsqueeze(-2)).expand(*lead, n, C)
+        # Tokens flattened, one bmm + in-place addcmul_ forward and four bmm backward
+        # (kernels.torch_fused): no (..., n, C) temporaries beyond the output and ∂x.
         h3 = h_res.to(x.dtype).expand(*lead, n, n).reshape(-1, n, n)
-        out = torch.baddbmm(base.reshape(-1, n, C), h3, x.reshape(-1, n, C))
+        h2 = h_post.to(x.dtype).expand(*lead, n).reshape(-1, n)
+        out = merge_streams(x.reshape(-1, n, C), h3, h2, y.to(x.dtype).reshape(-1, C))
         return out.reshape(x.shape)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

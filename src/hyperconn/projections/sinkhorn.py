@@ -59,29 +59,59 @@ def _exp_domain_safe(z: torch.Tensor) -> bool:
     return bool(spread.max() <= _EXP_RANGE[z.dtype])
 
 
+def _tokens_inner(z: torch.Tensor) -> torch.Tensor:
+    """(..., n, n) → contiguous (n, n, M): the M matrices become the innermost axis, so
+    every sum over a matrix axis adds whole rows of length M, which vectorises; summing
+    over a 4-wide innermost axis does not."""
+    n = z.shape[-1]
+    # contiguous(): elementwise ops keep their input's strides, so a permuted view
+    # would leave the matrices innermost in memory.
+    return z.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+
+
+def _tokens_outer(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_tokens_inner`: (n, n, M) → contiguous ``shape`` (..., n, n).
+    Contiguous because a strided H_res sends ``baddbmm`` down a per-matrix slow path."""
+    return t.permute(2, 0, 1).reshape(shape).contiguous()
+
+
 def _exp_sinkhorn_trace(z: torch.Tensor, iters: int) -> list[tuple[torch.Tensor, int]]:
-    """Same iterates as :func:`_log_sinkhorn_trace`, computed as P ← P / Σ_d P.
+    """Same iterates as :func:`_log_sinkhorn_trace`, computed as P ← P / Σ_d P, in the
+    (n, n, M) layout of :func:`_tokens_inner` (dims 0 = columns' sum, 1 = rows' sum).
 
     Why: on CPU the (…, 4, 4) matrices make every op launch-bound; a division by a sum
-    is 2 tiny ops per half-step against ~8 for a log-sum-exp. Needs :func:`_exp_domain_safe`.
+    is 2 tiny ops per half-step against ~8 for a log-sum-exp, and the tokens-innermost
+    layout makes each of them 2–3× faster (bit-identical results). Needs
+    :func:`_exp_domain_safe`.
     """
-    p = torch.exp(z - z.amax((-2, -1), keepdim=True))  # the map ignores a per-matrix shift
+    zt = _tokens_inner(z)
+    p = torch.exp(zt - zt.amax((0, 1), keepdim=True))  # the map ignores a per-matrix shift
     trace = []
     for _ in range(iters):
-        p = p / p.sum(-2, keepdim=True)
-        trace.append((p, -2))
-        p = p / p.sum(-1, keepdim=True)  # rows last: exact to rounding
-        trace.append((p, -1))
+        p = p / p.sum(0, keepdim=True)
+        trace.append((p, 0))
+        p = p / p.sum(1, keepdim=True)  # rows last: exact to rounding
+        trace.append((p, 1))
     return trace
 
 
 def _exp_sinkhorn(z: torch.Tensor, iters: int) -> torch.Tensor:
     """P (not log P) by the exp-domain iteration; keeps only the current iterate."""
-    p = torch.exp(z - z.amax((-2, -1), keepdim=True))
+    zt = _tokens_inner(z)
+    p = torch.exp(zt - zt.amax((0, 1), keepdim=True))
     for _ in range(iters):
-        p = p / p.sum(-2, keepdim=True)
-        p = p / p.sum(-1, keepdim=True)
-    return p
+        p.div_(p.sum(0, keepdim=True))
+        p.div_(p.sum(1, keepdim=True))
+    return _tokens_outer(p, z.shape)
+
+
+def _unrolled_backward(trace: list[tuple[torch.Tensor, int]], grad_p: torch.Tensor) -> torch.Tensor:
+    """VJP of the half-steps ``z − LSE_d(z)`` in reverse: g ← g − P_t·Σ_d g, in the
+    layout of ``trace`` (``grad_p`` already in it)."""
+    g = grad_p * trace[-1][0]
+    for p, dim in reversed(trace):
+        g = g - p * g.sum(dim, keepdim=True)
+    return g
 
 
 def _sinkhorn_p(z: torch.Tensor, iters: int) -> torch.Tensor:
@@ -109,12 +139,11 @@ class _UnrolledSinkhorn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_p: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        tracer = _exp_sinkhorn_trace if _exp_domain_safe(logits) else _log_sinkhorn_trace
-        trace = tracer(logits, ctx.iters)
-        g = grad_p * trace[-1][0]
-        for p, dim in reversed(trace):
-            g = g - p * g.sum(dim, keepdim=True)  # VJP of z − LSE_d(z): g − P_t·Σ_d g
-        return g, None
+        if _exp_domain_safe(logits):
+            trace = _exp_sinkhorn_trace(logits, ctx.iters)  # (n, n, M) layout
+            g = _unrolled_backward(trace, _tokens_inner(grad_p))
+            return _tokens_outer(g, logits.shape), None
+        return _unrolled_backward(_log_sinkhorn_trace(logits, ctx.iters), grad_p), None
 
 
 class _ImplicitSinkhorn(torch.autograd.Function):

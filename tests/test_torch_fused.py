@@ -1,0 +1,70 @@
+"""kernels.torch_fused: hand-written backward of the CPU projection and merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperconn.kernels.torch_fused import merge_streams, rms_projection
+
+
+def _rand(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_rms_projection_gradcheck_float64():
+    flat = _rand(5, 12, seed=1).requires_grad_()
+    phi = _rand(12, 7, seed=2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, p: rms_projection(f, p, 1e-6), (flat, phi))
+
+
+def test_merge_streams_gradcheck_float64():
+    x = _rand(6, 3, 5, seed=1).requires_grad_()
+    h_res = _rand(6, 3, 3, seed=2).requires_grad_()
+    h_post = _rand(6, 3, seed=3).requires_grad_()
+    y = _rand(6, 5, seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(merge_streams, (x, h_res, h_post, y))
+
+
+def test_rms_projection_matches_plain_autograd():
+    """Against the formula written naively (pow/mean/rsqrt), value and both gradients."""
+    flat, phi, g = _rand(64, 96, seed=5, dtype=torch.float32), _rand(96, 24, seed=6, dtype=torch.float32), \
+        _rand(64, 24, seed=7, dtype=torch.float32)
+    a = [flat.clone().requires_grad_(), phi.clone().requires_grad_()]
+    b = [flat.clone().requires_grad_(), phi.clone().requires_grad_()]
+    out_a = rms_projection(*a, 1e-6)
+    out_b = (b[0] @ b[1]) * torch.rsqrt(b[0].pow(2).mean(-1, keepdim=True) + 1e-6)
+    ga = torch.autograd.grad(out_a, a, g)
+    gb = torch.autograd.grad(out_b, b, g)
+    torch.testing.assert_close(out_a, out_b)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_streams_matches_einsum():
+    x, h_res, h_post, y = (_rand(*s, seed=i) for i, s in enumerate([(50, 4, 33), (50, 4, 4), (50, 4), (50, 33)]))
+    out = merge_streams(x, h_res, h_post, y)
+    want = torch.einsum("mij,mjc->mic", h_res, x) + h_post[..., None] * y[:, None, :]
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_streams_under_autocast_keeps_operand_dtype():
+    """Under CPU autocast the merge still computes and differentiates in fp32 (the
+    operands' dtype), so forward and backward agree with the no-autocast result."""
+    args = [t.float().requires_grad_() for t in (_rand(8, 2, 16), _rand(8, 2, 2, seed=1),
+                                                 _rand(8, 2, seed=2), _rand(8, 16, seed=3))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = merge_streams(*args)
+    assert out.dtype == torch.float32
+    grads = torch.autograd.grad(out.square().sum(), args)
+    plain = [t.detach().clone().requires_grad_() for t in args]
+    want = torch.autograd.grad(merge_streams(*plain).square().sum(), plain)
+    for u, v in zip(grads, want):
+        torch.testing.assert_close(u, v)
+
+
+def test_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match="phi"):
+        rms_projection(torch.randn(3, 8), torch.randn(7, 2), 1e-6)
+    with pytest.raises(ValueError, match="h_res"):
+        merge_streams(torch.randn(3, 2, 8), torch.randn(3, 3, 3), torch.randn(3, 2), torch.randn(3, 8))
