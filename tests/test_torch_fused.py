@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperconn.kernels.torch_fused import merge_streams, rms_projection
+from hyperconn.kernels.torch_fused import merge_streams, rms_projection, stream_pre
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
@@ -13,9 +13,20 @@ def _rand(*shape, seed=0, dtype=torch.float64):
 
 
 def test_rms_projection_gradcheck_float64():
-    flat = _rand(5, 12, seed=1).requires_grad_()
+    x = _rand(2, 3, 4, 3, seed=1).requires_grad_()          # (..., n=4, C=3)
     phi = _rand(12, 7, seed=2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda f, p: rms_projection(f, p, 1e-6), (flat, phi))
+    assert torch.autograd.gradcheck(lambda f, p: rms_projection(f, p, 1e-6), (x, phi))
+
+
+def test_stream_pre_gradcheck_float64():
+    x = _rand(2, 3, 4, 5, seed=1).requires_grad_()
+    h = _rand(2, 3, 4, seed=2).requires_grad_()
+    assert torch.autograd.gradcheck(stream_pre, (x, h))
+
+
+def test_stream_pre_matches_einsum():
+    x, h = _rand(7, 4, 9, seed=3), _rand(7, 4, seed=4)
+    torch.testing.assert_close(stream_pre(x, h), torch.einsum("mn,mnc->mc", h, x), rtol=1e-12, atol=1e-12)
 
 
 def test_merge_streams_gradcheck_float64():
@@ -28,12 +39,13 @@ def test_merge_streams_gradcheck_float64():
 
 def test_rms_projection_matches_plain_autograd():
     """Against the formula written naively (pow/mean/rsqrt), value and both gradients."""
-    flat, phi, g = _rand(64, 96, seed=5, dtype=torch.float32), _rand(96, 24, seed=6, dtype=torch.float32), \
+    x, phi, g = _rand(64, 4, 24, seed=5, dtype=torch.float32), _rand(96, 24, seed=6, dtype=torch.float32), \
         _rand(64, 24, seed=7, dtype=torch.float32)
-    a = [flat.clone().requires_grad_(), phi.clone().requires_grad_()]
-    b = [flat.clone().requires_grad_(), phi.clone().requires_grad_()]
+    a = [x.clone().requires_grad_(), phi.clone().requires_grad_()]
+    b = [x.clone().requires_grad_(), phi.clone().requires_grad_()]
     out_a = rms_projection(*a, 1e-6)
-    out_b = (b[0] @ b[1]) * torch.rsqrt(b[0].pow(2).mean(-1, keepdim=True) + 1e-6)
+    flat = b[0].flatten(-2)
+    out_b = (flat @ b[1]) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)
     ga = torch.autograd.grad(out_a, a, g)
     gb = torch.autograd.grad(out_b, b, g)
     torch.testing.assert_close(out_a, out_b)
@@ -65,6 +77,22 @@ def test_merge_streams_under_autocast_keeps_operand_dtype():
 
 def test_shape_errors_name_the_argument():
     with pytest.raises(ValueError, match="phi"):
-        rms_projection(torch.randn(3, 8), torch.randn(7, 2), 1e-6)
+        rms_projection(torch.randn(3, 2, 4), torch.randn(7, 2), 1e-6)
+    with pytest.raises(ValueError, match="h_pre"):
+        stream_pre(torch.randn(3, 2, 4), torch.randn(3, 3))
     with pytest.raises(ValueError, match="h_res"):
         merge_streams(torch.randn(3, 2, 8), torch.randn(3, 3, 3), torch.randn(3, 2), torch.randn(3, 8))
+
+
+def test_stream_gradients_are_fresh_contiguous_tensors():
+    """Each op returns ∂x as its own contiguous tensor of x's shape (not a view), so the
+    autograd engine can add the three contributions of a layer in place."""
+    x = torch.randn(2, 5, 4, 8, requires_grad=True)
+    seen = []
+    for op in (lambda t: stream_pre(t, torch.rand(2, 5, 4)),
+               lambda t: rms_projection(t, torch.randn(32, 6), 1e-6),
+               lambda t: merge_streams(t, torch.rand(2, 5, 4, 4), torch.rand(2, 5, 4), torch.randn(2, 5, 8))):
+        out = op(x)
+        (g,) = torch.autograd.grad(out, x, torch.randn_like(out))
+        assert g.shape == x.shape and g.is_contiguous() and g._base is None
+        seen.append(g)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as _kernels
-from .kernels.torch_fused import merge_streams, rms_projection
+from .kernels.torch_fused import merge_streams, rms_projection, stream_pre
 from .variants import VARIANTS, make_variant
 
 __all__ = ["HyperConnection", "expand_streams", "reduce_streams"]
@@ -146,19 +146,19 @@ class HyperConnection(nn.Module):
         if not self.dynamic:
             return b_pre, b_post, b_res
         n = self.streams
-        flat = x.reshape(*x.shape[:-2], n * self.dim)
-        if flat.dtype not in (torch.float16, torch.bfloat16):
-            flat = flat.float()
+        # Half-precision streams go into the GEMM as they are (fp32 accumulation, no fp32
+        # copy of x); anything else is computed in fp32.
+        xc = x if x.dtype in (torch.float16, torch.bfloat16) else x.float()
         # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar.
         if x.is_cuda:
-            # Half-precision streams go into the GEMM as they are (fp32 accumulation,
-            # no fp32 copy of x); autocast and torch.compile see plain ops.
+            flat = xc.reshape(*x.shape[:-2], n * self.dim)
+            # Plain ops: autocast and torch.compile see them whole.
             proj = (flat @ self.phi.to(flat.dtype)).float()
             mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / flat.shape[-1]
             proj = proj * torch.rsqrt(mean_sq + self.norm_eps)
         else:
             # CPU: hand-written backward that writes ∂x once (see kernels.torch_fused).
-            proj = rms_projection(flat, self.phi.to(flat.dtype), self.norm_eps).float()
+            proj = rms_projection(xc, self.phi.to(xc.dtype), self.norm_eps).float()
         proj = self.mixer.dynamic_activation(proj)
         a_pre, a_post, a_res = self.alpha.float().unbind()
         raw_pre = b_pre + a_pre * proj[..., :n]
@@ -191,7 +191,9 @@ class HyperConnection(nn.Module):
         self._pending = (h_post, h_res)
         if self._use_triton(x):
             return _kernels.stream_pre(x, h_pre, backend="triton")
-        return torch.einsum("...n,...nc->...c", h_pre.to(x.dtype), x)
+        # Hand-written backward (kernels.torch_fused): ∂x comes back as a fresh tensor
+        # the autograd engine accumulates in place.
+        return stream_pre(x, h_pre.to(x.dtype).expand(x.shape[:-1]))
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``H_res x + H_postᵀ y`` for streams x (..., n, C) and branch output y (..., C)."""
@@ -210,10 +212,8 @@ class HyperConnection(nn.Module):
         lead = x.shape[:-2]
         # Tokens flattened, one bmm + in-place addcmul_ forward and four bmm backward
         # (kernels.torch_fused): no (..., n, C) temporaries beyond the output and ∂x.
-        h3 = h_res.to(x.dtype).expand(*lead, n, n).reshape(-1, n, n)
-        h2 = h_post.to(x.dtype).expand(*lead, n).reshape(-1, n)
-        out = merge_streams(x.reshape(-1, n, C), h3, h2, y.to(x.dtype).reshape(-1, C))
-        return out.reshape(x.shape)
+        return merge_streams(x, h_res.to(x.dtype).expand(*lead, n, n), h_post.to(x.dtype).expand(*lead, n),
+                             y.to(x.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.branch is None:

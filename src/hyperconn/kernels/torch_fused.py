@@ -1,100 +1,153 @@
 """Torch ops with hand-written backward for the CPU path of :class:`HyperConnection`.
 
-Autograd through plain torch ops makes several full passes over the (M, n·C) stream
-tensor in backward (a fresh tensor per partial derivative, summed afterwards). On the
-CPU each such pass costs about as much as a small GEMM, so these two functions write
-their stream gradient once:
+Autograd through plain torch ops makes several full passes over the (..., n, C) stream
+tensor in backward: a fresh tensor per partial derivative, often a *view* (from the
+reshapes around a GEMM), which the autograd engine then cannot accumulate into in place,
+so it allocates a third tensor for the sum. On the CPU each such pass costs about as much
+as a small GEMM. These three functions take the streams in their own shape, flatten
+inside (no view in the graph), and return each stream gradient as a fresh contiguous
+tensor of the streams' shape, which the engine accumulates in place:
 
-    rms_projection(flat, phi, eps)     (M, K), (K, N)  → (M, N)   (flat φ)·rsqrt(mean(flat²) + ε)
-    merge_streams(x, h_res, h_post, y) (M, n, C), (M, n, n), (M, n), (M, C) → (M, n, C)
+    stream_pre(x, h_pre)                 (..., n, C), (..., n)                    → (..., C)
+    rms_projection(x, phi, eps)          (..., n, C), (n·C, N)                    → (..., N)
+        = (vec(x) φ) · rsqrt(mean(x²) + ε)
+    merge_streams(x, h_res, h_post, y)   (..., n, C), (..., n, n), (..., n), (..., C) → (..., n, C)
 
-Both keep only their inputs (and, for the projection, the (M, N) product and the (M, 1)
-scale) for backward, accept any float dtype and are checked against autograd with
-``torch.autograd.gradcheck`` in float64 (tests/test_torch_fused.py).
+Every operand must already be in the streams' dtype (the caller casts); an ambient
+autocast is switched off inside, so forward and backward agree. Only the inputs (and,
+for the projection, the (…, N) product and the (…, 1) scale) are kept for backward.
+Checked against autograd and with ``torch.autograd.gradcheck`` in float64
+(tests/test_torch_fused.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["rms_projection", "merge_streams"]
+__all__ = ["stream_pre", "rms_projection", "merge_streams"]
 
 
 def _no_autocast(t: torch.Tensor):
-    """Both functions compute in their operands' dtype (the caller casts), so an ambient
-    autocast must not recast them halfway (forward and backward would disagree)."""
     return torch.autocast(t.device.type, enabled=False)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(..., n, C) → (M, n, C) without recording a view in the autograd graph."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+class _StreamPre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h_pre):
+        ctx.save_for_backward(x, h_pre)
+        with _no_autocast(x):
+            u = torch.bmm(h_pre.reshape(-1, 1, x.shape[-2]), _tokens(x))        # (M, 1, C)
+        return u.view(*x.shape[:-2], x.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h_pre = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        grad_x = grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mul(h_pre.unsqueeze(-1), grad.unsqueeze(-2))            # fresh (..., n, C)
+        if ctx.needs_input_grad[1]:
+            grad_h = torch.bmm(_tokens(x), grad.reshape(-1, x.shape[-1], 1)).view(h_pre.shape)
+        return grad_x, grad_h
+
+
+def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """``Σ_j h_pre[j] x[j]`` per token: x (..., n, C), h_pre (..., n) → (..., C)."""
+    if h_pre.shape != x.shape[:-1]:
+        raise ValueError(f"h_pre: expected shape {tuple(x.shape[:-1])}, got {tuple(h_pre.shape)}")
+    return _StreamPre.apply(x, h_pre)
 
 
 class _RMSProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, flat, phi, eps):
-        with _no_autocast(flat):
-            proj = flat @ phi                                                   # (M, N)
-            # vector_norm: Σ x² in one pass with no (M, K) temporary (measured 2.5× faster
-            # than linalg.vecdot(flat, flat) on CPU).
+    def forward(ctx, x, phi, eps):
+        flat = x.reshape(-1, phi.shape[0])                                          # (M, K)
+        with _no_autocast(x):
+            proj = flat @ phi                                                       # (M, N)
+            # vector_norm: Σ x² in one pass with no (M, K) temporary (measured 2.5×
+            # faster than linalg.vecdot(flat, flat) on CPU).
             mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1]
-            inv_rms = torch.rsqrt(mean_sq + eps)                                # (M, 1)
-        ctx.save_for_backward(flat, phi, proj, inv_rms)
-        return proj * inv_rms
+            inv_rms = torch.rsqrt(mean_sq + eps)                                    # (M, 1)
+        ctx.save_for_backward(x, phi, proj, inv_rms)
+        return (proj * inv_rms).view(*x.shape[:-2], phi.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        flat, phi, proj, inv_rms = ctx.saved_tensors
-        K = flat.shape[-1]
-        grad = grad.to(proj.dtype)
-        grad_proj = grad * inv_rms                                               # (M, N)
-        # out = proj·r, r = (mean(x²) + ε)^(-1/2): ∂r/∂x = −r³·x/K, so the RMS part of
-        # ∂flat is x · (−r³/K · Σ_j grad_j proj_j), one scale per row.
-        row_scale = (grad * proj).sum(-1, keepdim=True) * inv_rms.pow(3) * (-1.0 / K)
-        grad_flat = grad_phi = None
+        x, phi, proj, inv_rms = ctx.saved_tensors
+        K = phi.shape[0]
+        flat = x.reshape(-1, K)
+        grad = grad.reshape(proj.shape).to(proj.dtype)
+        grad_proj = grad * inv_rms                                                   # (M, N)
+        grad_x = grad_phi = None
         if ctx.needs_input_grad[0]:
-            grad_flat = torch.mm(grad_proj, phi.t()) if flat.dim() == 2 else grad_proj @ phi.t()
-            grad_flat.addcmul_(flat, row_scale)                                  # one in-place pass
+            # out = proj·r, r = (mean(x²) + ε)^(-1/2): ∂r/∂x = −r³·x/K, so the RMS part of
+            # ∂x is x · (−r³/K · Σ_j grad_j proj_j), one scale per token.
+            row_scale = (grad * proj).sum(-1, keepdim=True) * inv_rms.pow(3) * (-1.0 / K)
+            grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+            g2 = grad_x.view(-1, K)
+            torch.mm(grad_proj, phi.t(), out=g2)
+            g2.addcmul_(flat, row_scale)                                             # one in-place pass
         if ctx.needs_input_grad[1]:
-            grad_phi = flat.reshape(-1, K).t() @ grad_proj.reshape(-1, phi.shape[-1])
-        return grad_flat, grad_phi, None
+            grad_phi = flat.t() @ grad_proj
+        return grad_x, grad_phi, None
 
 
-def rms_projection(flat: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(flat @ phi) * rsqrt(mean(flat², -1) + eps)``: flat (..., K), phi (K, N) → (..., N).
+def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(vec(x) @ phi) * rsqrt(mean(x², over n·C) + eps)``: x (..., n, C), phi (n·C, N) → (..., N).
 
-    The RMS scale is applied after the GEMM (a per-row scalar), so the streams are read
-    once by the GEMM and once for the sum of squares; backward writes ∂flat once (a GEMM
-    then one in-place ``addcmul_``) instead of summing two full-size partials.
+    The RMS scale is applied after the GEMM (a per-token scalar), so the streams are read
+    once by the GEMM and once for the sum of squares; backward writes ∂x once (a GEMM
+    into the gradient, then one in-place ``addcmul_``).
     """
-    if flat.shape[-1] != phi.shape[0]:
-        raise ValueError(f"phi: expected shape ({flat.shape[-1]}, N), got {tuple(phi.shape)}")
-    return _RMSProjection.apply(flat, phi, float(eps))
+    if x.dim() < 2 or phi.dim() != 2 or x.shape[-2] * x.shape[-1] != phi.shape[0]:
+        raise ValueError(f"phi: expected shape ({x.shape[-2] * x.shape[-1] if x.dim() >= 2 else 'n·C'}, N), "
+                         f"got {tuple(phi.shape)}")
+    return _RMSProjection.apply(x, phi, float(eps))
 
 
 class _MergeStreams(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h_res, h_post, y):
         ctx.save_for_backward(x, h_res, h_post, y)
+        n, C = x.shape[-2:]
         # bmm then one in-place addcmul_: the output is written once and updated once,
         # with no materialised (M, n, C) copy of h_post ⊗ y.
         with _no_autocast(x):
-            return torch.bmm(h_res, x).addcmul_(h_post.unsqueeze(-1), y.unsqueeze(-2))
+            out = torch.bmm(h_res.reshape(-1, n, n), _tokens(x))
+            out.addcmul_(h_post.reshape(-1, n, 1), y.reshape(-1, 1, C))
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         x, h_res, h_post, y = ctx.saved_tensors
-        grad = grad.to(x.dtype).contiguous()
+        n, C = x.shape[-2:]
+        g = _tokens(grad.to(x.dtype).contiguous())                                   # (M, n, C)
         needs = ctx.needs_input_grad
-        grad_x = torch.bmm(h_res.mT, grad) if needs[0] else None                 # Σ_i h[i,j] g[i]
-        grad_res = torch.bmm(grad, x.mT) if needs[1] else None                   # ⟨g[i], x[j]⟩
-        grad_post = torch.bmm(grad, y.unsqueeze(-1)).squeeze(-1) if needs[2] else None  # ⟨g[i], y⟩
-        grad_y = torch.bmm(h_post.unsqueeze(-2), grad).squeeze(-2) if needs[3] else None  # Σ_i h[i] g[i]
+        grad_x = grad_res = grad_post = grad_y = None
+        if needs[0]:                                                                 # Σ_i h[i,j] g[i]
+            grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+            torch.bmm(h_res.reshape(-1, n, n).mT, g, out=grad_x.view(-1, n, C))
+        if needs[1]:                                                                 # ⟨g[i], x[j]⟩
+            grad_res = torch.bmm(g, _tokens(x).mT).view(h_res.shape)
+        if needs[2]:                                                                 # ⟨g[i], y⟩
+            grad_post = torch.bmm(g, y.reshape(-1, C, 1)).view(h_post.shape)
+        if needs[3]:                                                                 # Σ_i h[i] g[i]
+            grad_y = torch.bmm(h_post.reshape(-1, 1, n), g).view(y.shape)
         return grad_x, grad_res, grad_post, grad_y
 
 
 def merge_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
                   y: torch.Tensor) -> torch.Tensor:
-    """``h_res @ x + h_post ⊗ y`` per token, all operands in one dtype, tokens flattened:
-    x (M, n, C), h_res (M, n, n), h_post (M, n), y (M, C) → (M, n, C)."""
-    M, n, C = x.shape
-    if h_res.shape != (M, n, n) or h_post.shape != (M, n) or y.shape != (M, C):
-        raise ValueError(f"merge_streams: expected h_res {(M, n, n)}, h_post {(M, n)}, y {(M, C)}; "
+    """``h_res @ x + h_post ⊗ y`` per token, all operands in one dtype:
+    x (..., n, C), h_res (..., n, n), h_post (..., n), y (..., C) → (..., n, C)."""
+    lead, (n, C) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
+    if tuple(h_res.shape) != lead + (n, n) or tuple(h_post.shape) != lead + (n,) \
+            or tuple(y.shape) != lead + (C,):
+        raise ValueError(f"merge_streams: expected h_res {lead + (n, n)}, h_post {lead + (n,)}, y {lead + (C,)}; "
                          f"got {tuple(h_res.shape)}, {tuple(h_post.shape)}, {tuple(y.shape)}")
     return _MergeStreams.apply(x, h_res, h_post, y)
