@@ -173,8 +173,8 @@ class HyperConnection(nn.Module):
 
     # ------------------------------------------------------------------ apply
     def _use_triton(self, x: torch.Tensor) -> bool:
-        # The CPU path below stays plain torch (einsum / baddbmm): on CPU those beat the
-        # reference autograd Functions, and torch.compile traces them whole.
+        # The one dispatch rule (hyperconn.kernels.resolve_backend); the torch path uses
+        # kernels.torch_fused, whose backward suits the CPU best.
         return _kernels.resolve_backend(self.kernels, x) == "triton"
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
