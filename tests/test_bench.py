@@ -140,3 +140,26 @@ def test_cli_dispatch(tmp_path):
     assert cli.main(["bench", "layer", *TINY_LAYER, "--no-target", "--no-memory", "--cases", "residual", "mhc",
                      "--out", str(out)]) == 0
     assert json.loads(out.read_text())["meta"]["command"].startswith("hyperconn bench layer")
+
+
+def test_layer_case_suffixes(tmp_path):
+    """``+torch`` and ``+recompute`` combine; the record says which kernels ran."""
+    out = tmp_path / "layer.json"
+    assert main(["layer", *TINY_LAYER, "--no-target", "--no-memory", "--device", "cpu",
+                 "--cases", "residual", "mhc+torch", "hc+recompute+torch", "--out", str(out)]) == 0
+    recs = {r["case"]: r for r in json.loads(out.read_text())["records"]}
+    assert recs["mhc+torch"]["kernels"] == "torch" and not recs["mhc+torch"]["recompute"]
+    assert recs["hc+recompute+torch"]["recompute"] and recs["hc+recompute+torch"]["variant"] == "hc"
+    with pytest.raises(bench.UsageError, match="mhc\\+fast"):
+        layer_bench.parse_case("mhc+fast")
+    with pytest.raises(bench.UsageError):
+        layer_bench.parse_case("mhc+torch+torch")
+
+
+def test_model_stream_dtype_setting(tmp_path):
+    out = tmp_path / "model.json"
+    assert main(["model", *TINY_MODEL, "--variants", "mhc", "--no-recompute", "--no-memory",
+                 "--stream-dtype", "bfloat16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["settings"]["stream_dtype"] == "bfloat16"
+    assert all("streams=bfloat16" in r["config"] for r in report["records"])
