@@ -96,3 +96,59 @@ def test_stream_gradients_are_fresh_contiguous_tensors():
         (g,) = torch.autograd.grad(out, x, torch.randn_like(out))
         assert g.shape == x.shape and g.is_contiguous() and g._base is None
         seen.append(g)
+
+
+# ------------------------------------------------------------- the layer's shared ∂x buffer
+def _plain_layer(layer, x):
+    """The same layer written with plain autograd ops (no hand-written backward)."""
+    n, C = layer.streams, layer.dim
+    flat = x.reshape(*x.shape[:-2], n * C)
+    proj = (flat @ layer.phi) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + layer.norm_eps)
+    proj = layer.mixer.dynamic_activation(proj)
+    a_pre, a_post, a_res = layer.alpha.unbind()
+    raw_pre = layer.b_pre + a_pre * proj[..., :n]
+    raw_post = layer.b_post + a_post * proj[..., n:2 * n]
+    raw_res = layer.b_res + a_res * proj[..., 2 * n:].unflatten(-1, (n, n))
+    h_pre, h_post, h_res = layer.mixer(raw_pre, raw_post, raw_res)
+    y = layer.branch(torch.einsum("...n,...nc->...c", h_pre, x))
+    return torch.einsum("...ij,...jc->...ic", h_res, x) + h_post[..., None] * y[..., None, :]
+
+
+@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid", "harmonized"])
+def test_layer_gradients_match_plain_autograd(variant):
+    """The CPU layer (one shared ∂x buffer across its three stream ops) gives the output
+    and every gradient of the same layer written with plain autograd."""
+    from hyperconn import HyperConnection
+    torch.manual_seed(0)
+    layer = HyperConnection(16, 4, torch.nn.Linear(16, 16), variant=variant, alpha_init=0.3)
+    x = torch.randn(3, 5, 4, 16, requires_grad=True)
+    g = torch.randn(3, 5, 4, 16)
+    params = [p for p in layer.parameters()]
+    out = layer(x)
+    got = torch.autograd.grad(out, [x, *params], g)
+    want_out = _plain_layer(layer, x)
+    want = torch.autograd.grad(want_out, [x, *params], g)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_partial_and_repeated_backward():
+    """Asking for ∂x alone, for parameters alone, twice with retain_graph, or with
+    create_graph=True (each op then returns its own ∂x) gives the same numbers."""
+    from hyperconn import HyperConnection
+    torch.manual_seed(1)
+    layer = HyperConnection(8, 3, torch.nn.Linear(8, 8), variant="mhc", alpha_init=0.3)
+    x = torch.randn(2, 4, 3, 8, requires_grad=True)
+    g = torch.randn(2, 4, 3, 8)
+    out = layer(x)
+    (dx,) = torch.autograd.grad(out, [x], g, retain_graph=True)
+    (dx_again,) = torch.autograd.grad(out, [x], g, retain_graph=True)
+    dphi, dw = torch.autograd.grad(out, [layer.phi, layer.branch.weight], g, retain_graph=True)
+    dx_cg, dphi_cg = torch.autograd.grad(out, [x, layer.phi], g, create_graph=True)
+    torch.testing.assert_close(dx, dx_again, rtol=0, atol=0)
+    torch.testing.assert_close(dx, dx_cg.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dphi, dphi_cg.detach(), rtol=1e-6, atol=1e-7)
+    want = torch.autograd.grad(_plain_layer(layer, x), [x, layer.phi, layer.branch.weight], g)
+    for a, b in zip((dx, dphi, dw), want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

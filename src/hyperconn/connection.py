@@ -21,12 +21,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as _kernels
-from .kernels.torch_fused import merge_streams, rms_projection, stream_pre
+from .kernels.torch_fused import StreamGradSlot, merge_streams, rms_projection, stream_pre
 from .variants import VARIANTS, make_variant
 
 __all__ = ["HyperConnection", "expand_streams", "reduce_streams"]
 
 _RESIDUAL = object()  # marks a pending post() of the plain residual (no coefficients)
+# Stream dtypes the coefficient projection reads without a cast (see raw_coefficients), so
+# the three stream ops of a layer can share one gradient buffer.
+_SLOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
@@ -140,8 +143,11 @@ class HyperConnection(nn.Module):
                 f"x: expected shape (..., streams={self.streams}, dim={self.dim}), got {tuple(x.shape)}"
             )
 
-    def raw_coefficients(self, x: torch.Tensor):
-        """Raw (pre (..., n), post (..., n), res (..., n, n)) in fp32; static: (n,), (n,), (n, n)."""
+    def raw_coefficients(self, x: torch.Tensor, grad_slot: Optional[StreamGradSlot] = None):
+        """Raw (pre (..., n), post (..., n), res (..., n, n)) in fp32; static: (n,), (n,), (n, n).
+
+        ``grad_slot`` (internal, CPU path): shared with the layer's pre and merge ops so
+        that their stream gradients go into one buffer (see ``kernels.torch_fused``)."""
         b_pre, b_post, b_res = self.b_pre.float(), self.b_post.float(), self.b_res.float()
         if not self.dynamic:
             return b_pre, b_post, b_res
@@ -158,7 +164,7 @@ class HyperConnection(nn.Module):
             proj = proj * torch.rsqrt(mean_sq + self.norm_eps)
         else:
             # CPU: hand-written backward that writes ∂x once (see kernels.torch_fused).
-            proj = rms_projection(xc, self.phi.to(xc.dtype), self.norm_eps).float()
+            proj = rms_projection(xc, self.phi.to(xc.dtype), self.norm_eps, grad_slot).float()
         proj = self.mixer.dynamic_activation(proj)
         a_pre, a_post, a_res = self.alpha.float().unbind()
         raw_pre = b_pre + a_pre * proj[..., :n]
@@ -185,15 +191,19 @@ class HyperConnection(nn.Module):
             # it is an honest baseline for the benchmarks (all coefficients are 1).
             self._pending = _RESIDUAL
             return x.squeeze(-2)
-        h_pre, h_post, h_res = self.coefficients(x)
+        triton = self._use_triton(x)
+        # One ∂x buffer for the layer's three stream ops (torch path, dynamic coefficients,
+        # the projection being the op that returns it; not while torch.compile traces).
+        slot = StreamGradSlot() if (self.dynamic and not triton and x.dtype in _SLOT_DTYPES
+                                    and not torch.compiler.is_compiling()) else None
+        h_pre, h_post, h_res = self.mixer(*self.raw_coefficients(x, slot))
         if self.probe is not None:
             self.probe(self, h_pre, h_post, h_res, x)
-        self._pending = (h_post, h_res)
-        if self._use_triton(x):
+        self._pending = (h_post, h_res, slot)
+        if triton:
             return _kernels.stream_pre(x, h_pre, backend="triton")
-        # Hand-written backward (kernels.torch_fused): ∂x comes back as a fresh tensor
-        # the autograd engine accumulates in place.
-        return stream_pre(x, h_pre.to(x.dtype).expand(x.shape[:-1]))
+        # Hand-written backward (kernels.torch_fused).
+        return stream_pre(x, h_pre.to(x.dtype).expand(x.shape[:-1]), slot)
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``H_res x + H_postᵀ y`` for streams x (..., n, C) and branch output y (..., C)."""
@@ -204,7 +214,7 @@ class HyperConnection(nn.Module):
             raise ValueError(f"y: expected shape (..., dim={self.dim}), got {tuple(y.shape)}")
         if pending is _RESIDUAL:
             return x + y.unsqueeze(-2).to(x.dtype)
-        h_post, h_res = pending
+        h_post, h_res, slot = pending
         if self._use_triton(x):
             # One Triton kernel: reads the streams once, writes the result once.
             return _kernels.stream_merge(x, h_res, h_post, y, backend="triton")
@@ -213,7 +223,7 @@ class HyperConnection(nn.Module):
         # Tokens flattened, one bmm + in-place addcmul_ forward and four bmm backward
         # (kernels.torch_fused): no (..., n, C) temporaries beyond the output and ∂x.
         return merge_streams(x, h_res.to(x.dtype).expand(*lead, n, n), h_post.to(x.dtype).expand(*lead, n),
-                             y.to(x.dtype))
+                             y.to(x.dtype), slot)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.branch is None:

@@ -24,7 +24,32 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["stream_pre", "rms_projection", "merge_streams"]
+__all__ = ["stream_pre", "rms_projection", "merge_streams", "StreamGradSlot"]
+
+
+class StreamGradSlot:
+    """Lets the three ops of one layer write ∂x into a single buffer.
+
+    Pass the same slot to :func:`merge_streams`, :func:`stream_pre` and
+    :func:`rms_projection` of one layer call. Autograd runs their backward in that order
+    whenever all three are in the graph (the merge consumes the branch output built from
+    ``stream_pre``, and both consume coefficients built from ``rms_projection``), so the
+    merge leaves its ∂x in the slot and returns none, ``stream_pre`` adds its part in
+    place, and ``rms_projection`` adds its own and returns the sum: one (..., n, C)
+    buffer instead of three plus two sums. Only plain backward passes defer; with
+    ``create_graph=True`` (grad mode on inside backward) every op returns its own ∂x.
+    HyperConnection uses a slot only when its coefficients are dynamic, so the
+    projection that finally returns the buffer is always part of the graph.
+    """
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad = None
+
+
+def _deferring(slot) -> bool:
+    return slot is not None and not torch.is_grad_enabled()
 
 
 def _no_autocast(t: torch.Tensor):
@@ -38,7 +63,8 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 class _StreamPre(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h_pre):
+    def forward(ctx, x, h_pre, slot):
+        ctx.slot = slot
         ctx.save_for_backward(x, h_pre)
         with _no_autocast(x):
             u = torch.bmm(h_pre.reshape(-1, 1, x.shape[-2]), _tokens(x))        # (M, 1, C)
@@ -50,22 +76,27 @@ class _StreamPre(torch.autograd.Function):
         grad = grad.to(x.dtype)
         grad_x = grad_h = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mul(h_pre.unsqueeze(-1), grad.unsqueeze(-2))            # fresh (..., n, C)
+            slot = ctx.slot
+            if _deferring(slot) and slot.grad is not None:
+                slot.grad.addcmul_(h_pre.unsqueeze(-1), grad.unsqueeze(-2))          # into the merge's ∂x
+            else:
+                grad_x = torch.mul(h_pre.unsqueeze(-1), grad.unsqueeze(-2))        # fresh (..., n, C)
         if ctx.needs_input_grad[1]:
             grad_h = torch.bmm(_tokens(x), grad.reshape(-1, x.shape[-1], 1)).view(h_pre.shape)
-        return grad_x, grad_h
+        return grad_x, grad_h, None
 
 
-def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+def stream_pre(x: torch.Tensor, h_pre: torch.Tensor, slot: StreamGradSlot | None = None) -> torch.Tensor:
     """``Σ_j h_pre[j] x[j]`` per token: x (..., n, C), h_pre (..., n) → (..., C)."""
     if h_pre.shape != x.shape[:-1]:
         raise ValueError(f"h_pre: expected shape {tuple(x.shape[:-1])}, got {tuple(h_pre.shape)}")
-    return _StreamPre.apply(x, h_pre)
+    return _StreamPre.apply(x, h_pre, slot)
 
 
 class _RMSProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, phi, eps):
+    def forward(ctx, x, phi, eps, slot):
+        ctx.slot = slot
         flat = x.reshape(-1, phi.shape[0])                                          # (M, K)
         with _no_autocast(x):
             proj = flat @ phi                                                       # (M, N)
@@ -88,16 +119,26 @@ class _RMSProjection(torch.autograd.Function):
             # out = proj·r, r = (mean(x²) + ε)^(-1/2): ∂r/∂x = −r³·x/K, so the RMS part of
             # ∂x is x · (−r³/K · Σ_j grad_j proj_j), one scale per token.
             row_scale = (grad * proj).sum(-1, keepdim=True) * inv_rms.pow(3) * (-1.0 / K)
-            grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-            g2 = grad_x.view(-1, K)
-            torch.mm(grad_proj, phi.t(), out=g2)
-            g2.addcmul_(flat, row_scale)                                             # one in-place pass
+            slot = ctx.slot
+            if torch.is_grad_enabled():  # create_graph=True: differentiable, no out=
+                grad_x = torch.addcmul(grad_proj @ phi.t(), flat, row_scale).view(x.shape)
+            else:
+                if _deferring(slot) and slot.grad is not None:
+                    grad_x, slot.grad = slot.grad, None                              # the layer's ∂x so far
+                    g2 = grad_x.view(-1, K)
+                    g2.addmm_(grad_proj, phi.t())
+                else:
+                    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+                    g2 = grad_x.view(-1, K)
+                    torch.mm(grad_proj, phi.t(), out=g2)
+                g2.addcmul_(flat, row_scale)                                         # one in-place pass
         if ctx.needs_input_grad[1]:
             grad_phi = flat.t() @ grad_proj
-        return grad_x, grad_phi, None
+        return grad_x, grad_phi, None, None
 
 
-def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float,
+                   slot: StreamGradSlot | None = None) -> torch.Tensor:
     """``(vec(x) @ phi) * rsqrt(mean(x², over n·C) + eps)``: x (..., n, C), phi (n·C, N) → (..., N).
 
     The RMS scale is applied after the GEMM (a per-token scalar), so the streams are read
@@ -107,12 +148,13 @@ def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tens
     if x.dim() < 2 or phi.dim() != 2 or x.shape[-2] * x.shape[-1] != phi.shape[0]:
         raise ValueError(f"phi: expected shape ({x.shape[-2] * x.shape[-1] if x.dim() >= 2 else 'n·C'}, N), "
                          f"got {tuple(phi.shape)}")
-    return _RMSProjection.apply(x, phi, float(eps))
+    return _RMSProjection.apply(x, phi, float(eps), slot)
 
 
 class _MergeStreams(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h_res, h_post, y):
+    def forward(ctx, x, h_res, h_post, y, slot):
+        ctx.slot = slot
         ctx.save_for_backward(x, h_res, h_post, y)
         n, C = x.shape[-2:]
         # bmm then one in-place addcmul_: the output is written once and updated once,
@@ -130,19 +172,24 @@ class _MergeStreams(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = grad_res = grad_post = grad_y = None
         if needs[0]:                                                                 # Σ_i h[i,j] g[i]
-            grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-            torch.bmm(h_res.reshape(-1, n, n).mT, g, out=grad_x.view(-1, n, C))
+            if torch.is_grad_enabled():  # create_graph=True: differentiable, no out=
+                grad_x = torch.bmm(h_res.reshape(-1, n, n).mT, g).view(x.shape)
+            else:
+                grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+                torch.bmm(h_res.reshape(-1, n, n).mT, g, out=grad_x.view(-1, n, C))
+            if _deferring(ctx.slot):
+                ctx.slot.grad, grad_x = grad_x, None     # stream_pre and rms_projection add theirs
         if needs[1]:                                                                 # ⟨g[i], x[j]⟩
             grad_res = torch.bmm(g, _tokens(x).mT).view(h_res.shape)
         if needs[2]:                                                                 # ⟨g[i], y⟩
             grad_post = torch.bmm(g, y.reshape(-1, C, 1)).view(h_post.shape)
         if needs[3]:                                                                 # Σ_i h[i] g[i]
             grad_y = torch.bmm(h_post.reshape(-1, 1, n), g).view(y.shape)
-        return grad_x, grad_res, grad_post, grad_y
+        return grad_x, grad_res, grad_post, grad_y, None
 
 
 def merge_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
-                  y: torch.Tensor) -> torch.Tensor:
+                  y: torch.Tensor, slot: StreamGradSlot | None = None) -> torch.Tensor:
     """``h_res @ x + h_post ⊗ y`` per token, all operands in one dtype:
     x (..., n, C), h_res (..., n, n), h_post (..., n), y (..., C) → (..., n, C)."""
     lead, (n, C) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
@@ -150,4 +197,4 @@ def merge_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
             or tuple(y.shape) != lead + (C,):
         raise ValueError(f"merge_streams: expected h_res {lead + (n, n)}, h_post {lead + (n,)}, y {lead + (C,)}; "
                          f"got {tuple(h_res.shape)}, {tuple(h_post.shape)}, {tuple(y.shape)}")
-    return _MergeStreams.apply(x, h_res, h_post, y)
+    return _MergeStreams.apply(x, h_res, h_post, y, slot)
