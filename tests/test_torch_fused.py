@@ -152,3 +152,24 @@ def test_layer_partial_and_repeated_backward():
     want = torch.autograd.grad(_plain_layer(layer, x), [x, layer.phi, layer.branch.weight], g)
     for a, b in zip((dx, dphi, dw), want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_stale_buffer_from_partial_backward_is_ignored():
+    """A partial backward (retain_graph) in which the merge left its ∂x but the projection
+    never ran must not leak that ∂x into a later backward that skips the merge."""
+    from hyperconn import HyperConnection
+    torch.manual_seed(2)
+    layer = HyperConnection(8, 3, torch.nn.Linear(8, 8), variant="hc", alpha_init=0.3)
+    x = torch.randn(2, 4, 3, 8, requires_grad=True)
+    u = layer.pre(x)
+    out = layer.post(x, layer.branch(u))
+    torch.autograd.grad(out, [layer.branch.weight], torch.randn_like(out), retain_graph=True)
+    (dx,) = torch.autograd.grad(u.square().sum(), [x])            # the merge is not in this graph
+    plain = x.detach().clone().requires_grad_()
+    n, C = 3, 8
+    flat = plain.reshape(2, 4, n * C)
+    proj = layer.mixer.dynamic_activation(
+        (flat @ layer.phi) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + layer.norm_eps))
+    h_pre = layer.mixer.map_pre_post(layer.b_pre + layer.alpha[0] * proj[..., :n], proj[..., n:2 * n])[0]
+    (want,) = torch.autograd.grad(torch.einsum("...n,...nc->...c", h_pre, plain).square().sum(), [plain])
+    torch.testing.assert_close(dx, want, rtol=1e-4, atol=1e-5)

@@ -42,14 +42,27 @@ class StreamGradSlot:
     projection that finally returns the buffer is always part of the graph.
     """
 
-    __slots__ = ("grad",)
+    __slots__ = ("grad", "task")
 
     def __init__(self):
         self.grad = None
+        self.task = None  # the backward pass (graph task) that left ``grad``
+
+
+# The id of the running backward pass: a buffer left by an earlier partial backward
+# (retain_graph=True, the projection never reached) must not be picked up by a later one.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _deferring(slot) -> bool:
-    return slot is not None and not torch.is_grad_enabled()
+    return slot is not None and _graph_task_id is not None and not torch.is_grad_enabled()
+
+
+def _pending(slot):
+    """The ∂x buffer the merge left in this backward pass, or None."""
+    if _deferring(slot) and slot.grad is not None and slot.task == _graph_task_id():
+        return slot.grad
+    return None
 
 
 def _no_autocast(t: torch.Tensor):
@@ -76,9 +89,9 @@ class _StreamPre(torch.autograd.Function):
         grad = grad.to(x.dtype)
         grad_x = grad_h = None
         if ctx.needs_input_grad[0]:
-            slot = ctx.slot
-            if _deferring(slot) and slot.grad is not None:
-                slot.grad.addcmul_(h_pre.unsqueeze(-1), grad.unsqueeze(-2))          # into the merge's ∂x
+            pending = _pending(ctx.slot)
+            if pending is not None:
+                pending.addcmul_(h_pre.unsqueeze(-1), grad.unsqueeze(-2))            # into the merge's ∂x
             else:
                 grad_x = torch.mul(h_pre.unsqueeze(-1), grad.unsqueeze(-2))        # fresh (..., n, C)
         if ctx.needs_input_grad[1]:
@@ -129,8 +142,9 @@ class _RMSProjection(torch.autograd.Function):
             if torch.is_grad_enabled():  # create_graph=True: differentiable, no out=
                 grad_x = torch.addcmul(grad_proj @ phi_t, flat, row_scale).view(x.shape)
             else:
-                if _deferring(slot) and slot.grad is not None:
-                    grad_x, slot.grad = slot.grad, None                              # the layer's ∂x so far
+                pending = _pending(slot)
+                if pending is not None:
+                    grad_x, slot.grad = pending, None                                # the layer's ∂x so far
                     g2 = grad_x.view(-1, K)
                     g2.addmm_(grad_proj, phi_t)
                 else:
@@ -184,8 +198,8 @@ class _MergeStreams(torch.autograd.Function):
             else:
                 grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
                 torch.bmm(h_t, g, out=grad_x.view(-1, n, C))
-            if _deferring(ctx.slot):
-                ctx.slot.grad, grad_x = grad_x, None     # stream_pre and rms_projection add theirs
+            if _deferring(ctx.slot):                     # stream_pre and rms_projection add theirs
+                ctx.slot.grad, ctx.slot.task, grad_x = grad_x, _graph_task_id(), None
         if needs[1]:                                                                 # ⟨g[i], x[j]⟩
             grad_res = torch.bmm(g, _tokens(x).mT).view(h_res.shape)
         if needs[2]:                                                                 # ⟨g[i], y⟩
