@@ -163,7 +163,7 @@ def test_iso_ns_orthogonal_near_identity(batch, n, dtype, seed):
     # block is well conditioned (κ ≤ 2, see iso_project's docstring); at n = 8 most such
     # draws have κ > 2, where we assert the weaker, still useful, contraction property.
     raw = torch.eye(n, dtype=dtype) + randn(batch + (n, n), dtype, seed, 0.3)
-    h = iso_project(raw, method="ns", steps=5)
+    h = iso_project(raw, method="ns-cubic", steps=5)
     err = (h.mT @ h - torch.eye(n, dtype=dtype)).norm(dim=(-2, -1))
     if n <= 2:
         assert err.max().item() <= 1e-6
@@ -171,7 +171,7 @@ def test_iso_ns_orthogonal_near_identity(batch, n, dtype, seed):
     sv = torch.linalg.svdvals(_perp_block(raw.double()))
     well = sv[..., -1] * 2 >= sv[..., 0]
     assert (err[well] <= 1e-3).all()
-    more = iso_project(raw, method="ns", steps=12)
+    more = iso_project(raw, method="ns-cubic", steps=12)
     err_more = (more.mT @ more - torch.eye(n, dtype=dtype)).norm(dim=(-2, -1))
     assert (err_more <= err + 1e-5).all()
 
@@ -179,7 +179,7 @@ def test_iso_ns_orthogonal_near_identity(batch, n, dtype, seed):
 def test_iso_ns_converges_with_identity_like_inputs_for_all_n():
     for n in range(1, 9):
         raw = torch.eye(n, dtype=torch.float64) + randn((64, n, n), torch.float64, n, 0.05)
-        h = iso_project(raw, method="ns", steps=5)
+        h = iso_project(raw, method="ns-cubic", steps=5)
         assert (h.mT @ h - torch.eye(n, dtype=torch.float64)).norm(dim=(-2, -1)).max() <= 1e-3
 
 

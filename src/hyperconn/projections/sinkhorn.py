@@ -146,15 +146,80 @@ class _UnrolledSinkhorn(torch.autograd.Function):
         return _unrolled_backward(_log_sinkhorn_trace(logits, ctx.iters), grad_p), None
 
 
+def _marginal_system(p: torch.Tensor) -> torch.Tensor:
+    """The (…, 2n, 2n) Jacobian of P's marginals w.r.t. its log-scalings, deflated.
+
+    With ``P(α, β) = P ⊙ exp(α 1ᵀ + 1 βᵀ)`` the marginals ``(P1, Pᵀ1)`` move by
+    ``J [dα; dβ]``, ``J = [diag(P1) P; Pᵀ diag(Pᵀ1)]``. Built from P's *actual* marginals,
+    J has the exact null vector ``v = (1, −1)`` (a shift of α against β leaves P alone)
+    and every right-hand side we solve is orthogonal to it, so ``J + v vᵀ/(2n)`` is
+    solved instead: the same solutions, minus the null direction. (Assuming the marginals
+    are exactly 1, as a pseudo-inverse of ``[I P; Pᵀ I]`` does, leaves an eigenvalue of
+    O(column error²) that a tolerance cannot tell from zero.) A tiny ridge keeps the
+    solve defined when P is numerically a permutation (the graph of its positive entries
+    disconnected, a larger null space); it moves no solution of a connected P measurably.
+    """
+    n = p.shape[-1]
+    rows, cols = p.sum(-1), p.sum(-2)
+    top = torch.cat([torch.diag_embed(rows), p], dim=-1)
+    bottom = torch.cat([p.mT, torch.diag_embed(cols)], dim=-1)
+    system = torch.cat([top, bottom], dim=-2)
+    v = torch.cat([torch.ones(n, dtype=p.dtype, device=p.device),
+                   -torch.ones(n, dtype=p.dtype, device=p.device)])
+    ridge = 1e-13 * torch.eye(2 * n, dtype=p.dtype, device=p.device)
+    return system + torch.outer(v, v) / (2 * n) + ridge
+
+
+def _solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``system⁻¹ rhs`` for (…, m, m), (…, m); non-finite systems give NaN (no raise)."""
+    finite = torch.isfinite(system).all((-2, -1), keepdim=True)
+    safe = torch.where(finite, system, torch.eye(system.shape[-1], dtype=system.dtype, device=system.device))
+    sol = torch.linalg.solve_ex(safe, rhs.unsqueeze(-1))[0].squeeze(-1)
+    return torch.where(finite.squeeze(-1), sol, torch.full_like(sol, float("nan")))
+
+
+# Newton steps that polish the saved iterate onto the exact fixed point in backward.
+_NEWTON_STEPS = 6
+
+
+def _polish_fixed_point(p: torch.Tensor) -> torch.Tensor:
+    """Newton's method on the log-scalings: P ⊙ exp(α1ᵀ + 1βᵀ) → doubly stochastic.
+
+    The forward's iterate has exact rows but columns converged only as far as its
+    iterations allowed (~1e-2 for peaked logits at 20); the fixed point it converges to
+    has the same logits up to the scalings, so a few Newton steps from it (quadratic
+    convergence, same linear system as the adjoint) reach the fixed point to rounding.
+    A step that does not reduce a matrix's marginal error is halved (twice), then skipped.
+    """
+    n = p.shape[-1]
+    ones = torch.ones(n, dtype=p.dtype, device=p.device)
+
+    def error(q):
+        return torch.cat([q.sum(-1) - ones, q.sum(-2) - ones], dim=-1)
+
+    res = error(p)
+    for _ in range(_NEWTON_STEPS):
+        step = _solve(_marginal_system(p), -res)
+        # Full step, else a halved or quartered one (backtracking), per matrix.
+        for t in (1.0, 0.5, 0.25):
+            cand = p * torch.exp(t * (step[..., :n, None] + step[..., None, n:]))
+            cand_res = error(cand)
+            better = (cand_res.abs().amax(-1) < res.abs().amax(-1)) & torch.isfinite(cand_res).all(-1)
+            p = torch.where(better[..., None, None], cand, p)
+            res = torch.where(better[..., None], cand_res, res)
+    return p
+
+
 class _ImplicitSinkhorn(torch.autograd.Function):
     """Forward without a graph; backward differentiates the exact fixed point.
 
-    With P doubly stochastic and G = dL/dP, the gradient w.r.t. the logits is
-    ``P ⊙ (G − a 1ᵀ − 1 bᵀ)`` where ``[I P; Pᵀ I][a; b] = [(P⊙G)1; (P⊙G)ᵀ1]``.
-    The system has the one-dimensional null space (1, −1) (larger when P is a
-    permutation); every solution gives the same gradient, so the minimum-norm
-    solution from a symmetric pseudo-inverse is used. Memory is O(n²) per matrix,
-    independent of the number of iterations.
+    At the fixed point P (doubly stochastic) with G = dL/dP, the gradient w.r.t. the
+    logits is ``P ⊙ (G − a 1ᵀ − 1 bᵀ)`` where ``J [a; b] = [(P⊙G)1; (P⊙G)ᵀ1]``, J the
+    marginal Jacobian of :func:`_marginal_system` (null space (1, −1), deflated there).
+    The backward first polishes the saved iterate onto the fixed point
+    (:func:`_polish_fixed_point`), so the gradient is the fixed point's even when the
+    forward's ``iters`` left the columns off by ~1e-2. Everything runs in float64; only
+    P (O(n²) per matrix) is kept, independent of the number of iterations.
     """
 
     @staticmethod
@@ -167,16 +232,11 @@ class _ImplicitSinkhorn(torch.autograd.Function):
     def backward(ctx, grad_p: torch.Tensor):
         (p,) = ctx.saved_tensors
         n = p.shape[-1]
-        # Solve in float64: the block system is tiny and can be ill-conditioned.
-        p64, g64 = p.double(), grad_p.double()
+        p64 = _polish_fixed_point(p.double())
+        g64 = grad_p.double()
         pg = p64 * g64
-        rhs = torch.cat([pg.sum(-1), pg.sum(-2)], dim=-1).unsqueeze(-1)  # (..., 2n, 1)
-        eye = torch.eye(n, dtype=torch.float64, device=p.device).expand_as(p64)
-        system = torch.cat(
-            [torch.cat([eye, p64], dim=-1), torch.cat([p64.mT, eye], dim=-1)], dim=-2
-        )
-        ab = torch.linalg.pinv(system, hermitian=True) @ rhs
-        a, b = ab[..., :n, 0], ab[..., n:, 0]
+        ab = _solve(_marginal_system(p64), torch.cat([pg.sum(-1), pg.sum(-2)], dim=-1))
+        a, b = ab[..., :n], ab[..., n:]
         grad_logits = p64 * (g64 - a.unsqueeze(-1) - b.unsqueeze(-2))
         return grad_logits.to(grad_p.dtype), None
 
@@ -189,16 +249,28 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, backward: str = "unrolled") 
         iters: number of (column, row) normalisation rounds, ≥ 1.
         backward: ``"unrolled"`` gives the exact gradient of the truncated iteration
             (recomputed in backward, so only the logits are stored); ``"implicit"`` differentiates the exact fixed
-            point (memory independent of ``iters``; accurate when the forward converged).
+            point (only P is stored; see below).
 
     Returns:
         (..., n, n) tensor P in the input dtype with ``P ≥ 0``, rows summing to 1
         exactly (to rounding) and columns to 1 up to the convergence of ``iters`` rounds.
         fp16/bf16 inputs are computed in fp32.
 
+        Non-finite logits give NaN for that matrix (its gradient too), never an error.
+        ``backward="implicit"``: the gradient is that of the exact (converged) fixed point
+        whatever ``iters`` the forward ran: the backward first polishes the saved iterate
+        by Newton steps on its scalings (quadratic convergence), then solves the adjoint
+        system with its null space deflated; exact to ~1e-12 in float64 for logits of
+        std ≤ 2, n ≤ 8 (tested against finite differences of the converged map).
+
     Raises:
+        TypeError: if ``logits`` is not a floating-point tensor.
         ValueError: if ``logits`` is not (..., n, n), ``iters < 1`` or ``backward`` is unknown.
     """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"logits: expected a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got {got}")
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"logits: expected shape (..., n, n), got {tuple(logits.shape)}")
     if not isinstance(iters, int) or iters < 1:
