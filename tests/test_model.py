@@ -291,7 +291,7 @@ def test_connection_config_kwargs_and_describe():
     assert "streams" not in kw and kw["recompute"] is False
     fixed = ConnectionConfig("hybrid", hybrid_lambda="0.25", dynamic=False)
     assert fixed.layer_kwargs()["hybrid_lambda"] == 0.25
-    assert fixed.describe() == "hybrid n=4 static sinkhorn(20, unrolled) iso(ns, 5) lambda=0.25"
+    assert fixed.describe() == "hybrid n=4 static sinkhorn(20, unrolled) iso(ns) lambda=0.25"
     assert ConnectionConfig("residual", streams=1).describe() == "residual n=1"
     hc = HyperConnection(8, 4, torch.nn.Identity(), **fixed.layer_kwargs())
     assert hc.mixer.lam == 0.25

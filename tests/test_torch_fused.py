@@ -130,7 +130,11 @@ def test_layer_gradients_match_plain_autograd(variant):
     want = torch.autograd.grad(want_out, [x, *params], g)
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # Seven Newton-Schulz steps with coefficients up to ~12 amplify fp32 rounding of
+        # the (differently summed) inputs in backward: isohc's gradients agree to ~5e-6 of
+        # their largest entry, not elementwise to 1e-5 (polar: 1e-6; see iso.py).
+        atol = 1e-5 * max(1.0, float(b.abs().max())) if variant == "isohc" else 1e-5
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
 
 
 def test_layer_partial_and_repeated_backward():

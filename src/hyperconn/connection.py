@@ -9,7 +9,9 @@ from one fused projection of the RMS-normalised streams (mHC eq. 7-8):
 
 The RMS scaling is applied after the GEMM (it is a per-token scalar), so the projection
 reads the streams once. The variant (see :mod:`hyperconn.variants`) maps raw coefficients
-to (H_pre, H_post, H_res). Coefficients are computed in fp32 whatever the stream dtype.
+to (H_pre, H_post, H_res). Coefficients are computed in fp32 for fp16/bf16/fp32 layers
+and in fp64 for a float64 layer (``.double()``), and applied in that precision: half-precision
+streams are mixed with fp32 coefficients and accumulated in fp32.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as _kernels
+from .kernels import reference as _reference
 from .kernels.torch_fused import StreamGradSlot, merge_streams, rms_projection, stream_pre
 from .variants import VARIANTS, make_variant
 
 __all__ = ["HyperConnection", "expand_streams", "reduce_streams"]
 
 _RESIDUAL = object()  # marks a pending post() of the plain residual (no coefficients)
-# Stream dtypes the coefficient projection reads without a cast (see raw_coefficients), so
-# the three stream ops of a layer can share one gradient buffer.
-_SLOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Half-precision streams: the torch path mixes them with fp32 coefficients and fp32
+# accumulation (kernels.reference, the Triton kernels' rule) instead of rounding H_res.
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
@@ -82,7 +85,7 @@ class HyperConnection(nn.Module):
             :func:`hyperconn.kernels.resolve_backend`: ``"auto"`` takes the fused Triton
             kernels when the streams are on CUDA and Triton imports, torch otherwise.
         **options: ``sinkhorn_iters`` (20), ``sinkhorn_backward`` ("unrolled"|"implicit"),
-            ``iso_method`` ("ns"|"polar"), ``iso_steps`` (5), ``hybrid_lambda``
+            ``iso_method`` ("ns"|"ns-cubic"|"polar"), ``iso_steps`` (None: the method's default), ``hybrid_lambda``
             ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0), ``pre_init``
             ("default" | "uniform" | "onehot": the static H_pre at init; see
             :meth:`hyperconn.variants.Variant.static_init`).
@@ -129,44 +132,62 @@ class HyperConnection(nn.Module):
         else:
             self.b_pre, self.b_post, self.b_res = nn.Parameter(b_pre), nn.Parameter(b_post), nn.Parameter(b_res)
         if self.dynamic:
-            # φ ~ N(0, 1/(nC)): the normalised projection has unit-scale entries, α sets size.
-            self.phi = nn.Parameter(torch.randn(n * dim, n * n + 2 * n) / (n * dim) ** 0.5)
+            # φ ~ N(0, 1/(nC)) or 0, as the variant starts (Variant.phi_init); drawn either
+            # way, so the random stream and every later parameter are initialised as before.
+            phi = torch.randn(n * dim, n * n + 2 * n) / (n * dim) ** 0.5
+            self.phi = nn.Parameter(phi.zero_() if self.mixer.phi_init == "zero" else phi)
             self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))  # pre, post, res
         # Set to a callable(layer, h_pre, h_post, h_res, x) to receive coefficients.
         self.probe: Optional[Callable] = None
         self._pending = None
 
     # ------------------------------------------------------------------ coefficients
+    @property
+    def coefficient_dtype(self) -> torch.dtype:
+        """fp64 for a float64 layer, fp32 otherwise (also for fp16/bf16 layers)."""
+        return torch.float64 if self.b_res.dtype == torch.float64 else torch.float32
+
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor of shape (..., streams={self.streams}, dim={self.dim}), "
+                            f"got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected floating-point streams (float16, bfloat16, float32 or float64), "
+                            f"got {x.dtype}")
         if x.dim() < 2 or x.shape[-2] != self.streams or x.shape[-1] != self.dim:
             raise ValueError(
                 f"x: expected shape (..., streams={self.streams}, dim={self.dim}), got {tuple(x.shape)}"
             )
+        if x.dtype == torch.float64 and self.coefficient_dtype != torch.float64:
+            raise TypeError("x: float64 streams into a float32 HyperConnection; convert the layer "
+                            "with .double() or the streams with .float()")
 
     def raw_coefficients(self, x: torch.Tensor, grad_slot: Optional[StreamGradSlot] = None):
-        """Raw (pre (..., n), post (..., n), res (..., n, n)) in fp32; static: (n,), (n,), (n, n).
+        """Raw (pre (..., n), post (..., n), res (..., n, n)); static: (n,), (n,), (n, n).
 
+        In :attr:`coefficient_dtype` (fp32, or fp64 for a float64 layer).
         ``grad_slot`` (internal, CPU path): shared with the layer's pre and merge ops so
         that their stream gradients go into one buffer (see ``kernels.torch_fused``)."""
-        b_pre, b_post, b_res = self.b_pre.float(), self.b_post.float(), self.b_res.float()
+        cdtype = self.coefficient_dtype
+        b_pre, b_post, b_res = self.b_pre.to(cdtype), self.b_post.to(cdtype), self.b_res.to(cdtype)
         if not self.dynamic:
             return b_pre, b_post, b_res
         n = self.streams
         # Half-precision streams go into the GEMM as they are (fp32 accumulation, no fp32
-        # copy of x); anything else is computed in fp32.
-        xc = x if x.dtype in (torch.float16, torch.bfloat16) else x.float()
+        # copy of x); anything else is computed in the coefficient dtype.
+        xc = x if x.dtype in _HALF else x.to(cdtype)
         # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar.
         if x.is_cuda:
             flat = xc.reshape(*x.shape[:-2], n * self.dim)
             # Plain ops: autocast and torch.compile see them whole.
-            proj = (flat @ self.phi.to(flat.dtype)).float()
-            mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / flat.shape[-1]
+            proj = (flat @ self.phi.to(flat.dtype)).to(cdtype)
+            mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=cdtype).square() / flat.shape[-1]
             proj = proj * torch.rsqrt(mean_sq + self.norm_eps)
         else:
             # CPU: hand-written backward that writes ∂x once (see kernels.torch_fused).
-            proj = rms_projection(xc, self.phi.to(xc.dtype), self.norm_eps, grad_slot).float()
+            proj = rms_projection(xc, self.phi.to(xc.dtype), self.norm_eps, grad_slot).to(cdtype)
         proj = self.mixer.dynamic_activation(proj)
-        a_pre, a_post, a_res = self.alpha.float().unbind()
+        a_pre, a_post, a_res = self.alpha.to(cdtype).unbind()
         raw_pre = b_pre + a_pre * proj[..., :n]
         raw_post = b_post + a_post * proj[..., n:2 * n]
         raw_res = b_res + a_res * proj[..., 2 * n:].unflatten(-1, (n, n))
@@ -174,7 +195,8 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, x: torch.Tensor):
         """(H_pre, H_post, H_res) for input x (..., n, C): (..., n), (..., n), (..., n, n)
-        with dynamic coefficients, (n,), (n,), (n, n) static. fp32."""
+        with dynamic coefficients, (n,), (n,), (n, n) static; in :attr:`coefficient_dtype`."""
+        self._check_input(x)
         return self.mixer(*self.raw_coefficients(x))
 
     # ------------------------------------------------------------------ apply
@@ -184,7 +206,18 @@ class HyperConnection(nn.Module):
         return _kernels.resolve_backend(self.kernels, x) == "triton"
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Branch input ``H_pre x``: (..., n, C) → (..., C). Pair with :meth:`post`."""
+        """Branch input ``H_pre x``: (..., n, C) → (..., C). Pair with :meth:`post`.
+
+        Raises:
+            TypeError: for non-floating-point streams, or float64 streams into a layer
+                that is not float64.
+            ValueError: if the last two dimensions of ``x`` are not (streams, dim).
+        """
+        return self._pre(x, None)
+
+    def _pre(self, x: torch.Tensor, state: Optional[dict]) -> torch.Tensor:
+        # ``state``: the variant's mutable state as this forward saw it (see
+        # Variant.snapshot), so that a recompute in backward sees the same values.
         self._check_input(x)
         if self.variant_name == "residual" and self.probe is None:
             # The plain residual stays plain: x + F(x) with no coefficient ops at all, so
@@ -192,16 +225,21 @@ class HyperConnection(nn.Module):
             self._pending = _RESIDUAL
             return x.squeeze(-2)
         triton = self._use_triton(x)
-        # One ∂x buffer for the layer's three stream ops (torch path, dynamic coefficients,
-        # the projection being the op that returns it; not while torch.compile traces).
-        slot = StreamGradSlot() if (self.dynamic and not triton and x.dtype in _SLOT_DTYPES
+        # One ∂x buffer for the layer's three fp32 stream ops (torch path, dynamic
+        # coefficients, the projection being the op that returns it; not while
+        # torch.compile traces).
+        slot = StreamGradSlot() if (self.dynamic and not triton and x.dtype == torch.float32
+                                    and self.coefficient_dtype == torch.float32
                                     and not torch.compiler.is_compiling()) else None
-        h_pre, h_post, h_res = self.mixer(*self.raw_coefficients(x, slot))
+        h_pre, h_post, h_res = self.mixer(*self.raw_coefficients(x, slot), state=state)
         if self.probe is not None:
             self.probe(self, h_pre, h_post, h_res, x)
         self._pending = (h_post, h_res, slot)
         if triton:
             return _kernels.stream_pre(x, h_pre, backend="triton")
+        if x.dtype in _HALF:
+            # fp32 coefficients, fp32 accumulation, output in the stream dtype.
+            return _reference.stream_pre(x, h_pre)
         # Hand-written backward (kernels.torch_fused).
         return stream_pre(x, h_pre.to(x.dtype).expand(x.shape[:-1]), slot)
 
@@ -210,14 +248,19 @@ class HyperConnection(nn.Module):
         if self._pending is None:
             raise RuntimeError("post() called without a matching pre() on this HyperConnection")
         pending, self._pending = self._pending, None
-        if y.shape[-1] != self.dim:
-            raise ValueError(f"y: expected shape (..., dim={self.dim}), got {tuple(y.shape)}")
+        if not isinstance(y, torch.Tensor) or y.shape[-1:] != (self.dim,):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y: expected the branch output as a tensor of shape (..., dim={self.dim}), got {got}")
         if pending is _RESIDUAL:
             return x + y.unsqueeze(-2).to(x.dtype)
         h_post, h_res, slot = pending
         if self._use_triton(x):
             # One Triton kernel: reads the streams once, writes the result once.
             return _kernels.stream_merge(x, h_res, h_post, y, backend="triton")
+        if x.dtype in _HALF:
+            # Mix with the fp32 H_res (rounding it to bf16 would break its row sums by
+            # ~1e-3) and accumulate in fp32; the output is stored in the stream dtype.
+            return _reference.stream_merge(x, h_res, h_post, y)
         n, C = x.shape[-2:]
         lead = x.shape[:-2]
         # Tokens flattened, one bmm + in-place addcmul_ forward and four bmm backward
@@ -228,12 +271,15 @@ class HyperConnection(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.branch is None:
             raise RuntimeError("HyperConnection has no branch: pass one or use pre()/post()")
+        # The variant's mutable state (the Harmonized scale) as of this forward: a
+        # controller update before backward, or the recompute in backward, cannot change it.
+        state = self.mixer.snapshot()
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(self._apply_layer, x, *args, use_reentrant=False, **kwargs)
-        return self._apply_layer(x, *args, **kwargs)
+            return checkpoint(self._apply_layer, x, state, args, kwargs, use_reentrant=False)
+        return self._apply_layer(x, state, args, kwargs)
 
-    def _apply_layer(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.post(x, self.branch(self.pre(x), *args, **kwargs))
+    def _apply_layer(self, x: torch.Tensor, state, args, kwargs) -> torch.Tensor:
+        return self.post(x, self.branch(self._pre(x, state), *args, **kwargs))
 
     def extra_repr(self) -> str:
         extra = ", recompute=True" if self.recompute else ""

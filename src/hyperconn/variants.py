@@ -52,8 +52,19 @@ class Variant(nn.Module):
         self.layer_index = layer_index
         self.res_init = res_init
 
+    # Initial dynamic projection φ: "random" (N(0, 1/(nC)), the dynamic part then moves
+    # the coefficients by O(α) at init) or "zero" (the coefficients start exactly at the
+    # static map, as the HC paper initialises its dynamic weights).
+    phi_init = "random"
+
     def dynamic_activation(self, raw: torch.Tensor) -> torch.Tensor:
         return raw
+
+    def snapshot(self) -> dict:
+        """The variant's mutable state as of this forward (tensors copied), handed back to
+        :meth:`forward` so that state changed after the forward (a controller update before
+        backward) does not reach its backward or its recompute. Empty by default."""
+        return {}
 
     def static_init(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Initial (b_pre (n,), b_post (n,), b_res (n, n)).
@@ -75,12 +86,16 @@ class Variant(nn.Module):
     def map_pre_post(self, raw_pre, raw_post):
         return torch.sigmoid(raw_pre), 2.0 * torch.sigmoid(raw_post)
 
-    def map_res(self, raw_res: torch.Tensor) -> torch.Tensor:
+    def map_res(self, raw_res: torch.Tensor, state: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, raw_pre, raw_post, raw_res):
+    def forward(self, raw_pre, raw_post, raw_res, state: dict | None = None):
+        """(H_pre, H_post, H_res) from raw coefficients; ``state`` from :meth:`snapshot`
+        (None: take a snapshot now)."""
+        if state is None:
+            state = self.snapshot()
         h_pre, h_post = self.map_pre_post(raw_pre, raw_post)
-        return h_pre, h_post, self.map_res(raw_res)
+        return h_pre, h_post, self.map_res(raw_res, state)
 
     def extra_repr(self) -> str:
         return f"streams={self.streams}, res_init={self.res_init}"
@@ -91,7 +106,7 @@ class Residual(Variant):
 
     name = "residual"
 
-    def forward(self, raw_pre, raw_post, raw_res):
+    def forward(self, raw_pre, raw_post, raw_res, state=None):
         one = torch.ones_like(raw_pre)
         return one, one, torch.ones_like(raw_res)
 
@@ -99,13 +114,16 @@ class Residual(Variant):
 class HC(Variant):
     """Unconstrained Hyper-Connections (arXiv:2409.19606).
 
-    No activation on the static part, tanh on the dynamic part. Init equivalent to
-    Pre-Norm: H_res = I, H_pre one-hot at ``layer_index % n`` (``pre_init="uniform"``:
-    1/n each instead), H_post all ones.
+    No activation on the static part, tanh on the dynamic part. Init exactly Pre-Norm, as
+    the HC paper (and the public ``hyper-connections`` package) start: H_res = I, H_pre
+    one-hot at ``layer_index % n`` (``pre_init="uniform"``: 1/n each instead), H_post all
+    ones, and the dynamic projection φ = 0, so with ``dynamic=True`` the coefficients
+    start exactly at the static map (α = 0.01 only scales what φ learns).
     """
 
     name = "hc"
     pre_init = "onehot"
+    phi_init = "zero"
 
     def dynamic_activation(self, raw):
         return torch.tanh(raw)
@@ -122,7 +140,7 @@ class HC(Variant):
     def map_pre_post(self, raw_pre, raw_post):
         return raw_pre, raw_post
 
-    def map_res(self, raw_res):
+    def map_res(self, raw_res, state):
         return raw_res
 
 
@@ -136,21 +154,26 @@ class MHC(Variant):
         self.sinkhorn_iters = sinkhorn_iters
         self.sinkhorn_backward = sinkhorn_backward
 
-    def map_res(self, raw_res):
+    def map_res(self, raw_res, state):
         return _sinkhorn(raw_res, self.sinkhorn_iters, self.sinkhorn_backward, self.kernels)
 
 
 class IsoHC(Variant):
-    """IsoHC: H_res on M_iso (orthogonal, mean-preserving) by Iso-NS or exact polar."""
+    """IsoHC: H_res on M_iso (orthogonal, mean-preserving) by Newton-Schulz or exact polar.
+
+    ``iso_method``: "ns" (default; per-step optimal coefficients, converged for condition
+    numbers ≤ ~500), "ns-cubic" (the source's cubic iteration) or "polar" (SVD);
+    ``iso_steps``: None for the method's default (see :func:`hyperconn.iso_project`).
+    """
 
     name = "isohc"
 
-    def __init__(self, streams, layer_index, res_init, iso_method="ns", iso_steps=5):
+    def __init__(self, streams, layer_index, res_init, iso_method="ns", iso_steps=None):
         super().__init__(streams, layer_index, res_init)
         self.iso_method = iso_method
         self.iso_steps = iso_steps
 
-    def map_res(self, raw_res):
+    def map_res(self, raw_res, state):
         return iso_project(raw_res, self.iso_method, self.iso_steps)
 
 
@@ -160,7 +183,7 @@ class Hybrid(Variant):
     name = "hybrid"
 
     def __init__(self, streams, layer_index, res_init, sinkhorn_iters=20, sinkhorn_backward="unrolled",
-                 iso_method="ns", iso_steps=5, hybrid_lambda="learned"):
+                 iso_method="ns", iso_steps=None, hybrid_lambda="learned"):
         super().__init__(streams, layer_index, res_init)
         self.sinkhorn_iters, self.sinkhorn_backward = sinkhorn_iters, sinkhorn_backward
         self.iso_method, self.iso_steps = iso_method, iso_steps
@@ -175,7 +198,7 @@ class Hybrid(Variant):
     def lam(self):
         return torch.sigmoid(self.lambda_logit) if self.lambda_logit is not None else self.fixed_lambda
 
-    def map_res(self, raw_res):
+    def map_res(self, raw_res, state):
         h_iso = iso_project(raw_res, self.iso_method, self.iso_steps)
         h_birk = _sinkhorn(raw_res, self.sinkhorn_iters, self.sinkhorn_backward, self.kernels)
         return hybrid_mix(h_iso, h_birk, self.lam)
@@ -185,7 +208,9 @@ class Harmonized(Variant):
     """Harmonized HC: H_res = I + s·(H_raw − I), H_raw = I + ε·Θ.
 
     ``s`` is a buffer written by :class:`hyperconn.HarmonizedController` (one global value
-    for the whole model, no gradient through it); it stays 1 without a controller.
+    for the whole model, no gradient through it); it stays 1 without a controller. Each
+    forward uses a copy of ``s`` taken when it ran (:meth:`snapshot`), so the controller
+    may update before or after backward, with or without recompute.
     """
 
     name = "harmonized"
@@ -199,9 +224,12 @@ class Harmonized(Variant):
         eye = torch.eye(self.streams, dtype=raw_res.dtype, device=raw_res.device)
         return eye + self.harmonized_eps * raw_res
 
-    def map_res(self, raw_res):
+    def snapshot(self) -> dict:
+        return {"scale": self.scale.detach().clone()}
+
+    def map_res(self, raw_res, state):
         eye = torch.eye(self.streams, dtype=raw_res.dtype, device=raw_res.device)
-        return eye + self.scale.to(raw_res.dtype) * (self.raw_transport(raw_res) - eye)
+        return eye + state["scale"].to(raw_res.dtype) * (self.raw_transport(raw_res) - eye)
 
 
 _CLASSES = {c.name: c for c in (Residual, HC, MHC, IsoHC, Hybrid, Harmonized)}
@@ -224,8 +252,9 @@ ALL_VARIANT_OPTIONS = tuple(sorted({o for opts in _OPTIONS.values() for o in opt
 def _check_option(name, value):
     if name == "sinkhorn_iters" and (not isinstance(value, int) or value < 1):
         raise ValueError(f"sinkhorn_iters: expected a positive integer, got {value!r}")
-    if name == "iso_steps" and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"iso_steps: expected a positive integer, got {value!r}")
+    if name == "iso_steps" and value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                                      or value < 1):
+        raise ValueError(f"iso_steps: expected None (the method's default) or a positive integer, got {value!r}")
     if name == "sinkhorn_backward" and value not in SINKHORN_BACKWARDS:
         raise ValueError(f"sinkhorn_backward: expected one of {SINKHORN_BACKWARDS}, got {value!r}")
     if name == "iso_method" and value not in ISO_METHODS:

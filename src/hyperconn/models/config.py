@@ -43,7 +43,8 @@ class ConnectionConfig:
         res_init: diagonal of the static raw H̃_res; None takes the variant's default
             (see ``HyperConnection``).
         sinkhorn_iters, sinkhorn_backward: mhc / hybrid Sinkhorn options.
-        iso_method, iso_steps: isohc / hybrid projection options.
+        iso_method, iso_steps: isohc / hybrid projection options (``iso_steps`` None: the
+            method's default number of steps, see ``hyperconn.iso_project``).
         hybrid_lambda: ``"learned"`` or a number in [0, 1] written as a string (``"0.5"``)
             so command lines stay simple; converted to float for the layer.
         harmonized_eps: ε of Harmonized HC (H_raw = I + εΘ).
@@ -68,7 +69,7 @@ class ConnectionConfig:
     sinkhorn_iters: int = 20
     sinkhorn_backward: str = "unrolled"
     iso_method: str = "ns"
-    iso_steps: int = 5
+    iso_steps: Optional[int] = None
     hybrid_lambda: str = "learned"
     harmonized_eps: float = 1.0
     pre_init: str = "default"
@@ -122,7 +123,8 @@ class ConnectionConfig:
         if v in ("mhc", "hybrid"):
             parts.append(f"sinkhorn({self.sinkhorn_iters}, {self.sinkhorn_backward})")
         if v in ("isohc", "hybrid"):
-            parts.append(f"iso({self.iso_method}, {self.iso_steps})")
+            parts.append(f"iso({self.iso_method})" if self.iso_steps is None
+                         else f"iso({self.iso_method}, {self.iso_steps})")
         if v == "hybrid":
             parts.append(f"lambda={self.hybrid_lambda}")
         if v == "harmonized":
