@@ -5,11 +5,12 @@ an orthonormal basis of 1^⊥ (Helmert) and ``Q`` orthogonal (n−1)×(n−1). W
 raw matrix by taking ``A = Uᵀ H̃ U`` to its orthogonal polar factor:
 
 * ``method="ns"`` (default): Newton-Schulz with per-step optimal quintic coefficients
-  (``X ← a X + b X XᵀX + c X (XᵀX)²`` from ``X0 = A/‖AᵀA‖_F^{1/2}``, seven steps whose
+  (``X ← a X + b X XᵀX + c X (XᵀX)²`` from ``X0 = A/‖AᵀA‖_F^{1/2}``, twelve steps whose
   coefficients are the minimax polynomials of ``scripts/polar_express_coefficients.py``).
   Only matrix products, so it runs well batched on a GPU; every block of condition
-  number ≤ ~500 (n ≤ 16) reaches ‖HᵀH − I‖_F ≤ 1e-3 in float32, without a data-dependent
-  number of steps.
+  number up to ~5e5 (n ≤ 16) reaches float32 rounding (‖HᵀH − I‖_F ≈ 1e-6), without a
+  data-dependent number of steps. (The range matters: a layer's per-token blocks at a
+  trained-like spread have condition numbers up to ~5e4 in a few tokens per thousand.)
 * ``method="ns-cubic"``: the IsoHC source's plain cubic iteration
   ``X ← 1.5 X − 0.5 X XᵀX`` (5 steps by default, from a power-iteration scale). It
   converges only for well-conditioned blocks (≤ 1e-3 needs condition number ≤ ~2.7 at
@@ -25,7 +26,9 @@ Degenerate inputs (documented behaviour, tested):
   exact isometry); the Newton-Schulz methods cannot lift a zero singular value and return
   a partial isometry (‖H‖₂ ≤ 1, ``HᵀH ≠ I``); ask ``tol=`` to be told. Gradients stay
   finite and bounded: ``polar``'s Sylvester denominators ``σ_i + σ_j`` are floored at
-  1e-3·σ_max (so ‖∂‖ ≤ ~1e3·‖G‖/σ_max), and the Newton-Schulz composite has slope ≤ ~4e3 at zero.
+  1e-3·σ_max (so ‖∂‖ ≤ ~1e3·‖G‖/σ_max); the ``ns`` composite has slope ~2e7 at zero
+  (the price of converging up to condition ~5e5: the exact polar factor's derivative
+  grows like 1/σ_min too), ``ns-cubic`` 7.6.
 * n = 2: the block is 1×1 and O(1) = {±1}: the result is ``sign(a)`` with sign(0) = +1,
   i.e. either the identity or the swap of the two streams; its gradient is zero (the
   result keeps a graph). n = 1: the only member is [[1]].
@@ -48,16 +51,21 @@ ISO_METHODS = ("ns", "ns-cubic", "polar")
 
 # Per-step (a, b, c) of the default Newton-Schulz iteration, printed by
 # scripts/polar_express_coefficients.py: minimax-optimal odd quintics for singular values in
-# [1e-3, 1], each step but the last normalised (and, while expansive, read with a 1.01
-# safety margin). The composite maps [1e-3, 1] into [1 − 1.6e-9, 1 + 1.6e-9].
+# [1e-6, 1], each step but the last normalised (and, while expansive, read with a 1.01
+# safety margin); the composite maps [1e-6, 1] to within 1e-8 of 1.
 NS_COEFFICIENTS = (
-    (4.2111055569787945, -12.236970253138443, 8.90052961466939),
-    (4.198578587633839, -12.134005374254073, 8.811631721987823),
-    (4.1457789386533745, -11.706415829366593, 8.44320680523274),
-    (3.9262707688976146, -10.037043147291742, 7.017670396595609),
-    (3.1664682145934133, -5.491748213367996, 3.2920910498550446),
-    (2.1134974807474753, -1.7722712928681643, 0.6577866973704332),
-    (1.8775467720090189, -1.2550987315804243, 0.3775519611340168),
+    (4.214997231469088, -12.269076825489435, 8.928263738012765),
+    (4.214984711611393, -12.268973445171138, 8.928174426032314),
+    (4.214931940337476, -12.268537702954776, 8.927797981816044),
+    (4.214709508302915, -12.266701154611413, 8.926211373543696),
+    (4.213771938542859, -12.258961979315284, 8.91952567668623),
+    (4.209819772752505, -12.226374870294606, 8.89137861609433),
+    (4.193157411778701, -12.08962733797473, 8.773337751783515),
+    (4.122962453959225, -11.524816169977015, 8.287111569880764),
+    (3.834392179234532, -9.388570927696124, 6.470269160320913),
+    (2.9336454975276496, -4.439919096939834, 2.4847251772186283),
+    (2.003911436783287, -1.5201156266350007, 0.5159095282057078),
+    (1.8755197172955622, -1.251039650665217, 0.37551993338295864),
 )
 # Steps beyond the schedule (``steps=`` larger, or ``tol=``): the classical quintic
 # Newton-Schulz polynomial (15x − 10x³ + 3x⁵)/8, third-order convergent at 1.
@@ -231,7 +239,10 @@ def _orthogonal_factor(a: torch.Tensor, method: str, steps: int, tol) -> torch.T
         finite = torch.isfinite(a).all(-1, keepdim=True).all(-2, keepdim=True)
         q = _PolarFactor.apply(torch.where(finite, a, 0.0).double()).to(a.dtype)
         return torch.where(finite, q, float("nan"))
-    return _newton_schulz(a, method, steps, tol)
+    # float64 for the tiny blocks: the early steps of the wide-range schedule push some
+    # singular values down to ~1e-2 on their way to 1, where float32 rounding would move
+    # the polar factor by ~1e-5; in float64 the result is the polar factor to ~1e-7.
+    return _newton_schulz(a.double(), method, steps, tol).to(a.dtype)
 
 
 def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = None,
@@ -244,10 +255,10 @@ def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = No
             ``"ns-cubic"`` (the IsoHC source's cubic iteration) or ``"polar"`` (exact SVD).
             See the module docstring.
         steps: Newton-Schulz steps, ≥ 1 (ignored by ``"polar"``). None: the method's
-            default, 7 for ``"ns"`` (its whole schedule; fewer truncates it, more appends
+            default, 12 for ``"ns"`` (its whole schedule; fewer truncates it, more appends
             classical quintic steps) and 5 for ``"ns-cubic"``. With the default, ``"ns"``
-            reaches ‖HᵀH − I‖_F ≤ 1e-3 in float32 for every block of condition number
-            ≤ 100 at n ≤ 16 (measured ≤ ~1e-5; table in docs/invariants.md).
+            reaches ‖HᵀH − I‖_F ≤ 2e-6 in float32 for every block of condition number
+            ≤ 1e5 at n ≤ 16 (table in docs/invariants.md).
         tol: ask for convergence: keep iterating past ``steps`` (one host sync per extra
             step, at most 64 steps in all) until every block has ‖QᵀQ − I‖_F ≤ ``tol``;
             a ``RuntimeWarning`` names the blocks that cannot get there (rank-deficient
