@@ -64,8 +64,11 @@ def _lists_to_tuples(x):
     return tuple(_lists_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write ``state`` (plus ``version``) to ``path``."""
+def save_checkpoint(path: Path, state: dict[str, Any], before_replace=None) -> None:
+    """Atomically write ``state`` (plus ``version``) to ``path``.
+
+    ``before_replace(tmp_path)``, if given, runs once the complete file is on disk and
+    before it replaces ``path`` (the training loop records its checksum there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -74,6 +77,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             torch.save({"version": VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -110,9 +115,11 @@ def read_checkpoint(path: Path, config_dict: dict, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # pickle / zip / torch errors of a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
-                              f"{first[:200]})") from None
+        # In our words: torch's own message suggests weights_only=False, which is unsafe
+        # for a file one did not write and never the fix for a damaged checkpoint.
+        raise CheckpointError(f"checkpoint {path} is damaged or not a hyperconn checkpoint (it cannot be "
+                              f"read as one: {type(e).__name__}); restore it from a backup, or start fresh "
+                              f"without --resume") from None
     needed = ("version", "step", "config", "model", "optimizer", "rng")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         missing = [k for k in needed if not isinstance(state, dict) or k not in state]

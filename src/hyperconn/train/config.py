@@ -143,9 +143,11 @@ class TrainConfig:
     harmonized: HarmonizedConfig = field(default_factory=HarmonizedConfig)
     """Harmonized HC controller (ignored unless the variant is harmonized)"""
     resume: bool = False
-    """continue from out_dir/checkpoint.pt if it exists (else start fresh)"""
+    """continue from out_dir/checkpoint.pt if it exists (else start fresh: the directory's previous run is removed first)"""
     stop_after: int = 0
     """stop (with a checkpoint, status "stopped") once this many steps are done; 0 = off"""
+    allow_config_change: bool = False
+    """with resume: continue even though a setting that alters the trajectory (seed, lr, batch size, steps, ...) changed; recorded in run.json"""
 
     def __post_init__(self):
         if isinstance(self.model, Mapping):

@@ -45,8 +45,12 @@ def find(run_dir: Path) -> Optional[Path]:
     return None
 
 
-def save_sharded(run_dir: Path, ctx, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Collective: every rank calls it with the same ``meta`` (only rank 0's is written)."""
+def save_sharded(run_dir: Path, ctx, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
+                 before_replace=None) -> None:
+    """Collective: every rank calls it with the same ``meta`` (only rank 0's is written).
+
+    ``before_replace(tmp_dir)`` (rank 0) runs once every shard and ``meta.pt`` are on disk,
+    before the directory is moved into place (the training loop records checksums)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -62,6 +66,8 @@ def save_sharded(run_dir: Path, ctx, model: nn.Module, optimizer: torch.optim.Op
     if ctx.is_main:
         torch.save({"version": VERSION, "world_size": ctx.world_size, "parallel": ctx.parallel, **meta},
                    tmp / META)
+        if before_replace is not None:
+            before_replace(tmp)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -75,8 +81,9 @@ def _read_meta(path: Path, config_dict: dict) -> dict:
     try:
         meta = torch.load(path / META, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable or truncated file
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
-                              f"{str(e).strip()[:200]})") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or not a hyperconn checkpoint (its {META} cannot "
+                              f"be read: {type(e).__name__}); restore it from a backup, or start fresh "
+                              f"without --resume") from None
     needed = ("version", "step", "config", "rng")
     missing = [k for k in needed if not isinstance(meta, dict) or k not in meta]
     if missing:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import shutil
 import sys
@@ -45,6 +46,8 @@ from .config import ConfigError, TrainConfig
 from .distributed import setup
 from .metrics import MetricsWriter, read_json, write_json
 from .optim import build_optimizer, decay_split, lr_at, set_lr
+from .run_dir import (RunLock, check_resume, current_digests, record_resume, remove_partial_writes, run_id,
+                      start_fresh, verify, write_checksum)
 from .tasks import build_task
 
 __all__ = ["train", "Hook", "resolve_device", "seed_everything"]
@@ -156,22 +159,46 @@ def train(config: TrainConfig, hooks: Optional[Sequence[Hook]] = None) -> dict:
 def _train(config: TrainConfig, hooks: list) -> dict:
     ctx = setup(resolve_device(config.device), config.parallel, config.batch_size)
     try:
-        return _run(config, hooks, ctx)
+        seed_everything(config.seed)
+        # The data first: a bad corpus fails before anything exists on disk.
+        task = build_task(config)
+        run_dir = prepare_out_dir(config.out_dir)
+        # One writer per run directory (rank 0 writes it; see run_dir.RunLock).
+        with (RunLock(run_dir) if ctx.is_main else contextlib.nullcontext()):
+            if ctx.is_main:
+                remove_partial_writes(run_dir)
+            return _run(config, hooks, ctx, task, run_dir)
     finally:
         ctx.close()
 
 
-def _run(config: TrainConfig, hooks: list, ctx) -> dict:
+def prepare_out_dir(out_dir: str, field: str = "out_dir") -> Path:
+    """Create ``out_dir`` and check that it can be written.
+
+    Raises:
+        ConfigError: naming ``field`` if it is an existing file, cannot be created, or is
+            not writable (a read-only filesystem or directory).
+    """
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(field, f"{path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(field, f"cannot write to {path} ({e.strerror or type(e).__name__})") from None
+    return path
+
+
+def _run(config: TrainConfig, hooks: list, ctx, task, run_dir: Path) -> dict:
     wall_start = time.perf_counter()
     device = ctx.device
     main = ctx.is_main
-    run_dir = Path(config.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     config_dict = config.to_dict()
 
-    seed_everything(config.seed)
-    task = build_task(config)
     model = GPT(config.model).to(device)  # the same init on every rank (same seed)
     controller = None
     if any(hc.variant_name == "harmonized" for hc in model.connections()):
@@ -192,6 +219,8 @@ def _run(config: TrainConfig, hooks: list, ctx) -> dict:
     resumed = False
     sharded_dir = dcp.find(run_dir) if config.resume else None
     if config.resume and (ckpt_path.exists() or sharded_dir is not None):
+        # Checksums before anything is unpickled: a damaged file is refused by name.
+        verify(run_dir, sharded_dir if sharded_dir is not None else ckpt_path)
         if sharded_dir is not None:  # saved under torchrun, by any number of ranks
             state = dcp.load_sharded(sharded_dir, config_dict, model, optimizer, controller)
         elif ctx.world_size == 1:
@@ -200,9 +229,17 @@ def _run(config: TrainConfig, hooks: list, ctx) -> dict:
             state = read_checkpoint(ckpt_path, config_dict)
             decay, no_decay = decay_split(ctx.local(model))
             dcp.load_full_into(state, decay + no_decay, model, optimizer, controller, ckpt_path)
+        changes = check_resume(run_dir, state, config_dict, sharded_dir or ckpt_path)
         start_step = int(state["step"])
         progress_state = dict(state.get("progress") or {})
         resumed = True
+        if main:
+            record_resume(run_dir, start_step, changes)
+    elif main:
+        # A fresh start: the previous run's checkpoint, summary and diagnostics go first,
+        # so nothing of it can be resumed or reported as this run's.
+        start_fresh(run_dir)
+    owner = run_id(run_dir) if main else None
     train_time = float(progress_state.get("train_time_s", 0.0))
     prior_wall = float(progress_state.get("wall_time_s", 0.0))
     tokens_seen = int(progress_state.get("tokens", 0))
@@ -329,7 +366,7 @@ def _run(config: TrainConfig, hooks: list, ctx) -> dict:
                 window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
             if done == config.steps or done == config.stop_after \
                     or (config.ckpt_every > 0 and done % config.ckpt_every == 0):
-                _save(ctx, run_dir, done, config_dict, model, optimizer, controller, {
+                _save(ctx, run_dir, done, config_dict, model, optimizer, controller, owner, {
                     "train_time_s": train_time, "tokens": tokens_seen, "last_eval": last_eval,
                     "last_loss": last_loss, "hook_errors": hook_errors,
                     "wall_time_s": prior_wall + time.perf_counter() - wall_start})
@@ -370,16 +407,19 @@ def _run(config: TrainConfig, hooks: list, ctx) -> dict:
     return summary
 
 
-def _save(ctx, run_dir: Path, step, config_dict, model, optimizer, controller, progress) -> None:
-    """checkpoint.pt in one process; a sharded checkpoint/ directory under torchrun."""
-    meta = {"step": step, "config": config_dict,
+def _save(ctx, run_dir: Path, step, config_dict, model, optimizer, controller, owner, progress) -> None:
+    """checkpoint.pt in one process; a sharded checkpoint/ directory under torchrun; both
+    with their SHA-256 recorded before they are moved into place (see run_dir)."""
+    meta = {"step": step, "config": config_dict, "run_id": owner,
             "controller": controller.state_dict() if controller is not None else None,
             "rng": rng_state(), "progress": progress}
+    previous = current_digests(run_dir) if ctx.is_main else None
+    before_replace = (lambda tmp: write_checksum(run_dir, tmp, previous)) if ctx.is_main else None
     if ctx.world_size > 1:
-        dcp.save_sharded(run_dir, ctx, model, optimizer, meta)
+        dcp.save_sharded(run_dir, ctx, model, optimizer, meta, before_replace)
         return
     save_checkpoint(run_dir / "checkpoint.pt", {**meta, "model": model.state_dict(),
-                                                "optimizer": optimizer.state_dict()})
+                                                "optimizer": optimizer.state_dict()}, before_replace)
     for name in ("checkpoint", "checkpoint.old"):  # a run continued from a sharded checkpoint
         if (run_dir / name).is_dir():
             shutil.rmtree(run_dir / name)
