@@ -280,7 +280,7 @@ def _compare(args: list[str]) -> int:
         summary = run_compare(ns.preset, ns.out, seeds=ns.seeds, quiet=ns.quiet,
                               overrides={"device": ns.device} if ns.device else None)
     except ConfigError as e:
-        flag = {"device": "--device", "seed": "--seeds"}.get(e.field, e.field)
+        flag = {"device": "--device", "seed": "--seeds", "out": "--out"}.get(e.field, e.field)
         return _err("compare", f"{flag}: {str(e).split(': ', 1)[1]}")
     except KeyboardInterrupt:
         print(f"hyperconn compare: interrupted; run the same command again to continue", file=sys.stderr)

@@ -35,10 +35,24 @@ _RESIDUAL = object()  # marks a pending post() of the plain residual (no coeffic
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _check_float(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {got}")
+
+
 def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
-    """(..., C) → (..., n, C): every stream starts as a copy of the input."""
-    if not isinstance(streams, int) or streams < 1:
+    """(..., C) → (..., n, C): every stream starts as a copy of the input.
+
+    Raises:
+        TypeError: if ``x`` is not a floating-point tensor.
+        ValueError: if ``streams`` is not a positive integer or ``x`` has no dimension.
+    """
+    _check_float("x", x)
+    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
         raise ValueError(f"streams: expected a positive integer, got {streams!r}")
+    if x.dim() < 1:
+        raise ValueError(f"x: expected shape (..., C), got {tuple(x.shape)}")
     return x.unsqueeze(-2).expand(*x.shape[:-1], streams, x.shape[-1]).contiguous()
 
 
@@ -48,7 +62,12 @@ def reduce_streams(x: torch.Tensor) -> torch.Tensor:
     The mean (rather than the HC paper's sum) keeps the scale independent of n, so a
     model whose streams stay identical copies reduces exactly to its residual twin; a
     final RMSNorm makes the two choices equivalent up to its epsilon.
+
+    Raises:
+        TypeError: if ``x`` is not a floating-point tensor.
+        ValueError: if ``x`` has fewer than two dimensions.
     """
+    _check_float("x", x)
     if x.dim() < 2:
         raise ValueError(f"x: expected shape (..., n, C), got {tuple(x.shape)}")
     return x.mean(dim=-2)
@@ -91,12 +110,16 @@ class HyperConnection(nn.Module):
             :meth:`hyperconn.variants.Variant.static_init`).
 
     Shapes: ``forward(x (..., n, C), *args, **kwargs) → (..., n, C)``; extra arguments go
-    to the branch. With n = 1 and the identity transport every variant reduces to a
+    to the branch. A branch that returns a tuple ``(y, *extras)`` (as Hugging Face
+    modules do) makes ``forward`` return ``(streams, *extras)``. With n = 1 and the identity transport every variant reduces to a
     Pre-Norm residual ``x + F(x)`` (exactly for residual and static hc).
 
     Raises:
         ValueError: for ``streams < 1``, a non-positive ``dim``, an unknown variant or
-            option, or an input whose last two dimensions are not (n, C).
+            option, an input whose last two dimensions are not (n, C), or a branch output
+            that is not a (..., C) tensor (or a tuple starting with one).
+        TypeError: for non-floating-point streams, or float64 streams into a layer that is
+            not float64 (convert the layer with ``.double()``).
     """
 
     def __init__(self, dim: int, streams: int, branch: Optional[nn.Module] = None, *,
@@ -278,8 +301,15 @@ class HyperConnection(nn.Module):
             return checkpoint(self._apply_layer, x, state, args, kwargs, use_reentrant=False)
         return self._apply_layer(x, state, args, kwargs)
 
-    def _apply_layer(self, x: torch.Tensor, state, args, kwargs) -> torch.Tensor:
-        return self.post(x, self.branch(self._pre(x, state), *args, **kwargs))
+    def _apply_layer(self, x: torch.Tensor, state, args, kwargs):
+        out = self.branch(self._pre(x, state), *args, **kwargs)
+        if isinstance(out, tuple):
+            # (hidden, *extras), as Hugging Face modules return: the first element is the
+            # branch output, the extras are handed back beside the new streams.
+            if not out:
+                raise ValueError("branch: returned an empty tuple; expected a tensor (..., dim) or (tensor, *extras)")
+            return (self.post(x, out[0]), *out[1:])
+        return self.post(x, out)
 
     def extra_repr(self) -> str:
         extra = ", recompute=True" if self.recompute else ""

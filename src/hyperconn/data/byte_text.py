@@ -39,6 +39,20 @@ _SEP = b"\n"
 _CACHE_VERSION = 1
 
 
+class CorpusError(ValueError):
+    """A corpus that cannot be used; ``argument`` names what to fix: ``"paths"`` (missing,
+    empty or unmatched), ``"seq_len"`` (longer than every document) or ``"cache_dir"``
+    (the byte cache cannot be written)."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+class MissingCorpusError(CorpusError, FileNotFoundError):
+    """A corpus path that does not exist (also a FileNotFoundError)."""
+
+
 def bits_per_byte(loss_nats):
     """Convert a mean cross-entropy in nats per byte to bits per byte (float or tensor)."""
     return loss_nats / math.log(2)
@@ -63,10 +77,12 @@ def _expand(paths) -> list[Path]:
         s = os.fspath(item)
         if any(c in s for c in "*?["):
             cands = [Path(m) for m in glob.glob(os.path.expanduser(s), recursive=True)]
+            if not cands:
+                raise CorpusError("paths", f"no files matched paths={s!r}: the pattern matches no file")
         else:
             p = Path(s).expanduser()
             if not p.exists():
-                raise FileNotFoundError(f"ByteText: path does not exist: {s}")
+                raise MissingCorpusError("paths", f"path does not exist: {s}")
             cands = [p]
         for c in cands:
             sub = sorted(c.rglob("*")) if c.is_dir() else [c]
@@ -132,7 +148,9 @@ class ByteText:
             if st.st_size > 0:
                 stats.append((f, st.st_size, st.st_mtime_ns))
         if not stats:
-            raise ValueError(f"no files matched paths={paths!r} (or all matched files are empty)")
+            what = "no file found" if not files else f"all {len(files)} matched files are empty"
+            raise CorpusError("paths", f"no files matched paths={paths!r} ({what}): expected at least one "
+                                       "non-empty text file")
 
         rel = [f.relative_to(root).as_posix() for f, _, _ in stats]
         if len(stats) == 1:
@@ -163,11 +181,11 @@ class ByteText:
         self._data = np.memmap(self.cache_path, dtype=np.uint8, mode="r")
         doc_lens = np.diff(self.offsets) - len(_SEP)
         if self._data.shape[0] == 0 or doc_lens.max(initial=0) <= 0:
-            raise ValueError(f"split {split!r} is empty (paths={paths!r}, val_fraction={val_fraction})")
+            raise CorpusError("paths", f"split {split!r} is empty (paths={paths!r}, val_fraction={val_fraction})")
         longest = int(doc_lens.max())
         if seq_len > longest:
-            raise ValueError(f"seq_len={seq_len} is longer than the longest document "
-                             f"({longest} bytes) in split {split!r}")
+            raise CorpusError("seq_len", f"seq_len={seq_len} is longer than the longest document ({longest} bytes) "
+                                         f"in split {split!r}: use a shorter seq_len or a larger corpus")
 
     def _build_cache(self, chosen) -> None:
         if self.cache_path.exists() and self._offsets_path.exists():
@@ -177,7 +195,15 @@ class ByteText:
                     return
             except (OSError, ValueError, IndexError):
                 pass
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.cache_dir / f".write-test-{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise CorpusError("cache_dir", f"cannot write the byte cache to {self.cache_dir} "
+                                           f"({e.strerror or type(e).__name__}); set HYPERCONN_CACHE to a "
+                                           "writable directory") from None
         offsets = [0]
 
         def write(out):

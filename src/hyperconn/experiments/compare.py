@@ -25,6 +25,7 @@ from ..train.checkpoint import CheckpointError
 from ..train.config import TrainConfig, with_overrides
 from ..train.loop import resolve_device, train
 from ..train.metrics import read_json, write_json
+from ..train.run_dir import RunLock, prepare_out_dir
 from .presets import Job, Preset, expand, get_preset
 
 __all__ = ["run_compare", "summarize", "DONE"]
@@ -173,7 +174,13 @@ def run_compare(preset: Union[str, Preset], out_dir, seeds: Optional[Sequence[in
     jobs = expand(p, out_dir, seeds, overrides)
     for device in {j.config.device for j in jobs}:
         resolve_device(device)  # ConfigError now rather than N failed runs
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out_dir, field="out")
+    # One comparison per directory at a time (each run also locks its own directory).
+    with RunLock(out_dir, field="out"):
+        return _run_jobs(p, jobs, out_dir, seeds, quiet, console)
+
+
+def _run_jobs(p: Preset, jobs: list, out_dir: Path, seeds, quiet: bool, console) -> dict:
     used_seeds = list(p.seeds if seeds is None else seeds)
     write_json(out_dir / "compare.json", {"preset": p.name, "description": p.description, "seeds": used_seeds,
                                           "runs": [{"label": j.label, "config": j.config.to_dict()}

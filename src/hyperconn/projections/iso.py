@@ -279,8 +279,8 @@ def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = No
         got = raw.dtype if isinstance(raw, torch.Tensor) else type(raw).__name__
         raise TypeError(f"raw: expected a floating-point tensor (float16, bfloat16, float32 "
                         f"or float64), got {got}")
-    if raw.dim() < 2 or raw.shape[-1] != raw.shape[-2]:
-        raise ValueError(f"raw: expected shape (..., n, n), got {tuple(raw.shape)}")
+    if raw.dim() < 2 or raw.shape[-1] != raw.shape[-2] or raw.shape[-1] < 1:
+        raise ValueError(f"raw: expected shape (..., n, n) with n ≥ 1, got {tuple(raw.shape)}")
     if method not in ISO_METHODS:
         raise ValueError(f"method: expected one of {ISO_METHODS}, got {method!r}")
     if steps is None:

@@ -271,8 +271,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, backward: str = "unrolled") 
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise TypeError(f"logits: expected a floating-point tensor (float16, bfloat16, float32 "
                         f"or float64), got {got}")
-    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
-        raise ValueError(f"logits: expected shape (..., n, n), got {tuple(logits.shape)}")
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2] or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected shape (..., n, n) with n ≥ 1, got {tuple(logits.shape)}")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters: expected a positive integer, got {iters!r}")
     if backward not in SINKHORN_BACKWARDS:

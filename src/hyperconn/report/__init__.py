@@ -197,7 +197,11 @@ def _last_diagnostics(path: Path) -> Optional[dict]:
 def load_run(path: Path) -> Run:
     """Read one run directory (missing or unreadable files give empty fields)."""
     path = Path(path)
-    config = _read_json(path / "config.json") or {}
+    config = _read_json(path / "config.json")
+    if config is None and (path / "config.json").exists():
+        # Never label a run by its directory name when its record is unreadable.
+        raise ValueError(f"{path / 'config.json'} cannot be read as JSON: fix or remove that run directory")
+    config = config if isinstance(config, dict) else {}
     task = config.get("task") if isinstance(config.get("task"), str) else "task"
     variant = _variant_of(config, path)
     return Run(path=path, task=task, variant=variant, seed=_seed_of(config, path),

@@ -27,10 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 nothing to report, 2 bad usage)."""
+    from ..train.config import ConfigError
+    from ..train.run_dir import prepare_out_dir
+
     args = build_parser().parse_args(argv)
     out = args.out if args.out is not None else args.dirs[0]
     try:
+        for d in args.dirs:
+            if not d.exists():
+                raise ConfigError("DIR", f"{d} does not exist")
+        prepare_out_dir(out, field="--out" if args.out is not None else "DIR")
         path = write_report(args.dirs, out)
+    except ConfigError as e:  # bad usage: one line naming the argument
+        print(f"hyperconn report: error: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"hyperconn report: error: {e}", file=sys.stderr)
         return 1

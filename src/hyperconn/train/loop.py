@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import shutil
 import sys
@@ -44,9 +43,10 @@ from . import dcp
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .distributed import setup
+from .memory import check_fits
 from .metrics import MetricsWriter, read_json, write_json
 from .optim import build_optimizer, decay_split, lr_at, set_lr
-from .run_dir import (RunLock, check_resume, current_digests, record_resume, remove_partial_writes, run_id,
+from .run_dir import (RunLock, check_resume, prepare_out_dir, current_digests, record_resume, remove_partial_writes, run_id,
                       start_fresh, verify, write_checksum)
 from .tasks import build_task
 
@@ -159,6 +159,7 @@ def train(config: TrainConfig, hooks: Optional[Sequence[Hook]] = None) -> dict:
 def _train(config: TrainConfig, hooks: list) -> dict:
     ctx = setup(resolve_device(config.device), config.parallel, config.batch_size)
     try:
+        check_fits(config, ctx.device, ctx.world_size)  # before any allocation
         seed_everything(config.seed)
         # The data first: a bad corpus fails before anything exists on disk.
         task = build_task(config)
@@ -170,26 +171,6 @@ def _train(config: TrainConfig, hooks: list) -> dict:
             return _run(config, hooks, ctx, task, run_dir)
     finally:
         ctx.close()
-
-
-def prepare_out_dir(out_dir: str, field: str = "out_dir") -> Path:
-    """Create ``out_dir`` and check that it can be written.
-
-    Raises:
-        ConfigError: naming ``field`` if it is an existing file, cannot be created, or is
-            not writable (a read-only filesystem or directory).
-    """
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(field, f"{path} exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(field, f"cannot write to {path} ({e.strerror or type(e).__name__})") from None
-    return path
 
 
 def _run(config: TrainConfig, hooks: list, ctx, task, run_dir: Path) -> dict:

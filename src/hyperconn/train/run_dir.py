@@ -32,7 +32,7 @@ from typing import Optional
 from .config import ConfigError
 from .metrics import read_json, write_json
 
-__all__ = ["RunLock", "start_fresh", "check_resume", "record_resume", "run_id", "write_checksum", "verify",
+__all__ = ["prepare_out_dir", "RunLock", "start_fresh", "check_resume", "record_resume", "run_id", "write_checksum", "verify",
            "remove_partial_writes", "TRAJECTORY_FREE", "RUN_FILE", "CHECKSUMS"]
 
 RUN_FILE = "run.json"
@@ -46,6 +46,26 @@ TRAJECTORY_FREE = ("out_dir", "quiet", "resume", "stop_after", "threads", "ckpt_
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def prepare_out_dir(out_dir, field: str = "out_dir") -> Path:
+    """Create ``out_dir`` and check that it can be written.
+
+    Raises:
+        ConfigError: naming ``field`` if it is an existing file, cannot be created, or is
+            not writable (a read-only filesystem or directory).
+    """
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(field, f"{path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(field, f"cannot write to {path} ({e.strerror or type(e).__name__})") from None
+    return path
 
 
 class RunLock:

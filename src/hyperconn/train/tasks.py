@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from ..data import ByteText, KVRetrieval, masked_accuracy, masked_loss
-from .config import TrainConfig
+from ..data import ByteText, CorpusError, KVRetrieval, masked_accuracy, masked_loss
+from .config import ConfigError, TrainConfig
 
 __all__ = ["Task", "build_task"]
 
@@ -91,8 +91,13 @@ class BytesTask(Task):
         super().__init__(config.batch_size, config.eval_batches)
         paths = list(config.data_paths) or None
         seq = config.model.seq_len
-        self.train_data = ByteText(paths, seq_len=seq, split="train", seed=0)
-        self.val_data = ByteText(paths, seq_len=seq, split="val", seed=0)
+        try:
+            self.train_data = ByteText(paths, seq_len=seq, split="train", seed=0)
+            self.val_data = ByteText(paths, seq_len=seq, split="val", seed=0)
+        except CorpusError as e:
+            # One line naming the setting to fix (the CLI prints it as that flag).
+            field = {"paths": "data_paths", "seq_len": "model.seq_len"}.get(e.argument, "HYPERCONN_CACHE")
+            raise ConfigError(field, str(e)) from None
         self.offset = config.seed * SEED_STEP_OFFSET
         self.chance = None
 
