@@ -71,7 +71,8 @@ def test_report_errors_name_the_argument(tmp_path, capsys):
     code, _, err = run_main(["report", str(tmp_path / "run"), "--out", str(target)], capsys)
     assert code == 2 and "--out" in one_error_line(err, "report")
     code, _, err = run_main(["report", str(tmp_path / "nowhere")], capsys)
-    assert code == 2 and "DIR" in one_error_line(err, "report")
+    assert code == 1 and "dirs:" in one_error_line(err, "report")  # nothing to report
+    assert not (tmp_path / "nowhere").exists()
     # Before: an unreadable config.json silently labelled the variant by the directory name.
     (tmp_path / "run" / "config.json").write_text("{not json")
     code, _, err = run_main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")], capsys)

@@ -202,3 +202,31 @@ def test_unwritable_out_dir_is_a_config_error(tmp_path):
         assert e.value.field == "out_dir"
     finally:
         ro.chmod(0o700)
+
+
+def test_compare_after_a_settings_change_never_reports_the_old_result(tmp_path, monkeypatch):
+    # Before: the old lr's checkpoint survived an interrupted fresh start and the next
+    # compare resumed it, reporting the old result under the new config.
+    import hyperconn.train.loop as loop
+    from hyperconn.experiments.compare import run_compare
+
+    out = tmp_path / "cmp"
+    run_compare("smoke", out, quiet=True)
+    real_write, calls = loop.MetricsWriter.write, {"n": 0}
+
+    def interrupted(self, row):
+        real_write(self, row)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.MetricsWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare("smoke", out, quiet=True, overrides={"lr": 1e-2})
+    monkeypatch.setattr(loop.MetricsWriter, "write", real_write)
+    summary = run_compare("smoke", out, quiet=True, overrides={"lr": 1e-2})
+    assert summary["failed"] == 0
+    for r in summary["runs"]:
+        run_dir = out / r["run_dir"]
+        assert json.loads((run_dir / "config.json").read_text())["lr"] == 1e-2
+        assert steps_of(run_dir) == list(range(1, 7)) and r["status"] == "finished"

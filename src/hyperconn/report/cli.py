@@ -32,10 +32,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     out = args.out if args.out is not None else args.dirs[0]
+    missing = [d for d in args.dirs if not d.exists()]
+    if missing:  # before --out is created (it defaults to the first DIR)
+        print(f"hyperconn report: error: dirs: {missing[0]} does not exist", file=sys.stderr)
+        return 1
     try:
-        for d in args.dirs:
-            if not d.exists():
-                raise ConfigError("DIR", f"{d} does not exist")
         prepare_out_dir(out, field="--out" if args.out is not None else "DIR")
         path = write_report(args.dirs, out)
     except ConfigError as e:  # bad usage: one line naming the argument

@@ -40,8 +40,10 @@ CHECKSUMS = "checkpoint.sha256.json"
 LOCK = ".lock"
 LOCK_INFO = ".lock.json"
 # Settings a resume may change freely: they do not alter what the run computes.
+# ``parallel``: DDP and FSDP2 compute the same step, and sharded checkpoints resume with
+# any world size and wrapper by design (docs/distributed.md).
 TRAJECTORY_FREE = ("out_dir", "quiet", "resume", "stop_after", "threads", "ckpt_every", "log_every",
-                   "allow_config_change")
+                   "parallel", "allow_config_change")
 
 
 def _now() -> str:
