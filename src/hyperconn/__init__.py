@@ -10,6 +10,7 @@
 from .connection import HyperConnection, expand_streams, reduce_streams
 from .control import HarmonizedController
 from .diagnostics.gain import CompositeGain, composite_gain
+from .param_groups import param_groups
 from .projections import hybrid_mix, iso_project, sinkhorn
 from .variants import VARIANTS
 
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HyperConnection", "expand_streams", "reduce_streams", "HarmonizedController",
-    "CompositeGain", "composite_gain", "sinkhorn", "iso_project", "hybrid_mix", "VARIANTS",
+    "CompositeGain", "composite_gain", "sinkhorn", "iso_project", "hybrid_mix", "VARIANTS", "param_groups",
 ]

@@ -21,28 +21,9 @@ import math
 import torch
 from torch import nn
 
-from ..connection import HyperConnection
+from ..param_groups import decay_split
 
 __all__ = ["decay_split", "build_optimizer", "lr_at", "set_lr"]
-
-
-def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Names of trainable parameters that get weight decay, and those that don't."""
-    connection_own: dict[str, bool] = {}
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, HyperConnection):
-            for pname, _ in mod.named_parameters():
-                if pname.startswith("branch."):
-                    continue
-                full = f"{mod_name}.{pname}" if mod_name else pname
-                connection_own[full] = pname == "phi"
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        wd = connection_own[name] if name in connection_own else p.dim() >= 2
-        (decay if wd else no_decay).append(name)
-    return decay, no_decay
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
