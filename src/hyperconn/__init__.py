@@ -7,7 +7,7 @@
     torch.Size([2, 10, 64])
 """
 
-from .connection import HyperConnection, expand_streams, reduce_streams
+from .connection import ExpandStreams, HyperConnection, ReduceStreams, expand_streams, reduce_streams
 from .control import HarmonizedController
 from .diagnostics.gain import CompositeGain, composite_gain
 from .param_groups import param_groups
@@ -17,6 +17,6 @@ from .variants import VARIANTS
 __version__ = "0.1.0"
 
 __all__ = [
-    "HyperConnection", "expand_streams", "reduce_streams", "HarmonizedController",
+    "HyperConnection", "expand_streams", "reduce_streams", "ExpandStreams", "ReduceStreams", "HarmonizedController",
     "CompositeGain", "composite_gain", "sinkhorn", "iso_project", "hybrid_mix", "VARIANTS", "param_groups",
 ]

@@ -27,7 +27,7 @@ from .kernels import reference as _reference
 from .kernels.torch_fused import StreamGradSlot, merge_streams, rms_projection, stream_pre
 from .variants import VARIANTS, make_variant
 
-__all__ = ["HyperConnection", "expand_streams", "reduce_streams"]
+__all__ = ["HyperConnection", "expand_streams", "reduce_streams", "ExpandStreams", "ReduceStreams"]
 
 _RESIDUAL = object()  # marks a pending post() of the plain residual (no coefficients)
 # Half-precision streams: the torch path mixes them with fp32 coefficients and fp32
@@ -41,23 +41,33 @@ def _check_float(name: str, x) -> None:
         raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {got}")
 
 
-def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
+def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False) -> torch.Tensor:
     """(..., C) → (..., n, C): every stream starts as a copy of the input.
+
+    ``channel_first=True`` (conv nets): (B, C, *spatial) → (B, n·C, *spatial), stream ``j``
+    in channels ``j·C … (j+1)·C − 1``.
 
     Raises:
         TypeError: if ``x`` is not a floating-point tensor.
-        ValueError: if ``streams`` is not a positive integer or ``x`` has no dimension.
+        ValueError: if ``streams`` is not a positive integer or ``x`` has too few dimensions.
     """
     _check_float("x", x)
     if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
         raise ValueError(f"streams: expected a positive integer, got {streams!r}")
+    if channel_first:
+        if x.dim() < 2:
+            raise ValueError(f"x: expected shape (B, C, *spatial), got {tuple(x.shape)}")
+        return x.unsqueeze(1).expand(x.shape[0], streams, *x.shape[1:]).flatten(1, 2).contiguous()
     if x.dim() < 1:
         raise ValueError(f"x: expected shape (..., C), got {tuple(x.shape)}")
     return x.unsqueeze(-2).expand(*x.shape[:-1], streams, x.shape[-1]).contiguous()
 
 
-def reduce_streams(x: torch.Tensor) -> torch.Tensor:
+def reduce_streams(x: torch.Tensor, streams: Optional[int] = None, channel_first: bool = False) -> torch.Tensor:
     """(..., n, C) → (..., C): the mean over streams.
+
+    ``channel_first=True``: (B, n·C, *spatial) → (B, C, *spatial); ``streams`` (n) is then
+    required.
 
     The mean (rather than the HC paper's sum) keeps the scale independent of n, so a
     model whose streams stay identical copies reduces exactly to its residual twin; a
@@ -68,9 +78,48 @@ def reduce_streams(x: torch.Tensor) -> torch.Tensor:
         ValueError: if ``x`` has fewer than two dimensions.
     """
     _check_float("x", x)
+    if channel_first:
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams: expected a positive integer with channel_first=True, got {streams!r}")
+        if x.dim() < 2 or x.shape[1] % streams:
+            raise ValueError(f"x: expected shape (B, streams·C, *spatial) with streams={streams}, "
+                             f"got {tuple(x.shape)}")
+        return x.unflatten(1, (streams, x.shape[1] // streams)).mean(dim=1)
     if x.dim() < 2:
         raise ValueError(f"x: expected shape (..., n, C), got {tuple(x.shape)}")
     return x.mean(dim=-2)
+
+
+class ExpandStreams(nn.Module):
+    """Module form of :func:`expand_streams`, for ``nn.Sequential`` stacks."""
+
+    def __init__(self, streams: int, channel_first: bool = False):
+        super().__init__()
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams: expected a positive integer, got {streams!r}")
+        self.streams, self.channel_first = streams, channel_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return expand_streams(x, self.streams, self.channel_first)
+
+    def extra_repr(self) -> str:
+        return f"streams={self.streams}" + (", channel_first=True" if self.channel_first else "")
+
+
+class ReduceStreams(nn.Module):
+    """Module form of :func:`reduce_streams` (the mean over streams)."""
+
+    def __init__(self, streams: Optional[int] = None, channel_first: bool = False):
+        super().__init__()
+        if channel_first and (isinstance(streams, bool) or not isinstance(streams, int) or streams < 1):
+            raise ValueError(f"streams: expected a positive integer with channel_first=True, got {streams!r}")
+        self.streams, self.channel_first = streams, channel_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_streams(x, self.streams, self.channel_first)
+
+    def extra_repr(self) -> str:
+        return "channel_first=True" if self.channel_first else ""
 
 
 class HyperConnection(nn.Module):
@@ -103,6 +152,11 @@ class HyperConnection(nn.Module):
             per-token Sinkhorn (``sinkhorn_backward="unrolled"``) through
             :func:`hyperconn.kernels.resolve_backend`: ``"auto"`` takes the fused Triton
             kernels when the streams are on CUDA and Triton imports, torch otherwise.
+        channel_first: conv-net layout: streams ``(B, n·C, *spatial)`` (stream ``j`` in
+            channels ``j·C … (j+1)·C − 1``, as :func:`expand_streams` with
+            ``channel_first=True`` makes them) and a branch on ``(B, C, *spatial)``;
+            coefficients are per pixel. Computed as the channel-last layer on the
+            permuted tensor.
         **options: ``sinkhorn_iters`` (20), ``sinkhorn_backward`` ("unrolled"|"implicit"),
             ``iso_method`` ("ns"|"ns-cubic"|"polar"), ``iso_steps`` (None: the method's default), ``hybrid_lambda``
             ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0), ``pre_init``
@@ -125,7 +179,8 @@ class HyperConnection(nn.Module):
     def __init__(self, dim: int, streams: int, branch: Optional[nn.Module] = None, *,
                  variant: str = "mhc", dynamic: bool = True, layer_index: int = 0,
                  res_init: Optional[float] = None, recompute: bool = False, alpha_init: float = 0.01,
-                 norm_eps: float = 1e-6, kernels: Optional[str] = None, **options):
+                 norm_eps: float = 1e-6, kernels: Optional[str] = None, channel_first: bool = False,
+                 **options):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim: expected a positive integer, got {dim!r}")
@@ -138,6 +193,7 @@ class HyperConnection(nn.Module):
         if kernels is not None and kernels not in _kernels.BACKENDS:
             raise ValueError(f"kernels: expected None or one of {_kernels.BACKENDS}, got {kernels!r}")
         self.dim, self.streams, self.variant_name = dim, streams, variant
+        self.channel_first = bool(channel_first)
         self.kernels = kernels
         self.branch = branch
         self.mixer = make_variant(variant, streams, layer_index, res_init, **options)
@@ -228,14 +284,37 @@ class HyperConnection(nn.Module):
         # kernels.torch_fused, whose backward suits the CPU best.
         return _kernels.resolve_backend(self.kernels, x) == "triton"
 
+    # ------------------------------------------------------------------ channel-first
+    def _to_last(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n·C, *S) → (B, *S, n, C), contiguous."""
+        n, C = self.streams, self.dim
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != n * C:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape (B, streams·dim={n * C}, *spatial) with channel_first=True, got {got}")
+        return x.unflatten(1, (n, C)).movedim((1, 2), (-2, -1)).contiguous()
+
+    @staticmethod
+    def _to_first(x: torch.Tensor) -> torch.Tensor:
+        """(B, *S, n, C) → (B, n·C, *S)."""
+        return x.movedim((-2, -1), (1, 2)).flatten(1, 2).contiguous()
+
+    def _channels_last(self, y):
+        if not isinstance(y, torch.Tensor) or y.dim() < 2:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y: expected the branch output as a tensor (B, dim={self.dim}, *spatial), got {got}")
+        return y.movedim(1, -1)
+
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         """Branch input ``H_pre x``: (..., n, C) → (..., C). Pair with :meth:`post`.
+        With ``channel_first``: (B, n·C, *S) → (B, C, *S).
 
         Raises:
             TypeError: for non-floating-point streams, or float64 streams into a layer
                 that is not float64.
             ValueError: if the last two dimensions of ``x`` are not (streams, dim).
         """
+        if self.channel_first:
+            return self._pre(self._to_last(x), None).movedim(-1, 1)
         return self._pre(x, None)
 
     def _pre(self, x: torch.Tensor, state: Optional[dict]) -> torch.Tensor:
@@ -267,7 +346,13 @@ class HyperConnection(nn.Module):
         return stream_pre(x, h_pre.to(x.dtype).expand(x.shape[:-1]), slot)
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``H_res x + H_postᵀ y`` for streams x (..., n, C) and branch output y (..., C)."""
+        """``H_res x + H_postᵀ y`` for streams x (..., n, C) and branch output y (..., C).
+        With ``channel_first``: x (B, n·C, *S), y (B, C, *S) → (B, n·C, *S)."""
+        if self.channel_first:
+            return self._to_first(self._post(self._to_last(x), self._channels_last(y)))
+        return self._post(x, y)
+
+    def _post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self._pending is None:
             raise RuntimeError("post() called without a matching pre() on this HyperConnection")
         pending, self._pending = self._pending, None
@@ -302,15 +387,25 @@ class HyperConnection(nn.Module):
         return self._apply_layer(x, state, args, kwargs)
 
     def _apply_layer(self, x: torch.Tensor, state, args, kwargs):
-        out = self.branch(self._pre(x, state), *args, **kwargs)
+        if self.channel_first:
+            xl = self._to_last(x)
+            out = self.branch(self._pre(xl, state).movedim(-1, 1), *args, **kwargs)
+
+            def finish(y):
+                return self._to_first(self._post(xl, self._channels_last(y)))
+        else:
+            out = self.branch(self._pre(x, state), *args, **kwargs)
+
+            def finish(y):
+                return self._post(x, y)
         if isinstance(out, tuple):
             # (hidden, *extras), as Hugging Face modules return: the first element is the
             # branch output, the extras are handed back beside the new streams.
             if not out:
                 raise ValueError("branch: returned an empty tuple; expected a tensor (..., dim) or (tensor, *extras)")
-            return (self.post(x, out[0]), *out[1:])
-        return self.post(x, out)
+            return (finish(out[0]), *out[1:])
+        return finish(out)
 
     def extra_repr(self) -> str:
-        extra = ", recompute=True" if self.recompute else ""
+        extra = (", recompute=True" if self.recompute else "") + (", channel_first=True" if self.channel_first else "")
         return f"dim={self.dim}, streams={self.streams}, variant={self.variant_name!r}, dynamic={self.dynamic}{extra}"
