@@ -230,3 +230,31 @@ def test_compare_after_a_settings_change_never_reports_the_old_result(tmp_path, 
         run_dir = out / r["run_dir"]
         assert json.loads((run_dir / "config.json").read_text())["lr"] == 1e-2
         assert steps_of(run_dir) == list(range(1, 7)) and r["status"] == "finished"
+
+
+def test_tensorboard_mirrors_metrics_and_purges_on_resume(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hyperconn.train.metrics import TensorBoardMirror
+
+    real = TensorBoardMirror.write
+
+    def killed_after_step_5(self, row):
+        real(self, row)
+        if row["step"] == 5:
+            raise KeyboardInterrupt  # events of step 5 exist; the last checkpoint is step 4
+
+    monkeypatch.setattr(TensorBoardMirror, "write", killed_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, steps=8, ckpt_every=2, tensorboard=True, eval_every=2))
+    monkeypatch.setattr(TensorBoardMirror, "write", real)
+    train(tiny(tmp_path, steps=8, ckpt_every=2, resume=True, tensorboard=True, eval_every=2))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 9))  # step 5 once: purged
+    loss = {e.step: e.value for e in acc.Scalars("loss")}
+    rows = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert sorted(loss) == sorted(rows) == list(range(1, 9))
+    assert all(abs(loss[k] - rows[k]) < 1e-6 for k in rows)
+    assert "eval_accuracy" in acc.Tags()["scalars"]

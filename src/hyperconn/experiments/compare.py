@@ -32,7 +32,7 @@ __all__ = ["run_compare", "summarize", "DONE"]
 
 DONE = ("finished", "diverged")
 # Settings that do not change what a run computes.
-_COSMETIC = ("out_dir", "quiet", "resume", "stop_after", "allow_config_change")
+_COSMETIC = ("out_dir", "quiet", "resume", "stop_after", "tensorboard", "allow_config_change")
 
 
 def _same_config(saved: Optional[dict], config: TrainConfig) -> bool:

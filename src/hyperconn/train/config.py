@@ -140,6 +140,8 @@ class TrainConfig:
     """no progress bar or console output"""
     diagnostics: bool = True
     """run the stability probe on the first eval batch at every evaluation"""
+    tensorboard: bool = False
+    """also write metrics and diagnostics as TensorBoard events in out_dir/tensorboard (pip install 'hyperconn[tensorboard]')"""
     harmonized: HarmonizedConfig = field(default_factory=HarmonizedConfig)
     """Harmonized HC controller (ignored unless the variant is harmonized)"""
     resume: bool = False

@@ -44,7 +44,7 @@ from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rng_s
 from .config import ConfigError, TrainConfig
 from .distributed import setup
 from .memory import check_fits
-from .metrics import MetricsWriter, read_json, write_json
+from .metrics import MetricsWriter, TensorBoardMirror, read_json, write_json
 from .optim import build_optimizer, decay_split, lr_at, set_lr
 from .run_dir import (RunLock, check_resume, prepare_out_dir, current_digests, record_resume, remove_partial_writes, run_id,
                       start_fresh, verify, write_checksum)
@@ -160,6 +160,12 @@ def _train(config: TrainConfig, hooks: list) -> dict:
     ctx = setup(resolve_device(config.device), config.parallel, config.batch_size)
     try:
         check_fits(config, ctx.device, ctx.world_size)  # before any allocation
+        if config.tensorboard and ctx.is_main:
+            try:
+                import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+            except ImportError:
+                raise ConfigError("tensorboard", "needs the tensorboard package: "
+                                                 "pip install 'hyperconn[tensorboard]'") from None
         seed_everything(config.seed)
         # The data first: a bad corpus fails before anything exists on disk.
         task = build_task(config)
@@ -232,6 +238,8 @@ def _run(config: TrainConfig, hooks: list, ctx, task, run_dir: Path) -> dict:
         write_json(run_dir / "config.json", config_dict)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", keep_through=start_step if resumed else None) \
         if main else _NoMetrics()
+    if main and config.tensorboard:
+        metrics = TensorBoardMirror(metrics, run_dir / "tensorboard", start_step if resumed else None)
     tokens_per_step = config.batch_size * config.model.seq_len  # global
     # Held-out batches: each rank scores its rows; the mean over ranks is the global mean
     # (kv: P queries per sequence, bytes: every position, so every row weighs the same).

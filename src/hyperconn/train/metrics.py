@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-__all__ = ["MetricsWriter", "read_metrics", "write_json", "read_json", "finite_or_none"]
+__all__ = ["MetricsWriter", "TensorBoardMirror", "read_metrics", "write_json", "read_json", "finite_or_none"]
 
 
 def finite_or_none(value: Any) -> Any:
@@ -109,3 +109,36 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TensorBoardMirror:
+    """Mirror every metrics row into TensorBoard event files (``torch.utils.tensorboard``).
+
+    Each numeric field of a row becomes a scalar at the row's ``step`` (``diag/<name>``
+    diagnostics included, so TensorBoard groups them). On resume from step ``k`` events
+    after ``k`` left by the interrupted run are purged, as ``metrics.jsonl`` drops them.
+
+    Raises:
+        ImportError: with an install hint, if the ``tensorboard`` package is missing.
+    """
+
+    def __init__(self, metrics: MetricsWriter, log_dir: Path, resume_step: Optional[int] = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch's module imports the tensorboard package
+            raise ImportError("tensorboard logging needs the tensorboard package: "
+                              "pip install 'hyperconn[tensorboard]'") from e
+        self.metrics = metrics
+        self.tb = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, row: dict) -> None:
+        self.metrics.write(row)
+        step = int(row.get("step", 0))
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.tb.close()

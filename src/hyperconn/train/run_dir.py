@@ -43,7 +43,7 @@ LOCK_INFO = ".lock.json"
 # ``parallel``: DDP and FSDP2 compute the same step, and sharded checkpoints resume with
 # any world size and wrapper by design (docs/distributed.md).
 TRAJECTORY_FREE = ("out_dir", "quiet", "resume", "stop_after", "threads", "ckpt_every", "log_every",
-                   "parallel", "allow_config_change")
+                   "parallel", "tensorboard", "allow_config_change")
 
 
 def _now() -> str:
@@ -138,7 +138,8 @@ def start_fresh(run_dir: Path) -> str:
             shutil.rmtree(stale, ignore_errors=True)
     for name in (CHECKSUMS, "summary.json"):
         (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "diagnostics", ignore_errors=True)
+    for name in ("diagnostics", "tensorboard"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
     new_id = uuid.uuid4().hex
     write_json(run_dir / RUN_FILE, {"run_id": new_id, "started": _now(), "history": []})
     return new_id
