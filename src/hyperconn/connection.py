@@ -16,7 +16,7 @@ streams are mixed with fp32 coefficients and accumulated in fp32.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -180,7 +180,7 @@ class HyperConnection(nn.Module):
                  variant: str = "mhc", dynamic: bool = True, layer_index: int = 0,
                  res_init: Optional[float] = None, recompute: bool = False, alpha_init: float = 0.01,
                  norm_eps: float = 1e-6, kernels: Optional[str] = None, channel_first: bool = False,
-                 **options):
+                 **options: Any):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim: expected a positive integer, got {dim!r}")

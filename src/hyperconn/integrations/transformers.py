@@ -31,6 +31,7 @@ without cross-attention). Other architectures raise ``ValueError`` naming them.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -134,7 +135,7 @@ def hyperconnect(model: nn.Module, streams: int = 4, variant: str = "mhc", **opt
     return model
 
 
-def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
+def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **kwargs: Any) -> nn.Module:
     """Load a model saved with ``save_pretrained`` after :func:`hyperconnect`.
 
     Builds the model from its config, hyper-connects it with the options recorded in
