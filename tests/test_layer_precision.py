@@ -17,7 +17,7 @@ VARIANTS = ("hc", "mhc", "isohc", "hybrid", "harmonized")
 def test_float64_layer_computes_float64_coefficients_and_passes_gradcheck(variant, dynamic):
     torch.manual_seed(0)
     layer = HyperConnection(6, 3, nn.Linear(6, 6), variant=variant, dynamic=dynamic, alpha_init=0.3).double()
-    x = torch.randn(2, 3, 3, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 3, 6, dtype=torch.float64, requires_grad=True)   # 3 tokens
     assert all(h.dtype == torch.float64 for h in layer.coefficients(x))  # was float32
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())

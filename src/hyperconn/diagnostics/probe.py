@@ -1,6 +1,6 @@
 """Record what every HyperConnection of a model did in one forward, and measure it.
 
-:class:`Probe` hooks the ``probe`` slot and ``post`` of each
+:class:`Probe` hooks the ``probe`` slot and the merge (``_post``) of each
 :class:`~hyperconn.HyperConnection` while attached, so one forward (and a backward
 through the recorded stream states) yields, per layer in call order, the applied
 ``H_pre``, ``H_post``, ``H_res`` (per token; static coefficients broadcast as views) and
@@ -108,8 +108,9 @@ class Probe:
             self._saved[id(layer)] = prev
             self._hooks[id(layer)] = self._make_probe(prev)
             layer.probe = self._hooks[id(layer)]
-            # An instance attribute shadows HyperConnection.post for this layer only.
-            layer.post = self._make_post(layer, HyperConnection.post.__get__(layer))
+            # An instance attribute shadows HyperConnection._post (the channel-last merge
+            # every call path goes through, channel-first layers included) for this layer.
+            layer._post = self._make_post(layer, HyperConnection._post.__get__(layer))
         return self
 
     def detach(self) -> None:
@@ -119,7 +120,7 @@ class Probe:
                 continue
             if layer.probe is hook:  # someone who replaced us since keeps their slot
                 layer.probe = self._saved[id(layer)]
-            layer.__dict__.pop("post", None)
+            layer.__dict__.pop("_post", None)
         self._hooks.clear()
         self._saved.clear()
         self._open.clear()
