@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # Pages whose examples need an optional extra.
-NEEDS = {"integrations.md": "transformers"}
+NEEDS = {"integrations.md": "transformers", "timm.md": "timm"}
 
 
 def python_blocks(path: Path) -> list[str]:

@@ -63,9 +63,11 @@ def test_fresh_restart_killed_before_its_first_checkpoint_never_resumes_the_old_
     assert (run / "summary.json").exists() and (run / "checkpoint.pt").exists()
     old_id = json.loads((run / RUN_FILE).read_text())["run_id"]
     proc = start(run, "--steps", "3000", "--seed", "1")      # fresh start, checkpoint only at the end
-    wait_for_lines(run / "metrics.jsonl", 3, proc, old_id=old_id)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        wait_for_lines(run / "metrics.jsonl", 3, proc, old_id=old_id)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert not (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()
     done = subprocess.run(cli(run, "--steps", "40", "--seed", "1", "--resume"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -87,14 +89,16 @@ def test_second_writer_exits_at_once_naming_the_holder_and_a_killed_holder_does_
     # Before: both exited 0 and the directory mixed one run's metrics with the other's.
     run = tmp_path / "run"
     first = start(run, "--steps", "100000")
-    wait_for_lines(run / "metrics.jsonl", 2, first)
-    t0 = time.time()
-    second = subprocess.run(cli(run, "--steps", "5", "--seed", "3"), capture_output=True, text=True)
-    assert second.returncode == 2 and time.time() - t0 < 60
-    err = second.stderr.strip()
-    assert len(err.splitlines()) == 1 and str(run) in err and f"pid {first.pid}" in err
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait()
+    try:
+        wait_for_lines(run / "metrics.jsonl", 2, first)
+        t0 = time.time()
+        second = subprocess.run(cli(run, "--steps", "5", "--seed", "3"), capture_output=True, text=True)
+        assert second.returncode == 2 and time.time() - t0 < 60
+        err = second.stderr.strip()
+        assert len(err.splitlines()) == 1 and str(run) in err and f"pid {first.pid}" in err
+    finally:  # never leave the long run behind, whatever failed
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
     third = subprocess.run(cli(run, "--steps", "5"), capture_output=True, text=True)
     assert third.returncode == 0, third.stderr
     assert steps_of(run) == [1, 2, 3, 4, 5]
