@@ -1,4 +1,4 @@
-"""Byte-level language-modelling data (vocab 256) from text files on disk (DESIGN.md §3).
+"""Byte-level language-modelling data (vocab 256) from text files on disk (docs/design.md §3).
 
 * Corpus: ``paths=None`` uses the Python standard library's own ``*.py`` sources
   (``sysconfig.get_paths()["stdlib"]``, recursive, skipping ``site-packages`` and

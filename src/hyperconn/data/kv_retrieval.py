@@ -1,4 +1,4 @@
-"""Synthetic key-value retrieval task (DESIGN.md §3).
+"""Synthetic key-value retrieval task (docs/design.md §3).
 
 Layout of one sequence of length ``T = seq_len`` with ``P = pairs``::
 

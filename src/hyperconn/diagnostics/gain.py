@@ -1,4 +1,4 @@
-"""Gain of a composite transport P = H_L ⋯ H_1 (DESIGN.md §2)."""
+"""Gain of a composite transport P = H_L ⋯ H_1 (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure stability metrics on recorded tensors (DESIGN.md §2).
+"""Pure stability metrics on recorded tensors (docs/design.md §2).
 
 Everything here is a function of tensors only: no modules, no hooks, no side effects.
 

@@ -8,7 +8,7 @@ the stream state ``x_l`` entering the layer, plus the final state ``x_L``. Detac
 leaves nothing behind: no hook, no wrapper, the probe slots exactly as they were.
 
 :class:`StabilityHook` runs one probed forward + ``torch.autograd.grad`` on a batch and
-returns the scalar stability metrics of DESIGN.md §2, writing the per-layer profiles to
+returns the scalar stability metrics of docs/design.md §2, writing the per-layer profiles to
 ``run_dir/diagnostics/step_XXXXXXX.json``. It never touches parameters' ``.grad``.
 """
 
@@ -205,7 +205,7 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 
 class StabilityHook:
-    """Stability metrics of a model on one batch (DESIGN.md §2).
+    """Stability metrics of a model on one batch (docs/design.md §2).
 
     ``hook(model, inputs, targets, loss_fn, step)`` runs ``logits = model(inputs)`` under
     a :class:`Probe`, ``loss = loss_fn(logits, targets)`` and ``torch.autograd.grad`` of

@@ -189,7 +189,7 @@ def render(runs: Sequence["Run"], figures: dict[str, Figure], dirs: Sequence[Pat
         f"{len(runs)} run(s) — task(s): {', '.join(f'`{t}`' for t in tasks)}; "
         f"variant(s): {', '.join(f'`{v}`' for v in labels)}; diverged: {n_div}. "
         f"Generated {when} from {', '.join(f'`{_rel(Path(d), out)}`' for d in dirs)}.", "",
-        "Definitions follow DESIGN.md §2 and `docs/diagnostics.md`: the composite transport of "
+        "Definitions follow docs/design.md §2 and `docs/diagnostics.md`: the composite transport of "
         "layers a..b is P = H_b⋯H_a; forward Amax gain = max_i |Σ_j P_ij|, backward = max_j |Σ_i P_ij|.",
         "",
     ]
