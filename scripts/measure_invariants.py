@@ -78,7 +78,8 @@ def convergence_table() -> None:
                 for cond in conds:
                     h = iso_project(raw_with_condition(n, cond, 256, seed=n), method, steps)
                     errs.append((h.mT @ h - torch.eye(n)).norm(dim=(-2, -1)).max().item())
-                label = "—" if steps is None else (f"{steps} (default)" if steps == {"ns": 12, "ns-cubic": 5}.get(method) else str(steps))
+                default = {"ns": 12, "ns-cubic": 5}.get(method)
+                label = "—" if steps is None else f"{steps} (default)" if steps == default else str(steps)
                 print(f"| {method} | {label} | {n} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
 
 

@@ -165,8 +165,9 @@ class HyperConnection(nn.Module):
 
     Shapes: ``forward(x (..., n, C), *args, **kwargs) → (..., n, C)``; extra arguments go
     to the branch. A branch that returns a tuple ``(y, *extras)`` (as Hugging Face
-    modules do) makes ``forward`` return ``(streams, *extras)``. With n = 1 and the identity transport every variant reduces to a
-    Pre-Norm residual ``x + F(x)`` (exactly for residual and static hc).
+    modules do) makes ``forward`` return ``(streams, *extras)``. With n = 1 and the
+    identity transport every variant reduces to a Pre-Norm residual ``x + F(x)``
+    (exactly for residual and static hc).
 
     Raises:
         ValueError: for ``streams < 1``, a non-positive ``dim``, an unknown variant or
@@ -290,7 +291,8 @@ class HyperConnection(nn.Module):
         n, C = self.streams, self.dim
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != n * C:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected shape (B, streams·dim={n * C}, *spatial) with channel_first=True, got {got}")
+            raise ValueError(f"x: expected shape (B, streams·dim={n * C}, *spatial) with channel_first=True, "
+                             f"got {got}")
         return x.unflatten(1, (n, C)).movedim((1, 2), (-2, -1)).contiguous()
 
     @staticmethod

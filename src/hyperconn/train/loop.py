@@ -46,8 +46,8 @@ from .distributed import setup
 from .memory import check_fits
 from .metrics import MetricsWriter, TensorBoardMirror, read_json, write_json
 from .optim import build_optimizer, decay_split, lr_at, set_lr
-from .run_dir import (RunLock, check_resume, prepare_out_dir, current_digests, record_resume, remove_partial_writes, run_id,
-                      start_fresh, verify, write_checksum)
+from .run_dir import (RunLock, check_resume, current_digests, prepare_out_dir, record_resume,
+                      remove_partial_writes, run_id, start_fresh, verify, write_checksum)
 from .tasks import build_task
 
 __all__ = ["train", "Hook", "resolve_device", "seed_everything"]
