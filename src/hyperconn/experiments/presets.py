@@ -62,9 +62,10 @@ class Job:
 
 # ---------------------------------------------------------------------------- presets
 # Shared by both groups of `quick`: a 2-block model small enough for a laptop CPU; 1024
-# tokens per step. Measured on 2 busy CPU cores (ms/step, threads=1): residual 23, hc 32,
-# mhc 94, isohc 71, hybrid 112, harmonized 35; the whole preset took 6.6 min (runs 13-65 s)
-# with other work holding about half a core. One thread: at this size two threads gain
+# tokens per step. Measured 2026-12-01 on 2 idle CPU cores (tokens/s on bytes, threads=1):
+# residual 24,360, hc 13,641, mhc 11,327, isohc 7,054 (its Newton-Schulz now converges),
+# hybrid 6,650, harmonized 11,718; the whole preset took 9.5 min (runs 17-75 s).
+# One thread: at this size two threads gain
 # little on an idle machine and lose 4-15x when another process holds a core.
 _QUICK = {
     "threads": 1,
@@ -79,7 +80,7 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
         description="All six variants on key-value retrieval and byte-level LM, 2 blocks, "
-                    "C=64, n=4 (residual n=1), 1 seed: about 7 minutes on a 2-core CPU.",
+                    "C=64, n=4 (residual n=1), 1 seed: about 10 minutes on a 2-core CPU.",
         groups=(
             RunGroup("kv", {**_QUICK, "task": "kv", "kv_pairs": 4, "model.seq_len": 32, "batch_size": 32,
                             "steps": 500}),
