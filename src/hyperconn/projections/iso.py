@@ -11,6 +11,8 @@ raw matrix by taking ``A = Uᵀ H̃ U`` to its orthogonal polar factor:
   number up to ~5e5 (n ≤ 16) reaches float32 rounding (‖HᵀH − I‖_F ≈ 1e-6), without a
   data-dependent number of steps. (The range matters: a layer's per-token blocks at a
   trained-like spread have condition numbers up to ~5e4 in a few tokens per thousand.)
+  Iterated in float64 (the tiny blocks cost little), on the CPU with the matrices
+  innermost for blocks up to 8×8 (see ``_TokensInner``).
 * ``method="ns-cubic"``: the IsoHC source's plain cubic iteration
   ``X ← 1.5 X − 0.5 X XᵀX`` (5 steps by default, from a power-iteration scale). It
   converges only for well-conditioned blocks (≤ 1e-3 needs condition number ≤ ~2.7 at
