@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as _kernels
+from ._checks import check_floating
 from .kernels import reference as _reference
 from .kernels.torch_fused import StreamGradSlot, merge_streams, rms_projection, stream_pre
 from .variants import VARIANTS, make_variant
@@ -35,12 +36,6 @@ _RESIDUAL = object()  # marks a pending post() of the plain residual (no coeffic
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _check_float(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {got}")
-
-
 def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False) -> torch.Tensor:
     """(..., C) → (..., n, C): every stream starts as a copy of the input.
 
@@ -51,7 +46,7 @@ def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False) -
         TypeError: if ``x`` is not a floating-point tensor.
         ValueError: if ``streams`` is not a positive integer or ``x`` has too few dimensions.
     """
-    _check_float("x", x)
+    check_floating("x", x)
     if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
         raise ValueError(f"streams: expected a positive integer, got {streams!r}")
     if channel_first:
@@ -77,7 +72,7 @@ def reduce_streams(x: torch.Tensor, streams: Optional[int] = None, channel_first
         TypeError: if ``x`` is not a floating-point tensor.
         ValueError: if ``x`` has fewer than two dimensions.
     """
-    _check_float("x", x)
+    check_floating("x", x)
     if channel_first:
         if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
             raise ValueError(f"streams: expected a positive integer with channel_first=True, got {streams!r}")

@@ -48,6 +48,8 @@ from typing import Optional
 
 import torch
 
+from .._checks import check_floating, check_square
+
 __all__ = ["iso_project", "helmert_basis", "ISO_METHODS", "NS_COEFFICIENTS"]
 
 ISO_METHODS = ("ns", "ns-cubic", "polar")
@@ -332,12 +334,8 @@ def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = No
         ValueError: for a non-square input, an unknown method, ``steps < 1`` or a
             non-positive ``tol``.
     """
-    if not isinstance(raw, torch.Tensor) or not raw.is_floating_point():
-        got = raw.dtype if isinstance(raw, torch.Tensor) else type(raw).__name__
-        raise TypeError(f"raw: expected a floating-point tensor (float16, bfloat16, float32 "
-                        f"or float64), got {got}")
-    if raw.dim() < 2 or raw.shape[-1] != raw.shape[-2] or raw.shape[-1] < 1:
-        raise ValueError(f"raw: expected shape (..., n, n) with n ≥ 1, got {tuple(raw.shape)}")
+    check_floating("raw", raw)
+    check_square("raw", raw)
     if method not in ISO_METHODS:
         raise ValueError(f"method: expected one of {ISO_METHODS}, got {method!r}")
     if steps is None:

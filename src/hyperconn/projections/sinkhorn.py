@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_floating, check_square
+
 __all__ = ["sinkhorn", "SINKHORN_BACKWARDS"]
 
 SINKHORN_BACKWARDS = ("unrolled", "implicit")
@@ -267,12 +269,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, backward: str = "unrolled") 
         TypeError: if ``logits`` is not a floating-point tensor.
         ValueError: if ``logits`` is not (..., n, n), ``iters < 1`` or ``backward`` is unknown.
     """
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise TypeError(f"logits: expected a floating-point tensor (float16, bfloat16, float32 "
-                        f"or float64), got {got}")
-    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2] or logits.shape[-1] < 1:
-        raise ValueError(f"logits: expected shape (..., n, n) with n ≥ 1, got {tuple(logits.shape)}")
+    check_floating("logits", logits)
+    check_square("logits", logits)
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters: expected a positive integer, got {iters!r}")
     if backward not in SINKHORN_BACKWARDS:
