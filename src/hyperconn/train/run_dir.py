@@ -241,16 +241,13 @@ def verify(run_dir: Path, target: Path) -> None:
                       "loading it unverified", RuntimeWarning, stacklevel=2)
         return
     files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-    for record in (info.get("current") or {}, info.get("previous") or {}):
-        names = {str(p.relative_to(target)) if target.is_dir() else "": p for p in files}
-        if record and set(record) == set(names) and all(_sha256(p) == record[k] for k, p in names.items()):
-            return
-    bad = files[0] if files else target
-    for p in files:
-        key = str(p.relative_to(target)) if target.is_dir() else ""
-        if _sha256(p) not in {(info.get("current") or {}).get(key), (info.get("previous") or {}).get(key)}:
-            bad = p
-            break
+    paths = {str(p.relative_to(target)) if target.is_dir() else "": p for p in files}
+    digests = {key: _sha256(p) for key, p in paths.items()}  # each file read once
+    records = [info.get("current") or {}, info.get("previous") or {}]
+    if any(record and record == digests for record in records):
+        return
+    bad = next((paths[k] for k, d in digests.items() if all(r.get(k) != d for r in records)),
+               files[0] if files else target)
     raise CheckpointError(f"checkpoint file {bad} is damaged (its SHA-256 does not match the one recorded when "
                           "it was written); it cannot be resumed: restore it from a backup, or start fresh "
                           "without --resume")
