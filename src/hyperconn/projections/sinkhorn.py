@@ -202,13 +202,18 @@ def _polish_fixed_point(p: torch.Tensor) -> torch.Tensor:
     res = error(p)
     for _ in range(_NEWTON_STEPS):
         step = _solve(_marginal_system(p), -res)
-        # Full step, else a halved or quartered one (backtracking), per matrix.
+        log_scale = step[..., :n, None] + step[..., None, n:]
+        base, worst = p, res.abs().amax(-1)
+        taken = torch.zeros_like(worst, dtype=torch.bool)
+        # Full step, else a halved or quartered one (backtracking), per matrix: the first
+        # of them, from the same base, that reduces the marginal error.
         for t in (1.0, 0.5, 0.25):
-            cand = p * torch.exp(t * (step[..., :n, None] + step[..., None, n:]))
+            cand = base * torch.exp(t * log_scale)
             cand_res = error(cand)
-            better = (cand_res.abs().amax(-1) < res.abs().amax(-1)) & torch.isfinite(cand_res).all(-1)
-            p = torch.where(better[..., None, None], cand, p)
-            res = torch.where(better[..., None], cand_res, res)
+            take = ~taken & (cand_res.abs().amax(-1) < worst) & torch.isfinite(cand_res).all(-1)
+            p = torch.where(take[..., None, None], cand, p)
+            res = torch.where(take[..., None], cand_res, res)
+            taken |= take
     return p
 
 
