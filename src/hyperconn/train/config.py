@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
+from ..errors import ConfigError
 from ..models import GPTConfig
 
 __all__ = ["ConfigError", "HarmonizedConfig", "TrainConfig", "with_overrides", "flatten", "TASKS"]
@@ -29,12 +30,6 @@ DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("ddp", "fsdp")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value. ``field`` is the dotted field path (``"model.n_embd"``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def _is_int(v) -> bool:
