@@ -25,13 +25,13 @@ import hashlib
 import math
 import os
 import sysconfig
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._io import atomic_write_stream
 from .kv_retrieval import derive_seed
 
 _SPLITS = ("train", "val")
@@ -94,18 +94,6 @@ def _expand(paths) -> list[Path]:
 
 def _split_hash(seed: int, rel: str) -> float:
     return int.from_bytes(hashlib.sha1(f"{seed}:{rel}".encode()).digest(), "big") / 2.0**160
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ByteText:
@@ -219,8 +207,8 @@ class ByteText:
                 out.write(_SEP)
                 offsets.append(offsets[-1] + len(data) + len(_SEP))
 
-        _atomic_write(self.cache_path, write)
-        _atomic_write(self._offsets_path, lambda out: np.save(out, np.asarray(offsets, np.int64)))
+        atomic_write_stream(self.cache_path, write)
+        atomic_write_stream(self._offsets_path, lambda out: np.save(out, np.asarray(offsets, np.int64)))
 
     @property
     def num_bytes(self) -> int:

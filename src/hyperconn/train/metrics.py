@@ -7,70 +7,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from .._io import atomic_write_text, nan_to_none, read_json, read_jsonl, write_json
+
 __all__ = ["MetricsWriter", "TensorBoardMirror", "read_metrics", "write_json", "read_json", "finite_or_none"]
 
-
-def finite_or_none(value: Any) -> Any:
-    """Recursively replace NaN/±Inf floats by None; tensors/numpy scalars become floats."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented strict JSON, atomically (temp file + ``os.replace``)."""
-    _atomic_write_text(Path(path), json.dumps(finite_or_none(data), indent=2, allow_nan=False) + "\n")
-
-
-def read_json(path: Path) -> Optional[Any]:
-    """Parsed JSON, or None if the file is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+# Kept under their historical names (tests and callers import them from here).
+finite_or_none = nan_to_none
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """All complete lines of a ``metrics.jsonl`` (a torn last line is skipped)."""
-    rows = []
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return rows
+    """All complete lines of a ``metrics.jsonl`` (a torn last line is skipped); ``[]`` if
+    the file is missing.
+
+    Raises:
+        OSError: if the file exists but cannot be read.
+    """
+    return read_jsonl(path)
 
 
 class MetricsWriter:
@@ -89,7 +44,7 @@ class MetricsWriter:
         kept: Iterable[dict] = []
         if keep_through is not None:
             kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= keep_through]
-        _atomic_write_text(self.path, "".join(self._line(r) for r in kept))
+        atomic_write_text(self.path, "".join(self._line(r) for r in kept))
         self._f = open(self.path, "a")
 
     @staticmethod
