@@ -32,7 +32,11 @@ from torch import nn
 
 from .. import HyperConnection
 from ..variants import VARIANTS
-from . import Case, UsageError, common_args, fmt, fmt_mib, measure_memory, meta, paired_ratio, progress, summarize, time_interleaved
+from .cli import UsageError, common_args, progress
+from .memory import measure_memory
+from .output import meta
+from .render import fmt, fmt_mib
+from .timing import Case, paired_ratio, summarize, time_interleaved
 from .peers import peer_case, peer_status, triton_sinkhorn_available
 
 __all__ = ["build_parser", "run", "layer_case", "TARGET", "DEFAULT_CASES"]

@@ -27,7 +27,11 @@ import torch.nn.functional as F
 
 from ..models import GPT, ConnectionConfig, GPTConfig
 from ..variants import VARIANTS
-from . import Case, UsageError, common_args, fmt, fmt_mib, measure_memory, meta, paired_ratio, progress, summarize, time_interleaved
+from .cli import UsageError, common_args, progress
+from .memory import measure_memory
+from .output import meta
+from .render import fmt, fmt_mib
+from .timing import Case, paired_ratio, summarize, time_interleaved
 
 __all__ = ["build_parser", "run", "model_case", "sizes"]
 

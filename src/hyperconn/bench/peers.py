@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import Case
+from .timing import Case
 
 __all__ = ["PEER_PACKAGE", "PEER_VERSION", "PEER_KINDS", "peer_status", "build_peer", "peer_input_shape", "peer_case"]
 
