@@ -25,9 +25,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-__all__ = ["Run", "find_runs", "load_run", "write_report", "DIAG_PREFIX", "TASK_TITLES"]
+from .._io import atomic_write_text, read_json, read_jsonl
+
+__all__ = ["Run", "find_runs", "load_run", "write_report", "group_by_label", "DIAG_PREFIX", "TASK_TITLES"]
 
 DIAG_PREFIX = "diag/"
 TASK_TITLES = {"kv": "key-value retrieval", "bytes": "byte-level LM"}
@@ -35,30 +37,15 @@ FAILED_STATUSES = ("diverged", "failed", "error", "nan")
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    data = read_json(path)
     return data if isinstance(data, dict) else None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
     try:
-        lines = path.read_text().splitlines()
+        return read_jsonl(path)  # lines cut short by a crash or a concurrent writer are skipped
     except OSError:
-        return rows
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut short by a crash or a concurrent writer
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+        return []
 
 
 def _number(v) -> Optional[float]:
@@ -142,6 +129,15 @@ class Run:
         steps = [_number(r.get("step")) for r in self.metrics]
         steps = [s for s in steps if s is not None]
         return max(steps) if steps else None
+
+
+def group_by_label(runs: Sequence[Run], key: Callable[[Run], str] = lambda r: r.group) -> dict[str, dict[str, list[Run]]]:
+    """``{key(run): {run.label: [runs]}}``, both levels in the runs' order (``key``: the
+    run's group by default; the figures use its panel title). Never raises."""
+    out: dict[str, dict[str, list[Run]]] = {}
+    for r in runs:
+        out.setdefault(key(r), {}).setdefault(r.label, []).append(r)
+    return out
 
 
 def _lookup(data: dict, key: str) -> Optional[float]:
@@ -277,8 +273,5 @@ def write_report(dirs: Sequence[Path], out: Path) -> Path:
     if depth_figure is None:
         depth_png.unlink(missing_ok=True)  # a stale figure from an earlier report
     path = out / "report.md"
-    text = render(runs, figures, dirs, out, depth_figure)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, render(runs, figures, dirs, out, depth_figure))
     return path

@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
+from . import group_by_label
+
 if TYPE_CHECKING:  # pragma: no cover
     from . import Run
 
@@ -64,10 +66,7 @@ def _task_title(panel: str) -> str:
 
 def _groups(runs: Sequence["Run"]) -> dict[str, dict[str, list["Run"]]]:
     """{panel title: {label: runs}}, panels in the runs' order (natural group order)."""
-    out: dict[str, dict[str, list]] = {}
-    for r in runs:
-        out.setdefault(r.panel, {}).setdefault(r.label, []).append(r)
-    return out
+    return group_by_label(runs, key=lambda r: r.panel)
 
 
 def _finite(v) -> bool:

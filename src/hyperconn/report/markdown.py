@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from . import group_by_label
 from .figures import DIAG, Figure
 from .stability import stability_section
 
@@ -79,10 +80,7 @@ def _rel(path: Path, start: Path) -> str:
 
 def _tasks(runs) -> dict[str, dict[str, list]]:
     """{group: {label: runs}} in the runs' (natural) order."""
-    out: dict[str, dict[str, list]] = {}
-    for r in runs:
-        out.setdefault(r.group, {}).setdefault(r.label, []).append(r)
-    return out
+    return group_by_label(runs)
 
 
 def _quality_key(runs) -> Optional[str]:

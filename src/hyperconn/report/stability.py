@@ -23,6 +23,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from . import group_by_label
+
 if TYPE_CHECKING:  # pragma: no cover
     from . import Run
 
@@ -72,13 +74,6 @@ def _range(vals, digits: int = 3) -> str:
     return _g(lo, digits) if len(vals) == 1 or lo == hi else f"{_g(lo, digits)}–{_g(hi, digits)}"
 
 
-def _by_group(runs: Sequence["Run"]) -> dict[str, dict[str, list["Run"]]]:
-    out: dict[str, dict[str, list]] = {}
-    for r in runs:
-        out.setdefault(r.group, {}).setdefault(r.label, []).append(r)
-    return out
-
-
 def _diverged_cell(group: list["Run"]) -> str:
     div = [r for r in group if r.diverged]
     if not div:
@@ -100,7 +95,7 @@ def stability_section(runs: Sequence["Run"], depth_figure: Optional[Path] = None
              "the machine's load noise (see `hyperconn bench model` for interleaved timing).", ""]
     head = ["variant", "runs", "diverged", "peak gain (max)", "final gain (mean), seed range", "grad ratio",
             "similarity", "ms/step", "× hc", "× residual"]
-    for name, groups in _by_group(runs).items():
+    for name, groups in group_by_label(runs).items():
         ms = {lab: _mean(ms_per_step(r) for r in g) for lab, g in groups.items()}
         lines += [f"### `{name}`", "", "| " + " | ".join(head) + " |",
                   "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
