@@ -2,8 +2,16 @@
 
 Contents (a dict saved with ``torch.save``, loadable with ``weights_only=True``)::
 
-    version, step, config (TrainConfig.to_dict()), model, optimizer, controller (or None),
+    version, step, config (TrainConfig.to_dict()), model, optimizer,
+    controllers {name: state} (one entry per controller, see hyperconn.control),
     rng {python, numpy, torch, cuda}, progress {train_time_s, wall_time_s, tokens, ...}
+
+Checkpoints written before controllers were generic hold a single ``controller`` entry
+(the Harmonized controller's state, or None) instead of ``controllers``; they still load.
+
+The training loop goes through :func:`save` and :func:`load` only: they pick
+``checkpoint.pt`` in one process and the sharded ``checkpoint/`` directory (:mod:`.dcp`)
+under torchrun, and record / check the SHA-256 of what they write / read (:mod:`.run_dir`).
 
 Writes are atomic (temp file in the same directory, fsync, ``os.replace``), so a crash
 mid-write leaves the previous checkpoint intact. Loading problems (unreadable or
@@ -17,15 +25,16 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "rng_state",
-           "set_rng_state", "check_compatible"]
+__all__ = ["CheckpointError", "save", "load", "find", "save_checkpoint", "load_checkpoint", "read_checkpoint",
+           "rng_state", "set_rng_state", "check_compatible", "restore_controllers_and_rng"]
 
 VERSION = 1
+FILE = "checkpoint.pt"
 # Settings that must match to continue a run from its checkpoint.
 _MUST_MATCH = ("model", "task", "kv_pairs", "data_paths")
 
@@ -133,9 +142,9 @@ def read_checkpoint(path: Path, config_dict: dict, map_location="cpu") -> dict:
 
 
 def load_checkpoint(path: Path, config_dict: dict, model: torch.nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer] = None, controller=None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, controllers: Sequence = (),
                     map_location="cpu") -> dict:
-    """Load ``path`` into ``model`` / ``optimizer`` / ``controller`` and restore RNG states.
+    """Load ``path`` into ``model`` / ``optimizer`` / ``controllers`` and restore RNG states.
 
     Returns the checkpoint dict (``step``, ``progress``, ...). Raises
     :class:`CheckpointError` for an unreadable, truncated or incompatible checkpoint.
@@ -152,18 +161,117 @@ def load_checkpoint(path: Path, config_dict: dict, model: torch.nn.Module,
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this model ({e})") from None
-    restore_controller_and_rng(state, path, controller)
+    restore_controllers_and_rng(state, path, controllers)
     return state
 
 
-def restore_controller_and_rng(state: dict, path: Path, controller=None) -> None:
-    """Load the Harmonized controller (if any) and the RNG states from a checkpoint's
-    ``controller`` and ``rng`` entries; :class:`CheckpointError` if either is unusable."""
-    if controller is not None:
-        if not state.get("controller"):
-            raise CheckpointError(f"checkpoint {path} has no Harmonized controller state")
-        controller.load_state_dict(state["controller"])
+def controller_states(state: dict, path: Path, controllers: Sequence) -> dict:
+    """``{name: state}`` of the controllers saved in a checkpoint dict.
+
+    Reads ``controllers`` or, from a checkpoint written before controllers were generic,
+    the single ``controller`` entry, which belongs to the only controller of the model.
+
+    Raises:
+        CheckpointError: an old single entry but more than one controller to give it to.
+    """
+    saved = state.get("controllers")
+    if saved is None and state.get("controller"):  # the format before generic controllers
+        if len(controllers) > 1:
+            raise CheckpointError(f"checkpoint {path} holds one controller state (an older format) but the "
+                                  f"model has {len(controllers)} controllers")
+        saved = {c.name: state["controller"] for c in controllers}
+    return dict(saved or {})
+
+
+def restore_controllers_and_rng(state: dict, path: Path, controllers: Sequence = ()) -> None:
+    """Load every controller (by its ``name``) and the RNG states from a checkpoint's
+    ``controllers`` (or old ``controller``) and ``rng`` entries.
+
+    Raises:
+        CheckpointError: a controller without saved state, or an unusable RNG state.
+    """
+    saved = controller_states(state, path, controllers)
+    for controller in controllers:
+        if not saved.get(controller.name):
+            raise CheckpointError(f"checkpoint {path} has no state for the {controller.name!r} controller")
+        controller.load_state_dict(saved[controller.name])
     try:
         set_rng_state(state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot restore RNG state ({e})") from None
+
+
+# ------------------------------------------------------------------ the training loop's entry points
+
+
+def find(run_dir: Path) -> Optional[Path]:
+    """The checkpoint a resume of ``run_dir`` continues from: the sharded directory when
+    there is one (:func:`.dcp.find`), else ``checkpoint.pt`` when it exists, else None."""
+    from . import dcp  # dcp builds on this module
+
+    sharded = dcp.find(run_dir)
+    if sharded is not None:
+        return sharded
+    path = Path(run_dir) / FILE
+    return path if path.exists() else None
+
+
+def save(run_dir: Path, ctx, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Write the run's checkpoint: ``checkpoint.pt`` in one process, a sharded
+    ``checkpoint/`` directory under torchrun (collective: every rank calls it with the
+    same ``meta``). Either is written atomically and its SHA-256 recorded before it is
+    moved into place; writing one removes the other kind.
+
+    Args:
+        run_dir: the run directory.
+        ctx: the :mod:`.distributed` context (``world_size``, ``is_main``, ...).
+        model, optimizer: the (possibly DDP / FSDP2 wrapped) model and its optimizer.
+        meta: everything else (``step``, ``config``, ``run_id``, ``controllers``, ``rng``,
+            ``progress``).
+    """
+    from . import dcp
+    from .run_dir import current_digests, write_checksum
+
+    run_dir = Path(run_dir)
+    previous = current_digests(run_dir) if ctx.is_main else None
+    before_replace = (lambda tmp: write_checksum(run_dir, tmp, previous)) if ctx.is_main else None
+    if ctx.world_size > 1:
+        dcp.save_sharded(run_dir, ctx, model, optimizer, meta, before_replace)
+        return
+    save_checkpoint(run_dir / FILE, {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                    before_replace)
+    dcp.remove(run_dir)  # a run continued from a sharded checkpoint keeps one checkpoint
+
+
+def load(run_dir: Path, ctx, config_dict: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         controllers: Sequence = ()) -> Optional[tuple[dict, Path]]:
+    """Continue from the run's checkpoint (see :func:`find`), whichever process count wrote it.
+
+    Checks the recorded SHA-256 before anything is unpickled, then loads the model, the
+    optimizer, the controllers and the RNG states. A sharded checkpoint loads into any
+    world size; a ``checkpoint.pt`` loads directly in one process and is re-keyed for
+    DDP / FSDP2 under torchrun.
+
+    Returns:
+        ``(state, path)``: the checkpoint dict (``step``, ``progress``, ``run_id``, ...) and
+        the file or directory it came from; None when ``run_dir`` has no checkpoint.
+
+    Raises:
+        CheckpointError: damaged (checksum, unreadable), incompatible or incomplete checkpoint.
+    """
+    from . import dcp
+    from .optim import decay_split
+    from .run_dir import verify
+
+    path = find(run_dir)
+    if path is None:
+        return None
+    verify(run_dir, path)  # a damaged file is refused by name before it is unpickled
+    if path.is_dir():  # saved under torchrun, by any number of ranks
+        return dcp.load_sharded(path, config_dict, model, optimizer, controllers), path
+    if ctx.world_size == 1:
+        return load_checkpoint(path, config_dict, model, optimizer, controllers, map_location=ctx.device), path
+    state = read_checkpoint(path, config_dict)  # a single-process checkpoint continued under torchrun
+    decay, no_decay = decay_split(ctx.local(model))
+    dcp.load_full_into(state, decay + no_decay, model, optimizer, controllers, path)
+    return state, path

@@ -2,9 +2,10 @@
 
 ``TrainConfig`` nests the model's :class:`~hyperconn.models.GPTConfig` (which nests its
 :class:`~hyperconn.models.ConnectionConfig`) and the Harmonized controller's settings
-(:class:`HarmonizedConfig`). All three validate themselves on construction and raise
-:class:`ConfigError` / ``ValueError`` whose message starts with the offending field, e.g.
-``"lr: expected a positive finite number, got -1.0"``.
+(:class:`HarmonizedConfig`). All three validate themselves on construction. Everything
+this module raises for an invalid value is a :class:`~hyperconn.errors.ConfigError` with
+the dotted path of the field (``error.field == "model.connection.streams"``) and
+``str(error)`` starting with it, e.g. ``"lr: expected a finite number > 0, got -1.0"``.
 
 Conversions: :meth:`TrainConfig.to_dict` (plain nested dict, what ``config.json`` holds),
 :meth:`TrainConfig.from_dict` (rejects unknown keys, naming them with their dotted path)
@@ -28,8 +29,6 @@ TASKS = ("kv", "bytes")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("ddp", "fsdp")
-
-
 
 
 def _is_int(v) -> bool:
@@ -148,9 +147,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.model, Mapping):
-            self.model = GPTConfig(**self.model)
+            self.model = _build(GPTConfig, self.model, "model.")
         if isinstance(self.harmonized, Mapping):
-            self.harmonized = HarmonizedConfig(**self.harmonized)
+            self.harmonized = _build(HarmonizedConfig, self.harmonized, "harmonized.")
         if not isinstance(self.model, GPTConfig):
             raise ConfigError("model", f"expected a GPTConfig, got {type(self.model).__name__}")
         if not isinstance(self.harmonized, HarmonizedConfig):
@@ -210,6 +209,11 @@ class TrainConfig:
         defaults. Raises :class:`ConfigError` naming an unknown key or an invalid value."""
         return _build(cls, data, "")
 
+    def controller_settings(self) -> dict[str, dict]:
+        """Keyword arguments per controller name, for :func:`hyperconn.control.build_controllers`
+        (a controller the model does not need ignores its entry)."""
+        return {"harmonized": dataclasses.asdict(self.harmonized)}
+
     @property
     def variant(self) -> str:
         return self.model.connection.variant
@@ -261,15 +265,25 @@ def _build(cls, data, prefix: str):
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        if prefix and not e.field.startswith(prefix):
-            raise ConfigError(prefix + e.field, str(e).split(": ", 1)[1]) from None
-        raise
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        head, _, rest = msg.partition(": ")
+        raise _within(e, prefix) from None
+    except ValueError as e:
+        # Fallback for model configs that still raise a plain ValueError "<field>: <message>":
+        # the field is read from the message. Remove once they all raise ConfigError.
+        head, _, rest = str(e).partition(": ")
         if rest and head.isidentifier():
             raise ConfigError(prefix + head, rest) from None
-        raise ConfigError(prefix.rstrip(".") or "config", msg) from None
+        raise ConfigError(prefix.rstrip(".") or "config", str(e)) from None
+    except TypeError as e:  # e.g. a missing required argument
+        raise ConfigError(prefix.rstrip(".") or "config", str(e)) from None
+
+
+def _within(err: ConfigError, prefix: str) -> ConfigError:
+    """``err`` with its field under ``prefix`` (``"model."``), unless it names it already
+    (HarmonizedConfig's fields are ``harmonized.*`` on their own)."""
+    group = prefix.rstrip(".")
+    if not group or err.field == group or err.field.startswith(prefix):
+        return err
+    return err.within(group)
 
 
 def flatten(data: Mapping, prefix: str = "") -> dict:

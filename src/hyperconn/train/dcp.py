@@ -4,7 +4,7 @@ Layout of the directory::
 
     checkpoint/
       .metadata, __*_*.distcp   model + optimizer (DCP: every rank writes its own shards)
-      meta.pt                    version, step, config, controller, rng (rank 0's),
+      meta.pt                    version, step, config, controllers, rng (rank 0's),
                                  progress, world_size, parallel  (torch.save, weights_only)
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``
@@ -24,14 +24,14 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .checkpoint import VERSION, CheckpointError, check_compatible, restore_controller_and_rng
+from .checkpoint import VERSION, CheckpointError, check_compatible, restore_controllers_and_rng
 
-__all__ = ["find", "save_sharded", "load_sharded", "load_full_into"]
+__all__ = ["find", "remove", "save_sharded", "load_sharded", "load_full_into"]
 
 META = "meta.pt"
 
@@ -43,6 +43,14 @@ def find(run_dir: Path) -> Optional[Path]:
         if (d / META).exists():
             return d
     return None
+
+
+def remove(run_dir: Path) -> None:
+    """Delete ``run_dir``'s sharded checkpoint directories (once ``checkpoint.pt`` replaced them)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        d = Path(run_dir) / name
+        if d.is_dir():
+            shutil.rmtree(d)
 
 
 def save_sharded(run_dir: Path, ctx, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
@@ -96,9 +104,10 @@ def _read_meta(path: Path, config_dict: dict) -> dict:
 
 
 def load_sharded(path: Path, config_dict: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 controller=None) -> dict:
+                 controllers: Sequence = ()) -> dict:
     """Load a sharded checkpoint into ``model`` / ``optimizer`` (plain, DDP or FSDP2, any
-    world size; collective when a process group exists). Returns ``meta``."""
+    world size; collective when a process group exists), with the controllers and RNG
+    states. Returns ``meta``. Raises :class:`CheckpointError` for a damaged or mismatched one."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -116,12 +125,12 @@ def load_sharded(path: Path, config_dict: dict, model: nn.Module, optimizer: tor
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     # Rank 0's RNG state on every rank: the model has no dropout and batches are a pure
     # function of (seed, step), so nothing a rank draws depends on it.
-    restore_controller_and_rng(meta, path, controller)
+    restore_controllers_and_rng(meta, path, controllers)
     return meta
 
 
 def load_full_into(state: dict, names: list[str], model: nn.Module, optimizer: torch.optim.Optimizer,
-                   controller, path: Path) -> None:
+                   controllers: Sequence, path: Path) -> None:
     """Load a single-process ``checkpoint.pt`` dict into a DDP / FSDP2 model and optimizer.
 
     ``names``: the parameter names in the optimizer's order (its integer state keys), used
@@ -139,4 +148,4 @@ def load_full_into(state: dict, names: list[str], model: nn.Module, optimizer: t
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model: "
                               f"{str(e).strip().splitlines()[0][:300]}") from None
-    restore_controller_and_rng(state, path, controller)
+    restore_controllers_and_rng(state, path, controllers)

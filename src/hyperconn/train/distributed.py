@@ -24,9 +24,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .._device import resolve_device  # noqa: F401 - re-exported: the device of a run
 from .config import ConfigError
 
-__all__ = ["Single", "Distributed", "setup", "env_world_size"]
+__all__ = ["Single", "Distributed", "setup", "env_world_size", "resolve_device"]
 
 
 def env_world_size() -> int:
