@@ -258,3 +258,25 @@ def test_config_from_dict_and_overrides(tmp_path):
     assert c2.model.connection.variant == "isohc" and c2.lr == 1.0 and isinstance(c2.lr, float)
     with pytest.raises(ConfigError, match="nope"):
         with_overrides(cfg, {"nope": 1})
+
+
+def test_nested_config_errors_name_the_dotted_field(tmp_path):
+    # A dict for a nested config is built like from_dict builds it: errors carry the path.
+    for model, field in [({"n_embd": 30}, "model.n_embd"), ({"nope": 1}, "model.nope"),
+                         ({"connection": {"variant": "residual"}}, "model.connection.streams"),
+                         ({"connection": {"variant": "bogus"}}, "model.connection.variant")]:
+        with pytest.raises(ConfigError) as e:
+            TrainConfig(model=model)
+        assert e.value.field == field and str(e.value).startswith(field + ": "), (model, str(e.value))
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(harmonized={"beta": 1.5})
+    assert e.value.field == "harmonized.beta"
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({"model": {"connection": {"streams": 0}}})
+    assert e.value.field == "model.connection.streams"
+
+
+def test_controller_settings(tmp_path):
+    cfg = tiny(tmp_path, harmonized={"target_gain": 3.0})
+    assert cfg.controller_settings() == {"harmonized": {"target_gain": 3.0, "beta": 0.95, "exponent": 0.5,
+                                                       "min_scale": 0.02}}
