@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from .._device import resolve_device
+from .._io import atomic_write_text, read_json, write_json
 from ..train.checkpoint import CheckpointError
 from ..train.config import TrainConfig, with_overrides
-from ..train.loop import resolve_device, train
-from ..train.metrics import read_json, write_json
+from ..train.loop import train
 from ..train.run_dir import RunLock, prepare_out_dir
 from .presets import Job, Preset, expand, get_preset
 
@@ -215,7 +216,7 @@ def _run_jobs(p: Preset, jobs: list, out_dir: Path, seeds, quiet: bool, console)
                "out_dir": str(out_dir), **summarize(jobs, out_dir, failures),
                "failed": len(failures), "wall_time_s": time.perf_counter() - start}
     write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(to_markdown(summary))
+    atomic_write_text(out_dir / "summary.md", to_markdown(summary))
     if not quiet:
         _print_table(summary, console)
     print(f"compare {p.name}: {n} runs in {summary['wall_time_s']:.0f}s -> {out_dir / 'summary.md'}", flush=True)

@@ -1,63 +1,19 @@
-"""Comparison presets, as data.
+"""The comparison presets behind ``hyperconn compare --preset NAME``.
 
-A :class:`Preset` is a list of :class:`RunGroup`; a group is one setting (task, model
-size, steps, ...) given as dotted :class:`~hyperconn.train.TrainConfig` overrides, run for
-every listed variant and every seed. Run ``k`` of variant ``v`` in group ``g`` lives in
-``<out>/<g>/<v>/seed<k>/``.
-
-Rule applied to every group: variant ``"residual"`` runs with ``streams=1`` (the plain
-Pre-Norm baseline); every other variant uses the group's ``model.connection.streams``.
+``quick`` (every variant on both tasks, the README's main job) and ``smoke`` (a pipeline
+check) are defined here; the claim presets (``gain``, ``depth``, ``kv``, ``lm``,
+``overhead`` and their ``-paper`` scale) in :mod:`.claim_presets`. What a preset is —
+:class:`RunGroup`, :class:`Preset`, :class:`Job`, :func:`expand` — is in
+:mod:`.preset_types` (re-exported here). Every preset checks its runs when defined.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from ..errors import ConfigError
+from .claim_presets import CLAIM_PRESETS
+from .preset_types import Job, Preset, RunGroup, expand, registered_variants
 
-from ..train.config import TrainConfig, with_overrides
-from ..variants import VARIANTS
-
-__all__ = ["RunGroup", "Preset", "Job", "PRESETS", "get_preset", "expand"]
-
-
-@dataclass(frozen=True)
-class RunGroup:
-    """One setting, run for each variant × seed.
-
-    Args:
-        name: directory name under the compare dir (e.g. ``"kv"``).
-        overrides: dotted TrainConfig overrides (``{"task": "kv", "model.n_embd": 64}``).
-        variants: connection variants to run.
-        variant_overrides: extra overrides for one variant (``{"hc": {"lr": 1e-3}}``).
-    """
-
-    name: str
-    overrides: Mapping[str, Any]
-    variants: tuple[str, ...] = VARIANTS
-    variant_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    description: str
-    groups: tuple[RunGroup, ...]
-    seeds: tuple[int, ...] = (0,)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One training run of a comparison."""
-
-    group: str
-    variant: str
-    seed: int
-    config: TrainConfig
-
-    @property
-    def label(self) -> str:
-        return f"{self.group}/{self.variant}/seed{self.seed}"
+__all__ = ["RunGroup", "Preset", "Job", "PRESETS", "get_preset", "expand", "registered_variants"]
 
 
 # ---------------------------------------------------------------------------- presets
@@ -73,8 +29,6 @@ _QUICK = {
     "lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.1,
     "eval_every": 100, "eval_batches": 4, "log_every": 10, "ckpt_every": 100,
 }
-
-from .claim_presets import CLAIM_PRESETS  # noqa: E402 - defined there, listed here
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
@@ -106,28 +60,11 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str) -> Preset:
-    """The preset called ``name``; ``ValueError`` naming the known presets otherwise."""
-    if name not in PRESETS:
-        raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {name!r}")
-    return PRESETS[name]
+    """The preset called ``name``.
 
-
-def expand(preset: Preset, out_dir, seeds: Optional[Sequence[int]] = None,
-           extra: Optional[Mapping[str, Any]] = None) -> list[Job]:
-    """All runs of ``preset`` (group-major, then variant, then seed), with ``out_dir`` set.
-
-    ``seeds`` replaces the preset's seeds; ``extra`` are overrides applied to every run
-    last (e.g. ``{"device": "cuda"}``).
+    Raises:
+        ConfigError: (field ``preset``, a ``ValueError``) naming the known presets otherwise.
     """
-    out_dir = Path(out_dir)
-    jobs = []
-    for group in preset.groups:
-        for variant in group.variants:
-            for seed in (preset.seeds if seeds is None else seeds):
-                over = {**group.overrides, "model.connection.variant": variant, "seed": int(seed),
-                        **group.variant_overrides.get(variant, {}), **(extra or {}),
-                        "out_dir": str(out_dir / group.name / variant / f"seed{seed}")}
-                if variant == "residual":
-                    over["model.connection.streams"] = 1
-                jobs.append(Job(group.name, variant, int(seed), with_overrides(TrainConfig(), over)))
-    return jobs
+    if name not in PRESETS:
+        raise ConfigError("preset", f"expected one of {tuple(PRESETS)}, got {name!r}")
+    return PRESETS[name]

@@ -1,0 +1,140 @@
+"""What a comparison preset is: :class:`RunGroup`, :class:`Preset`, :class:`Job` and :func:`expand`.
+
+A :class:`Preset` is a list of :class:`RunGroup`; a group is one setting (task, model
+size, steps, ...) given as dotted :class:`~hyperconn.train.TrainConfig` overrides, run for
+every listed variant and every seed. Run ``k`` of variant ``v`` in group ``g`` lives in
+``<out>/<g>/<v>/seed<k>/``.
+
+Rule applied to every group: variant ``"residual"`` runs with ``streams=1`` (the plain
+Pre-Norm baseline); every other variant uses the group's ``model.connection.streams``.
+
+A group defined without ``variants`` runs every variant registered when it is defined:
+the six built-ins, then any defined in the user's own code and imported first (``hyperconn
+--import MODULE compare ...`` imports them before any preset is defined). A preset checks
+itself when it is defined: every run it describes must be a valid configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from ..errors import ConfigError
+from ..train.config import TrainConfig, with_overrides
+
+__all__ = ["RunGroup", "Preset", "Job", "expand", "registered_variants"]
+
+
+def registered_variants() -> tuple[str, ...]:
+    """Every variant name hyperconn knows now: the registry's ``variant_names()`` where the
+    variants package has one, else its ``VARIANTS``."""
+    from .. import variants
+
+    names = getattr(variants, "variant_names", None)
+    return tuple(names()) if callable(names) else tuple(variants.VARIANTS)
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """One setting, run for each variant × seed.
+
+    Args:
+        name: directory name under the compare dir (e.g. ``"kv"``).
+        overrides: dotted TrainConfig overrides (``{"task": "kv", "model.n_embd": 64}``).
+        variants: connection variants to run; None (the default) becomes every variant
+            registered at definition (:func:`registered_variants`).
+        variant_overrides: extra overrides for one variant (``{"hc": {"lr": 1e-3}}``).
+
+    Raises:
+        ConfigError: (field ``name`` or ``variants``) for an empty or path-like name, an
+            empty variant list or a repeated variant.
+    """
+
+    name: str
+    overrides: Mapping[str, Any]
+    variants: Optional[tuple[str, ...]] = None
+    variant_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError("name", f"expected a directory name, got {self.name!r}")
+        variants = registered_variants() if self.variants is None else tuple(self.variants)
+        object.__setattr__(self, "variants", variants)
+        if not variants or len(set(variants)) != len(variants):
+            raise ConfigError("variants", f"group {self.name!r}: expected distinct variant names, got {variants!r}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named comparison: groups × variants × seeds.
+
+    Raises:
+        ConfigError: when it is defined, if it has no group, two groups share a name, a
+            seed is negative, or any run it describes is not a valid ``TrainConfig``
+            (the field is ``presets.<name>.<group>.<variant>.<setting>``).
+    """
+
+    name: str
+    description: str
+    groups: tuple[RunGroup, ...]
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        object.__setattr__(self, "groups", tuple(self.groups))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        where = f"presets.{self.name}"
+        if not self.groups:
+            raise ConfigError(where, "expected at least one run group")
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.groups", f"expected distinct group names, got {names}")
+        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ConfigError(f"{where}.seeds", f"expected non-negative integers, got {self.seeds!r}")
+        for group in self.groups:
+            for variant in group.variants:
+                try:
+                    _config(group, variant, self.seeds[0], Path("."), None)
+                except ConfigError as e:
+                    raise e.within(f"{where}.{group.name}.{variant}") from None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of a comparison."""
+
+    group: str
+    variant: str
+    seed: int
+    config: TrainConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.group}/{self.variant}/seed{self.seed}"
+
+
+def _config(group: RunGroup, variant: str, seed: int, out_dir: Path,
+            extra: Optional[Mapping[str, Any]]) -> TrainConfig:
+    over = {**group.overrides, "model.connection.variant": variant, "seed": int(seed),
+            **group.variant_overrides.get(variant, {}), **(extra or {}),
+            "out_dir": str(out_dir / group.name / variant / f"seed{seed}")}
+    if variant == "residual":
+        over["model.connection.streams"] = 1
+    return with_overrides(TrainConfig(), over)
+
+
+def expand(preset: Preset, out_dir, seeds: Optional[Sequence[int]] = None,
+           extra: Optional[Mapping[str, Any]] = None) -> list[Job]:
+    """All runs of ``preset`` (group-major, then variant, then seed), with ``out_dir`` set.
+
+    ``seeds`` replaces the preset's seeds; ``extra`` are overrides applied to every run
+    last (e.g. ``{"device": "cuda"}``).
+
+    Raises:
+        ConfigError: if ``extra`` makes a run's configuration invalid.
+    """
+    out_dir = Path(out_dir)
+    return [Job(group.name, variant, int(seed), _config(group, variant, seed, out_dir, extra))
+            for group in preset.groups
+            for variant in group.variants
+            for seed in (preset.seeds if seeds is None else seeds)]
