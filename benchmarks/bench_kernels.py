@@ -21,7 +21,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from hyperconn.kernels import reference, triton_available
+from hyperconn.ops import reference, triton_available
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -112,7 +112,7 @@ def run(tokens: int, dim: int, streams: int, dtype: torch.dtype, device: torch.d
         "sinkhorn_tokens": {"torch": lambda z: reference.sinkhorn_tokens(z, iters)},
     }
     if device.type == "cuda" and triton_available():
-        from hyperconn.kernels import triton_ops
+        from hyperconn.ops import triton_backend as triton_ops
         impls["stream_pre"]["triton"] = triton_ops.stream_pre
         impls["stream_merge"]["triton"] = triton_ops.stream_merge
         impls["sinkhorn_tokens"]["triton"] = lambda z: triton_ops.sinkhorn_tokens(z, iters)

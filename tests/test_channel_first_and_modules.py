@@ -58,9 +58,9 @@ def test_channel_first_pre_post_by_hand_and_shape_errors():
     layer = HyperConnection(C, n, None, variant="mhc", channel_first=True)
     x = expand_streams(torch.randn(2, C, 4, 4), n, channel_first=True)
     assert x.shape == (2, n * C, 4, 4) and torch.equal(x[:, :C], x[:, C:])
-    inp = layer.pre(x)
+    inp, finish = layer.pre(x)
     assert inp.shape == (2, C, 4, 4)
-    out = layer.post(x, inp * 2)
+    out = finish(inp * 2)
     assert out.shape == x.shape
     with pytest.raises(ValueError, match="^x: expected shape \\(B, streams·dim=6"):
         layer.pre(torch.randn(2, 5, 4, 4))

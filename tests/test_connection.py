@@ -125,14 +125,14 @@ def test_branch_with_extra_arguments_via_forward_and_pre_post():
     x = torch.randn(5, 2, 8)
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
     out_forward = hc(x, mask, scale=2.0)
-    inp = hc.pre(x)
-    out_manual = hc.post(x, hc.branch(inp, mask, scale=2.0))
+    inp, finish = hc.pre(x)
+    out_manual = finish(hc.branch(inp, mask, scale=2.0))
     torch.testing.assert_close(out_forward, out_manual)
     h_pre, h_post, h_res = hc.coefficients(x)
     masked = (h_res @ x)[1]
     torch.testing.assert_close(out_forward[1], masked)  # masked token: branch contributes 0
-    with pytest.raises(RuntimeError, match="pre"):
-        hc.post(x, torch.zeros(5, 8))
+    with pytest.raises(ValueError, match="^y: expected the branch output"):
+        finish(torch.zeros(5, 3))
 
 
 def test_probe_receives_coefficients_only_when_attached():
@@ -140,9 +140,9 @@ def test_probe_receives_coefficients_only_when_attached():
     x = torch.randn(3, 7, 4, 16)
     calls = []
     out_plain = hc(x)
-    hc.probe = lambda layer, h_pre, h_post, h_res, xs: calls.append((layer, h_pre, h_post, h_res, xs))
+    handle = hc.register_observer(lambda layer, h_pre, h_post, h_res, xs: calls.append((layer, h_pre, h_post, h_res, xs)))
     out_probed = hc(x)
-    hc.probe = None
+    handle.remove()
     hc(x)
     assert len(calls) == 1
     layer, h_pre, h_post, h_res, xs = calls[0]

@@ -31,7 +31,11 @@ class Toy(nn.Module):
     def forward(self, idx):
         x = expand_streams(self.emb(idx), self.n)
         for layer in self.layers:
-            x = layer.post(x, layer.branch(layer.pre(x))) if self.manual else layer(x)
+            if self.manual:
+                u, finish = layer.pre(x)
+                x = finish(layer.branch(u))
+            else:
+                x = layer(x)
         return self.head(reduce_streams(x))
 
 
@@ -146,7 +150,7 @@ def test_probe_records_and_cleans_up(manual):
     idx, _ = batch()
     with Probe(model) as probe:
         for layer in model.layers:
-            assert layer.probe is not None
+            assert len(layer.observers) == 1
         model(idx)
     assert len(probe.records) == 3
     assert [r.layer for r in probe.records] == list(model.layers)
@@ -156,7 +160,7 @@ def test_probe_records_and_cleans_up(manual):
     # x_{l+1} of layer l is the input of layer l+1.
     assert probe.records[0].out is probe.records[1].x
     for layer in model.layers:  # nothing left behind
-        assert layer.probe is None and "post" not in layer.__dict__
+        assert layer.observers == () and "_post" not in layer.__dict__
 
 
 def test_probe_static_coefficients_broadcast():
@@ -170,13 +174,14 @@ def test_probe_static_coefficients_broadcast():
 def test_probe_chains_with_controller():
     model = Toy("harmonized")
     ctl = HarmonizedController(model, target_gain=2.0)
-    before = [layer.probe for layer in model.layers]
+    before = [layer.observers for layer in model.layers]
+    assert all(len(obs) == 1 for obs in before)
     with Probe(model) as probe:
         model(batch()[0])
     assert len(probe.records) == 3
     ctl.update()  # the controller saw the forward through the chain
     assert ctl.steps == 1
-    assert [layer.probe for layer in model.layers] == before
+    assert [layer.observers for layer in model.layers] == before
 
 
 # ---------------------------------------------------------------- StabilityHook
@@ -195,7 +200,7 @@ def test_stability_hook(tmp_path, variant):
     with torch.no_grad():
         assert torch.equal(model(idx), ref)  # nothing changed
     assert all(p.grad is None for p in model.parameters())
-    assert all(layer.probe is None and "post" not in layer.__dict__ for layer in model.layers)
+    assert all(layer.observers == () and "_post" not in layer.__dict__ for layer in model.layers)
     expected = set(SCALAR_KEYS) | (set(HARMONIZED_KEYS) if variant == "harmonized" else set())
     if n == 1:
         expected -= {"stream_similarity", "stream_similarity_last"}

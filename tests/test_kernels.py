@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperconn import kernels
-from hyperconn.kernels import dispatch, reference
+from hyperconn import ops as kernels
+from hyperconn.ops import dispatch, reference
 from hyperconn.projections import sinkhorn
 
 INTERP = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
@@ -221,7 +221,7 @@ needs_interp = pytest.mark.skipif(not INTERP, reason="set TRITON_INTERPRET=1 (se
 @pytest.fixture(scope="module")
 def tops():
     pytest.importorskip("triton")
-    from hyperconn.kernels import triton_ops
+    from hyperconn.ops import triton_backend as triton_ops
     assert triton_ops.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set"
     return triton_ops
 
@@ -364,7 +364,7 @@ def test_interp_dispatch_selects_triton(tops, monkeypatch):
                                   (8, (2, 3), True)], ids=_ids)
 def test_cuda_triton_matches_reference(case, dtype):
     pytest.importorskip("triton")
-    from hyperconn.kernels import triton_ops
+    from hyperconn.ops import triton_backend as triton_ops
     dev = torch.device("cuda")
     x, h_pre, h_res, h_post, y = (t.to(dev) for t in _inputs(*case, C=1031, dtype=dtype))
     if not os.environ.get(dispatch.ENV_VAR):

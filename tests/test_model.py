@@ -59,7 +59,7 @@ def test_connections_in_forward_order():
 
     order = []
     for i, c in enumerate(conns):
-        c.probe = lambda layer, *a, i=i: order.append(i)
+        c.register_observer(lambda layer, *a, i=i: order.append(i))
     model(tokens(model.config))
     assert order == list(range(6))
 

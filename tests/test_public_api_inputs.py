@@ -117,8 +117,8 @@ def test_branch_returning_a_tuple_hands_the_extras_back():
     # the first element is the branch output, exactly as a plain tensor branch gives
     plain = HyperConnection(8, 4, nn.Identity(), variant="mhc")
     plain.load_state_dict(layer.state_dict(), strict=False)
-    inp = layer.pre(x)
-    torch.testing.assert_close(streams, layer.post(x, layer.branch.lin(inp) * 2.0))
+    inp, finish = layer.pre(x)
+    torch.testing.assert_close(streams, finish(layer.branch.lin(inp) * 2.0))
     recompute = HyperConnection(8, 4, WithExtras(), variant="mhc", recompute=True)
     recompute.load_state_dict(layer.state_dict())
     out, _, _ = recompute(x.requires_grad_(), scale=2.0)

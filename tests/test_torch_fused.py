@@ -1,11 +1,11 @@
-"""kernels.torch_fused: hand-written backward of the CPU projection and merge."""
+"""ops.cpu: hand-written backward of the CPU projection and merge."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hyperconn.kernels.torch_fused import merge_streams, rms_projection, stream_pre
+from hyperconn.ops.cpu import merge_streams, rms_projection, stream_pre
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
@@ -165,8 +165,8 @@ def test_layer_stale_buffer_from_partial_backward_is_ignored():
     torch.manual_seed(2)
     layer = HyperConnection(8, 3, torch.nn.Linear(8, 8), variant="hc", alpha_init=0.3)
     x = torch.randn(2, 4, 3, 8, requires_grad=True)
-    u = layer.pre(x)
-    out = layer.post(x, layer.branch(u))
+    u, finish = layer.pre(x)
+    out = finish(layer.branch(u))
     torch.autograd.grad(out, [layer.branch.weight], torch.randn_like(out), retain_graph=True)
     (dx,) = torch.autograd.grad(u.square().sum(), [x])            # the merge is not in this graph
     plain = x.detach().clone().requires_grad_()

@@ -16,24 +16,22 @@ streams are mixed with fp32 coefficients and accumulated in fp32.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.hooks import RemovableHandle
 
-from . import kernels as _kernels
+from . import ops
 from ._checks import check_floating
-from .kernels import reference as _reference
-from .kernels.torch_fused import StreamGradSlot, merge_streams, rms_projection, stream_pre
-from .variants import VARIANTS, make_variant
+from .errors import ConfigError
+from .ops import StreamGradSlot
+from .variants import make_variant
 
 __all__ = ["HyperConnection", "expand_streams", "reduce_streams", "ExpandStreams", "ReduceStreams"]
 
-_RESIDUAL = object()  # marks a pending post() of the plain residual (no coefficients)
-# Half-precision streams: the torch path mixes them with fp32 coefficients and fp32
-# accumulation (kernels.reference, the Triton kernels' rule) instead of rounding H_res.
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False) -> torch.Tensor:
@@ -123,8 +121,9 @@ class HyperConnection(nn.Module):
     Args:
         dim: channel width C.
         streams: number of residual streams n ≥ 1 (``variant="residual"`` needs n = 1).
-        branch: the wrapped module F, or None to use :meth:`pre` / :meth:`post` by hand.
-        variant: one of ``hyperconn.VARIANTS``.
+        branch: the wrapped module F, or None to split the call by hand with :meth:`pre`.
+        variant: a registered variant name (``hyperconn.VARIANTS``: the built-ins and any
+            ``hyperconn.Variant`` subclass defined so far).
         dynamic: add per-token coefficients (ignored by ``"residual"``).
         layer_index: position in the stack (HC's one-hot pre init uses ``layer_index % n``).
         res_init: diagonal of the static raw H̃_res. Defaults: hc 1, mhc 4, isohc 1,
@@ -138,25 +137,27 @@ class HyperConnection(nn.Module):
         recompute: in training, store only the layer's input stream state and recompute
             the layer (coefficients, projections, mixing and the branch) in backward, via
             ``torch.utils.checkpoint`` (non-reentrant). Trades one extra forward of the
-            layer for its activation memory. A probe is called again during recompute.
+            layer for its activation memory. Observers are called again during recompute.
         alpha_init: initial α scale of the dynamic part (0.01); with ``dynamic=True`` the
             dynamic part moves H_res by O(α·n) from the static map at init.
         kernels: ``"torch"``, ``"triton"``, ``"auto"`` or None (the default: the
             ``HYPERCONN_KERNELS`` environment variable, else ``"auto"``). Chooses the
             implementation of ``H_pre x``, the merge ``H_res x + H_postᵀ y`` and the
             per-token Sinkhorn (``sinkhorn_backward="unrolled"``) through
-            :func:`hyperconn.kernels.resolve_backend`: ``"auto"`` takes the fused Triton
+            :func:`hyperconn.ops.resolve_backend`: ``"auto"`` takes the fused Triton
             kernels when the streams are on CUDA and Triton imports, torch otherwise.
         channel_first: conv-net layout: streams ``(B, n·C, *spatial)`` (stream ``j`` in
             channels ``j·C … (j+1)·C − 1``, as :func:`expand_streams` with
             ``channel_first=True`` makes them) and a branch on ``(B, C, *spatial)``;
             coefficients are per pixel. Computed as the channel-last layer on the
             permuted tensor.
-        **options: ``sinkhorn_iters`` (20), ``sinkhorn_backward`` ("unrolled"|"implicit"),
-            ``iso_method`` ("ns"|"ns-cubic"|"polar"), ``iso_steps`` (None: the method's default), ``hybrid_lambda``
-            ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0), ``pre_init``
-            ("default" | "uniform" | "onehot": the static H_pre at init; see
-            :meth:`hyperconn.variants.Variant.static_init`).
+        **options: the variant's options (its ``Options`` dataclass; options of other
+            registered variants are accepted and ignored), e.g. ``sinkhorn_iters`` (20),
+            ``sinkhorn_backward`` ("unrolled"|"implicit"), ``iso_method``
+            ("ns"|"ns-cubic"|"polar"), ``iso_steps`` (None: the method's default),
+            ``hybrid_lambda`` ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0), and
+            for every variant ``pre_init`` ("default" | "uniform" | "onehot": the static
+            H_pre at init; see :meth:`hyperconn.Variant.static_init`).
 
     Shapes: ``forward(x (..., n, C), *args, **kwargs) → (..., n, C)``; extra arguments go
     to the branch. A branch that returns a tuple ``(y, *extras)`` (as Hugging Face
@@ -164,9 +165,12 @@ class HyperConnection(nn.Module):
     identity transport every variant reduces to a Pre-Norm residual ``x + F(x)``
     (exactly for residual and static hc).
 
+    Observers (diagnostics, controllers) attach with :meth:`register_observer`.
+
     Raises:
-        ValueError: for ``streams < 1``, a non-positive ``dim``, an unknown variant or
-            option, an input whose last two dimensions are not (n, C), or a branch output
+        ConfigError: (a ``ValueError`` naming the field) for ``streams < 1``, a
+            non-positive ``dim``, an unknown variant or option, or an invalid option value.
+        ValueError: for an input whose last two dimensions are not (n, C), or a branch output
             that is not a (..., C) tensor (or a tuple starting with one).
         TypeError: for non-floating-point streams, or float64 streams into a layer that is
             not float64 (convert the layer with ``.double()``).
@@ -179,27 +183,23 @@ class HyperConnection(nn.Module):
                  **options: Any):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+            raise ConfigError("dim", f"expected a positive integer, got {dim!r}")
         if not isinstance(streams, int) or streams < 1:
-            raise ValueError(f"streams: expected a positive integer, got {streams!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-        if variant == "residual" and streams != 1:
-            raise ValueError(f"streams: variant 'residual' expects streams=1, got {streams}")
-        if kernels is not None and kernels not in _kernels.BACKENDS:
-            raise ValueError(f"kernels: expected None or one of {_kernels.BACKENDS}, got {kernels!r}")
+            raise ConfigError("streams", f"expected a positive integer, got {streams!r}")
+        if kernels is not None and kernels not in ops.BACKENDS:
+            raise ConfigError("kernels", f"expected None or one of {ops.BACKENDS}, got {kernels!r}")
         self.dim, self.streams, self.variant_name = dim, streams, variant
         self.channel_first = bool(channel_first)
         self.kernels = kernels
         self.branch = branch
-        self.mixer = make_variant(variant, streams, layer_index, res_init, **options)
-        self.mixer.kernels = kernels  # the per-token Sinkhorn dispatches on the same choice
-        self.dynamic = dynamic and variant != "residual"
+        # The variant validates its name, its options and the number of streams.
+        self.mixer = make_variant(variant, streams, layer_index, res_init, kernels=kernels, **options)
+        self.dynamic = dynamic and self.mixer.has_coefficients
         self.recompute = bool(recompute)
         self.norm_eps = norm_eps
         n = streams
         b_pre, b_post, b_res = self.mixer.static_init()
-        if variant == "residual":
+        if not self.mixer.has_coefficients:
             # No learned coefficients: keep constant buffers so shapes stay uniform.
             self.register_buffer("b_pre", b_pre, persistent=False)
             self.register_buffer("b_post", b_post, persistent=False)
@@ -212,9 +212,35 @@ class HyperConnection(nn.Module):
             phi = torch.randn(n * dim, n * n + 2 * n) / (n * dim) ** 0.5
             self.phi = nn.Parameter(phi.zero_() if self.mixer.phi_init == "zero" else phi)
             self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))  # pre, post, res
-        # Set to a callable(layer, h_pre, h_post, h_res, x) to receive coefficients.
-        self.probe: Optional[Callable] = None
-        self._pending = None
+        self._observers: "OrderedDict[int, Callable]" = OrderedDict()
+
+    # ------------------------------------------------------------------ observers
+    def register_observer(self, fn: Callable) -> RemovableHandle:
+        """Call ``fn(layer, h_pre, h_post, h_res, x)`` whenever this layer computes its
+        coefficients (also in a recompute); if it returns a callable, that is called with
+        the layer's output stream state once the merge has run. Observers chain in
+        registration order; the returned handle's ``remove()`` detaches this one only
+        (as :meth:`torch.nn.Module.register_forward_hook`).
+
+        Shapes: h_pre, h_post (..., n) or (n,), h_res (..., n, n) or (n, n), in
+        :attr:`coefficient_dtype`; x and the output (..., n, C) (channel-last).
+        """
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = fn
+        return handle
+
+    @property
+    def observers(self) -> tuple:
+        """The registered observers, in call order (read-only)."""
+        return tuple(self._observers.values())
+
+    def _observe(self, h_pre, h_post, h_res, x) -> list:
+        after = []
+        for fn in list(self._observers.values()):
+            out = fn(self, h_pre, h_post, h_res, x)
+            if out is not None:
+                after.append(out)
+        return after
 
     # ------------------------------------------------------------------ coefficients
     @property
@@ -237,30 +263,22 @@ class HyperConnection(nn.Module):
             raise TypeError("x: float64 streams into a float32 HyperConnection; convert the layer "
                             "with .double() or the streams with .float()")
 
-    def raw_coefficients(self, x: torch.Tensor, grad_slot: Optional[StreamGradSlot] = None):
+    def raw_coefficients(self, x: torch.Tensor, grad_slot: Optional[StreamGradSlot] = None, backend=None):
         """Raw (pre (..., n), post (..., n), res (..., n, n)); static: (n,), (n,), (n, n).
 
         In :attr:`coefficient_dtype` (fp32, or fp64 for a float64 layer).
         ``grad_slot`` (internal, CPU path): shared with the layer's pre and merge ops so
-        that their stream gradients go into one buffer (see ``kernels.torch_fused``)."""
+        that their stream gradients go into one buffer (see :mod:`hyperconn.ops.cpu`);
+        ``backend``: an ops backend module (None: resolve it for ``x``)."""
         cdtype = self.coefficient_dtype
         b_pre, b_post, b_res = self.b_pre.to(cdtype), self.b_post.to(cdtype), self.b_res.to(cdtype)
         if not self.dynamic:
             return b_pre, b_post, b_res
         n = self.streams
-        # Half-precision streams go into the GEMM as they are (fp32 accumulation, no fp32
-        # copy of x); anything else is computed in the coefficient dtype.
-        xc = x if x.dtype in _HALF else x.to(cdtype)
+        if backend is None:
+            backend = ops.select(self.kernels, x)
         # rms(x)·(x φ) == (rms(x)·x) φ: one GEMM, then a per-token scalar.
-        if x.is_cuda:
-            flat = xc.reshape(*x.shape[:-2], n * self.dim)
-            # Plain ops: autocast and torch.compile see them whole.
-            proj = (flat @ self.phi.to(flat.dtype)).to(cdtype)
-            mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=cdtype).square() / flat.shape[-1]
-            proj = proj * torch.rsqrt(mean_sq + self.norm_eps)
-        else:
-            # CPU: hand-written backward that writes ∂x once (see kernels.torch_fused).
-            proj = rms_projection(xc, self.phi.to(xc.dtype), self.norm_eps, grad_slot).to(cdtype)
+        proj = backend.rms_projection(x, self.phi, self.norm_eps, cdtype, grad_slot)
         proj = self.mixer.dynamic_activation(proj)
         a_pre, a_post, a_res = self.alpha.to(cdtype).unbind()
         raw_pre = b_pre + a_pre * proj[..., :n]
@@ -273,12 +291,6 @@ class HyperConnection(nn.Module):
         with dynamic coefficients, (n,), (n,), (n, n) static; in :attr:`coefficient_dtype`."""
         self._check_input(x)
         return self.mixer(*self.raw_coefficients(x))
-
-    # ------------------------------------------------------------------ apply
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        # The one dispatch rule (hyperconn.kernels.resolve_backend); the torch path uses
-        # kernels.torch_fused, whose backward suits the CPU best.
-        return _kernels.resolve_backend(self.kernels, x) == "triton"
 
     # ------------------------------------------------------------------ channel-first
     def _to_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,81 +313,74 @@ class HyperConnection(nn.Module):
             raise ValueError(f"y: expected the branch output as a tensor (B, dim={self.dim}, *spatial), got {got}")
         return y.movedim(1, -1)
 
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Branch input ``H_pre x``: (..., n, C) → (..., C). Pair with :meth:`post`.
-        With ``channel_first``: (B, n·C, *S) → (B, C, *S).
+    # ------------------------------------------------------------------ apply
+    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Split the layer around a branch you call yourself::
+
+            branch_input, finish = layer.pre(x)      # H_pre x: (..., n, C) → (..., C)
+            x_next = finish(F(branch_input))         # H_res x + H_postᵀ F(·): (..., n, C)
+
+        The layer keeps no state between the two: ``finish`` holds this call's
+        coefficients, so several ``pre`` calls may be in flight at once. With
+        ``channel_first``: x (B, n·C, *S) → branch input (B, C, *S), and ``finish`` takes
+        (B, C, *S) and returns (B, n·C, *S).
 
         Raises:
             TypeError: for non-floating-point streams, or float64 streams into a layer
                 that is not float64.
-            ValueError: if the last two dimensions of ``x`` are not (streams, dim).
+            ValueError: if the last two dimensions of ``x`` are not (streams, dim); from
+                ``finish``, for a branch output that is not (..., dim).
         """
-        if self.channel_first:
-            return self._pre(self._to_last(x), None).movedim(-1, 1)
-        return self._pre(x, None)
+        return self._split(x, self.mixer.snapshot())
 
-    def _pre(self, x: torch.Tensor, state: Optional[dict]) -> torch.Tensor:
-        # ``state``: the variant's mutable state as this forward saw it (see
-        # Variant.snapshot), so that a recompute in backward sees the same values.
+    def _split(self, x: torch.Tensor, state: dict):
+        if self.channel_first:
+            xl = self._to_last(x)
+            u, merge = self._pre(xl, state)
+
+            def finish(y):
+                return self._to_first(merge(self._channels_last(y)))
+            return u.movedim(-1, 1), finish
+        return self._pre(x, state)
+
+    def _pre(self, x: torch.Tensor, state: dict):
+        """Channel-last split: (branch input (..., C), merge(y) → (..., n, C)). ``state``:
+        the variant's mutable state as this forward saw it (see Variant.snapshot), so that
+        a recompute in backward sees the same values."""
         self._check_input(x)
-        if self.variant_name == "residual" and self.probe is None:
+        if not self.mixer.has_coefficients and not self._observers:
             # The plain residual stays plain: x + F(x) with no coefficient ops at all, so
             # it is an honest baseline for the benchmarks (all coefficients are 1).
-            self._pending = _RESIDUAL
-            return x.squeeze(-2)
-        triton = self._use_triton(x)
-        # One ∂x buffer for the layer's three fp32 stream ops (torch path, dynamic
+            def add(y):
+                self._check_output(y)
+                return x + y.unsqueeze(-2).to(x.dtype)
+            return x.squeeze(-2), add
+        backend = ops.select(self.kernels, x)  # once per call: every op below runs on it
+        # One ∂x buffer for the layer's three fp32 stream ops (torch backend, dynamic
         # coefficients, the projection being the op that returns it; not while
         # torch.compile traces).
-        slot = StreamGradSlot() if (self.dynamic and not triton and x.dtype == torch.float32
+        slot = StreamGradSlot() if (self.dynamic and backend is ops.torch_backend and x.dtype == torch.float32
                                     and self.coefficient_dtype == torch.float32
                                     and not torch.compiler.is_compiling()) else None
-        h_pre, h_post, h_res = self.mixer(*self.raw_coefficients(x, slot), state=state)
-        if self.probe is not None:
-            self.probe(self, h_pre, h_post, h_res, x)
-        self._pending = (h_post, h_res, slot)
-        if triton:
-            return _kernels.stream_pre(x, h_pre, backend="triton")
-        if x.dtype in _HALF:
-            # fp32 coefficients, fp32 accumulation, output in the stream dtype.
-            return _reference.stream_pre(x, h_pre)
-        # Hand-written backward (kernels.torch_fused).
-        return stream_pre(x, h_pre.to(x.dtype).expand(x.shape[:-1]), slot)
+        h_pre, h_post, h_res = self.mixer(*self.raw_coefficients(x, slot, backend), state=state)
+        after = self._observe(h_pre, h_post, h_res, x) if self._observers else ()
 
-    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``H_res x + H_postᵀ y`` for streams x (..., n, C) and branch output y (..., C).
-        With ``channel_first``: x (B, n·C, *S), y (B, C, *S) → (B, n·C, *S)."""
-        if self.channel_first:
-            return self._to_first(self._post(self._to_last(x), self._channels_last(y)))
-        return self._post(x, y)
+        def merge(y):
+            self._check_output(y)
+            out = backend.stream_merge(x, h_res, h_post, y, slot)
+            for fn in after:
+                fn(out)
+            return out
+        return backend.stream_pre(x, h_pre, slot), merge
 
-    def _post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._pending is None:
-            raise RuntimeError("post() called without a matching pre() on this HyperConnection")
-        pending, self._pending = self._pending, None
+    def _check_output(self, y) -> None:
         if not isinstance(y, torch.Tensor) or y.shape[-1:] != (self.dim,):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"y: expected the branch output as a tensor of shape (..., dim={self.dim}), got {got}")
-        if pending is _RESIDUAL:
-            return x + y.unsqueeze(-2).to(x.dtype)
-        h_post, h_res, slot = pending
-        if self._use_triton(x):
-            # One Triton kernel: reads the streams once, writes the result once.
-            return _kernels.stream_merge(x, h_res, h_post, y, backend="triton")
-        if x.dtype in _HALF:
-            # Mix with the fp32 H_res (rounding it to bf16 would break its row sums by
-            # ~1e-3) and accumulate in fp32; the output is stored in the stream dtype.
-            return _reference.stream_merge(x, h_res, h_post, y)
-        n, C = x.shape[-2:]
-        lead = x.shape[:-2]
-        # Tokens flattened, one bmm + in-place addcmul_ forward and four bmm backward
-        # (kernels.torch_fused): no (..., n, C) temporaries beyond the output and ∂x.
-        return merge_streams(x, h_res.to(x.dtype).expand(*lead, n, n), h_post.to(x.dtype).expand(*lead, n),
-                             y.to(x.dtype), slot)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.branch is None:
-            raise RuntimeError("HyperConnection has no branch: pass one or use pre()/post()")
+            raise RuntimeError("HyperConnection has no branch: pass one or use pre() and its finish()")
         # The variant's mutable state (the Harmonized scale) as of this forward: a
         # controller update before backward, or the recompute in backward, cannot change it.
         state = self.mixer.snapshot()
@@ -384,17 +389,8 @@ class HyperConnection(nn.Module):
         return self._apply_layer(x, state, args, kwargs)
 
     def _apply_layer(self, x: torch.Tensor, state, args, kwargs):
-        if self.channel_first:
-            xl = self._to_last(x)
-            out = self.branch(self._pre(xl, state).movedim(-1, 1), *args, **kwargs)
-
-            def finish(y):
-                return self._to_first(self._post(xl, self._channels_last(y)))
-        else:
-            out = self.branch(self._pre(x, state), *args, **kwargs)
-
-            def finish(y):
-                return self._post(x, y)
+        branch_input, finish = self._split(x, state)
+        out = self.branch(branch_input, *args, **kwargs)
         if isinstance(out, tuple):
             # (hidden, *extras), as Hugging Face modules return: the first element is the
             # branch output, the extras are handed back beside the new streams.

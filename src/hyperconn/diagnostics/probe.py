@@ -1,11 +1,11 @@
 """Record what every HyperConnection of a model did in one forward, and measure it.
 
-:class:`Probe` hooks the ``probe`` slot and the merge (``_post``) of each
-:class:`~hyperconn.HyperConnection` while attached, so one forward (and a backward
+:class:`Probe` registers an observer on each :class:`~hyperconn.HyperConnection` while
+attached, so one forward (and a backward
 through the recorded stream states) yields, per layer in call order, the applied
 ``H_pre``, ``H_post``, ``H_res`` (per token; static coefficients broadcast as views) and
 the stream state ``x_l`` entering the layer, plus the final state ``x_L``. Detached, it
-leaves nothing behind: no hook, no wrapper, the probe slots exactly as they were.
+leaves nothing behind: its observer handles are removed, other observers stay.
 
 :class:`StabilityHook` runs one probed forward + ``torch.autograd.grad`` on a batch and
 returns the scalar stability metrics of docs/design.md §2, writing the per-layer profiles to
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..connection import HyperConnection
+from ..variants.harmonized import HARMONIZED_KEYS
 from .metrics import MANIFOLD_ERROR_NAMES, layer_profile, manifold_errors, stream_similarity
 
 __all__ = ["LayerRecord", "Probe", "StabilityHook", "SCALAR_KEYS", "HARMONIZED_KEYS"]
@@ -37,9 +38,6 @@ SCALAR_KEYS = (
     "grad_norm_first", "grad_norm_last", "grad_ratio",
     "stream_similarity", "stream_similarity_last",
 ) + MANIFOLD_ERROR_NAMES
-# Extra scalars for models with harmonized layers.
-HARMONIZED_KEYS = ("harm_scale", "harm_gain_applied_mean", "harm_gain_applied_max",
-                   "harm_gain_raw_mean", "harm_gain_raw_max")
 
 
 @dataclass
@@ -71,8 +69,9 @@ class Probe:
         probe.h_res           # [H_res of layer 0, 1, …], each (B, T, n, n)
         probe.stream_states   # [x_0, …, x_{L−1}, x_L], each (B, T, n, C)
 
-    The probe chains: a callable already in a layer's ``probe`` slot (for example a
-    :class:`~hyperconn.HarmonizedController`) is still called, and restored on detach.
+    The probe is one observer per layer (:meth:`hyperconn.HyperConnection.register_observer`),
+    so it chains with others (a :class:`~hyperconn.HarmonizedController`) and removes only
+    itself on detach.
     Records accumulate across forwards until :meth:`clear`; layers appear in call order.
 
     Args:
@@ -91,39 +90,23 @@ class Probe:
         if not self.layers:
             raise ValueError("model: expected at least one HyperConnection, found none")
         self.records: list[LayerRecord] = []
-        self._saved: dict[int, Optional[Callable]] = {}
-        self._hooks: dict[int, Callable] = {}
-        self._open: dict[int, LayerRecord] = {}
+        self._handles: list = []
 
     # ------------------------------------------------------------------ attach / detach
     @property
     def attached(self) -> bool:
-        return bool(self._hooks)
+        return bool(self._handles)
 
     def attach(self) -> "Probe":
         if self.attached:
             raise RuntimeError("Probe is already attached")
-        for layer in self.layers:
-            prev = layer.probe
-            self._saved[id(layer)] = prev
-            self._hooks[id(layer)] = self._make_probe(prev)
-            layer.probe = self._hooks[id(layer)]
-            # An instance attribute shadows HyperConnection._post (the channel-last merge
-            # every call path goes through, channel-first layers included) for this layer.
-            layer._post = self._make_post(layer, HyperConnection._post.__get__(layer))
+        self._handles = [layer.register_observer(self._observe) for layer in self.layers]
         return self
 
     def detach(self) -> None:
-        for layer in self.layers:
-            hook = self._hooks.get(id(layer))
-            if hook is None:
-                continue
-            if layer.probe is hook:  # someone who replaced us since keeps their slot
-                layer.probe = self._saved[id(layer)]
-            layer.__dict__.pop("_post", None)
-        self._hooks.clear()
-        self._saved.clear()
-        self._open.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def __enter__(self) -> "Probe":
         return self.attach()
@@ -134,23 +117,13 @@ class Probe:
     def clear(self) -> None:
         """Forget every record (the probe stays attached)."""
         self.records.clear()
-        self._open.clear()
 
-    def _make_probe(self, prev: Optional[Callable]) -> Callable:
-        def probe(layer, h_pre, h_post, h_res, x):
-            if prev is not None:
-                prev(layer, h_pre, h_post, h_res, x)
-            self._record(layer, h_pre, h_post, h_res, x)
-        return probe
+    def _observe(self, layer, h_pre, h_post, h_res, x):
+        rec = self._record(layer, h_pre, h_post, h_res, x)
 
-    def _make_post(self, layer: HyperConnection, post: Callable) -> Callable:
-        def wrapped(x, y):
-            out = post(x, y)
-            rec = self._open.pop(id(layer), None)
-            if rec is not None:
-                rec.out = out.detach() if self.detach_tensors else out
-            return out
-        return wrapped
+        def output(out):
+            rec.out = out.detach() if self.detach_tensors else out
+        return output
 
     def _record(self, layer, h_pre, h_post, h_res, x) -> None:
         tokens, n = x.shape[:-2], x.shape[-2]
@@ -160,7 +133,7 @@ class Probe:
             h_pre, h_post, h_res, x = h_pre.detach(), h_post.detach(), h_res.detach(), x.detach()
         rec = LayerRecord(layer, self.names.get(id(layer), ""), h_pre, h_post, h_res, x)
         self.records.append(rec)
-        self._open[id(layer)] = rec
+        return rec
 
     # ------------------------------------------------------------------ views
     @property
@@ -310,33 +283,10 @@ class StabilityHook:
             "similarity": similarity,
             "manifold": manifold,
         }
-        harmonized = self._harmonized(records, mats, profile)
-        if harmonized is not None:
-            scalars.update(harmonized.pop("scalars"))
-            payload["harmonized"] = harmonized
+        # Extra diagnostics supplied by the variants themselves (Variant.diagnostics).
+        for cls in dict.fromkeys(type(r.layer.mixer) for r in records):
+            extra = cls.diagnostics(records, mats, profile)
+            if extra is not None:
+                scalars.update(extra.pop("scalars", {}))
+                payload[cls.name] = extra
         return payload
-
-    @staticmethod
-    def _harmonized(records: list[LayerRecord], applied: list[torch.Tensor], profile: dict) -> Optional[dict]:
-        harm = [r for r in records if r.layer.variant_name == "harmonized"]
-        if not harm:
-            return None
-        raw = []
-        for r, h in zip(records, applied):
-            if r.layer.variant_name != "harmonized":
-                raw.append(h)  # non-harmonized layers count as applied
-                continue
-            raw_res = r.layer.raw_coefficients(r.x.detach())[2]
-            raw.append(r.layer.mixer.raw_transport(raw_res).expand_as(h))
-        raw_profile = layer_profile(raw)
-        app_mean, app_max = (profile["forward"]["forward_amax"][k][-1] for k in ("mean", "max"))
-        raw_mean, raw_max = (raw_profile["forward"]["forward_amax"][k][-1] for k in ("mean", "max"))
-        scale = float(harm[0].layer.mixer.scale)
-        return {
-            "scalars": {"harm_scale": scale, "harm_gain_applied_mean": app_mean,
-                        "harm_gain_applied_max": app_max, "harm_gain_raw_mean": raw_mean,
-                        "harm_gain_raw_max": raw_max},
-            "scale": scale,
-            "raw_profile": {"forward": {"forward_amax": raw_profile["forward"]["forward_amax"]},
-                            "backward": {"backward_amax": raw_profile["backward"]["backward_amax"]}},
-        }

@@ -74,8 +74,10 @@ def _hyperconnected_forward(self, hidden_states, *args, **kwargs):
     if args:
         raise ValueError(f"hyperconnect: unexpected positional arguments to {type(self).__name__}")
     x = expand_streams(hidden_states, n) if self._hc_first else hidden_states.unflatten(-1, (n, C))
-    x = self.hc_attn.post(x, _sublayer(self, self._hc_attn_names, self.hc_attn.pre(x), **kwargs))
-    x = self.hc_mlp.post(x, _sublayer(self, self._hc_mlp_names, self.hc_mlp.pre(x)))
+    h, finish = self.hc_attn.pre(x)
+    x = finish(_sublayer(self, self._hc_attn_names, h, **kwargs))
+    h, finish = self.hc_mlp.pre(x)
+    x = finish(_sublayer(self, self._hc_mlp_names, h))
     return reduce_streams(x) if self._hc_last else x.flatten(-2)
 
 

@@ -2,8 +2,9 @@
 
 ``ConnectionConfig`` says how every branch of the model is hyper-connected (variant,
 number of streams, coefficient options); ``GPTConfig`` says everything else about the
-decoder. Both validate themselves on construction and raise ``ValueError`` naming the
-offending field, so a bad CLI flag fails before any tensor is allocated.
+decoder. Both validate themselves on construction and raise :class:`hyperconn.ConfigError`
+(a ``ValueError``) naming the offending field, so a bad CLI flag fails before any tensor
+is allocated.
 
 Both are plain dataclasses: ``dataclasses.asdict(cfg)`` gives a nested dict and
 ``GPTConfig(**d)`` takes it back (a dict is accepted for ``connection``).
@@ -11,11 +12,13 @@ Both are plain dataclasses: ``dataclasses.asdict(cfg)`` gives a nested dict and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..variants import VARIANTS, make_variant
+from ..errors import ConfigError
+from ..variants import VARIANTS, get_variant, make_variant
 
 __all__ = ["ConnectionConfig", "GPTConfig"]
 
@@ -29,7 +32,7 @@ STREAM_DTYPES = ("float32", "bfloat16", "float16")
 
 def _positive_int(name: str, value) -> None:
     if not _is_int(value) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        raise ConfigError(name, f"expected a positive integer, got {value!r}")
 
 
 @dataclass
@@ -37,7 +40,8 @@ class ConnectionConfig:
     """How each attention / MLP branch is wrapped in a :class:`hyperconn.HyperConnection`.
 
     Fields:
-        variant: one of ``hyperconn.VARIANTS``.
+        variant: a registered variant name (``hyperconn.VARIANTS``, including variants
+            defined in user code by subclassing ``hyperconn.Variant``).
         streams: residual streams n; must be 1 for ``"residual"``.
         dynamic: add per-token coefficients (ignored by ``"residual"``).
         res_init: diagonal of the static raw H̃_res; None takes the variant's default
@@ -54,11 +58,14 @@ class ConnectionConfig:
         recompute: recompute each hyper-connected layer (branch included) in backward
             instead of storing its intermediates: stores one stream state per layer.
 
+        options: options of variants without a field here (a user-defined variant's
+            ``Options``), by name.
+
     Options that belong to another variant are accepted and ignored, so one config
     object can be swept over variants.
 
     Raises:
-        ValueError: naming the field, for an unknown variant, ``streams < 1``,
+        ConfigError: naming the field, for an unknown variant, ``streams < 1``,
             ``streams != 1`` with ``"residual"``, or an invalid option value.
     """
 
@@ -74,19 +81,23 @@ class ConnectionConfig:
     harmonized_eps: float = 1.0
     pre_init: str = "default"
     recompute: bool = False
+    options: dict = field(default_factory=dict)
+
+    # The fields above that are variant options (the rest configure the layer).
+    _OPTION_FIELDS = ("sinkhorn_iters", "sinkhorn_backward", "iso_method", "iso_steps", "hybrid_lambda",
+                      "harmonized_eps", "pre_init")
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        get_variant(self.variant)  # ConfigError("variant", ...) naming the registered ones
         _positive_int("streams", self.streams)
-        if self.variant == "residual" and self.streams != 1:
-            raise ValueError(f"streams: variant 'residual' expects streams=1, got {self.streams}")
-        if self.res_init is not None and not (isinstance(self.res_init, (int, float))
-                                              and math.isfinite(self.res_init)):
-            raise ValueError(f"res_init: expected None or a finite number, got {self.res_init!r}")
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            raise ConfigError("options", f"expected a dict of option names to values, got {self.options!r}")
+        clash = sorted(set(self.options) & set(self._OPTION_FIELDS))
+        if clash:
+            raise ConfigError(f"options.{clash[0]}", f"set it as the field {clash[0]!r}, not in options")
         self._lambda()  # raises for a bad hybrid_lambda
-        # The variants own their option checks: building one (a few scalars) is the
-        # single source of truth for what is valid.
+        # The variants own their checks (streams, options): building one (a few scalars)
+        # is the single source of truth for what is valid.
         make_variant(self.variant, self.streams, 0, self.res_init, **self._options())
 
     def _lambda(self) -> Union[str, float]:
@@ -98,37 +109,30 @@ class ConnectionConfig:
         except (TypeError, ValueError):
             lam = float("nan")
         if not 0.0 <= lam <= 1.0:  # also rejects nan
-            raise ValueError(f"hybrid_lambda: expected 'learned' or a number in [0, 1], got {value!r}")
+            raise ConfigError("hybrid_lambda", f"expected 'learned' or a number in [0, 1], got {value!r}")
         return lam
 
     def _options(self) -> dict:
-        return dict(sinkhorn_iters=self.sinkhorn_iters, sinkhorn_backward=self.sinkhorn_backward,
-                    iso_method=self.iso_method, iso_steps=self.iso_steps,
-                    hybrid_lambda=self._lambda(), harmonized_eps=self.harmonized_eps,
-                    pre_init=self.pre_init)
+        fields = {name: getattr(self, name) for name in self._OPTION_FIELDS}
+        fields["hybrid_lambda"] = self._lambda()
+        return {**fields, **self.options}
 
     def layer_kwargs(self) -> dict:
         """Keyword arguments for ``HyperConnection(dim, streams, branch, **kwargs)``:
         variant, dynamic, res_init and every variant option (``hybrid_lambda`` as a float
-        unless ``"learned"``) and ``recompute``. ``streams`` is not included."""
+        unless ``"learned"``, plus ``options``) and ``recompute``. ``streams`` is not included."""
         return dict(variant=self.variant, dynamic=self.dynamic, res_init=self.res_init,
                     recompute=self.recompute, **self._options())
 
     def describe(self) -> str:
-        """One line, e.g. ``"mhc n=4 dynamic sinkhorn(20, unrolled)"``."""
-        v = self.variant
-        if v == "residual":
-            return "residual n=1"
-        parts = [v, f"n={self.streams}", "dynamic" if self.dynamic else "static"]
-        if v in ("mhc", "hybrid"):
-            parts.append(f"sinkhorn({self.sinkhorn_iters}, {self.sinkhorn_backward})")
-        if v in ("isohc", "hybrid"):
-            parts.append(f"iso({self.iso_method})" if self.iso_steps is None
-                         else f"iso({self.iso_method}, {self.iso_steps})")
-        if v == "hybrid":
-            parts.append(f"lambda={self.hybrid_lambda}")
-        if v == "harmonized":
-            parts.append(f"eps={self.harmonized_eps:g}")
+        """One line, e.g. ``"mhc n=4 dynamic sinkhorn(20, unrolled)"``; the variant writes
+        its own part (``Variant.describe_options``)."""
+        cls = get_variant(self.variant)
+        if not cls.has_coefficients:
+            return f"{self.variant} n={self.streams}"
+        parts = [self.variant, f"n={self.streams}", "dynamic" if self.dynamic else "static"]
+        names = {f.name for f in dataclasses.fields(cls.Options)}
+        parts += cls.describe_options(cls.Options(**{k: v for k, v in self._options().items() if k in names}))
         if self.res_init is not None:
             parts.append(f"res_init={self.res_init:g}")
         if self.pre_init != "default":
@@ -162,7 +166,7 @@ class GPTConfig:
             ``"float32"`` forces fp32.
 
     Raises:
-        ValueError: naming the field, for non-positive sizes, ``n_embd % n_head != 0``,
+        ConfigError: naming the field, for non-positive sizes, ``n_embd % n_head != 0``,
             an odd head dimension, or a non-positive ``rope_base`` / ``norm_eps``.
     """
 
@@ -180,23 +184,26 @@ class GPTConfig:
 
     def __post_init__(self):
         if isinstance(self.connection, dict):
-            self.connection = ConnectionConfig(**self.connection)
+            try:
+                self.connection = ConnectionConfig(**self.connection)
+            except ConfigError as err:
+                raise err.within("connection") from None
         if not isinstance(self.connection, ConnectionConfig):
-            raise ValueError(f"connection: expected a ConnectionConfig, got {type(self.connection).__name__}")
+            raise ConfigError("connection", f"expected a ConnectionConfig, got {type(self.connection).__name__}")
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
             _positive_int(name, getattr(self, name))
         if self.mlp_hidden is not None:
             _positive_int("mlp_hidden", self.mlp_hidden)
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd: must be divisible by n_head={self.n_head}, got {self.n_embd}")
+            raise ConfigError("n_embd", f"must be divisible by n_head={self.n_head}, got {self.n_embd}")
         if self.head_dim % 2 != 0:
-            raise ValueError(f"n_head: head dimension n_embd/n_head = {self.head_dim} must be even for RoPE")
+            raise ConfigError("n_head", f"head dimension n_embd/n_head = {self.head_dim} must be even for RoPE")
         if self.stream_dtype is not None and self.stream_dtype not in STREAM_DTYPES:
-            raise ValueError(f"stream_dtype: expected None or one of {STREAM_DTYPES}, got {self.stream_dtype!r}")
+            raise ConfigError("stream_dtype", f"expected None or one of {STREAM_DTYPES}, got {self.stream_dtype!r}")
         for name in ("rope_base", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a positive number, got {value!r}")
+                raise ConfigError(name, f"expected a positive number, got {value!r}")
 
     @property
     def head_dim(self) -> int:

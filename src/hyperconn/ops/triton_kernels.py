@@ -1,7 +1,8 @@
 """Fused Triton kernels for the per-token hyper-connection ops (forward and backward).
 
-Importing this module imports Triton; :mod:`hyperconn.kernels.dispatch` does so lazily,
-only when the Triton backend is selected. Whether the kernels run compiled (CUDA) or in
+Plain launch functions (forward and backward of each op); :mod:`.triton_backend` registers
+them as custom ops. Importing this module imports Triton; :mod:`hyperconn.ops` does so
+lazily, only when the Triton backend is selected. Whether the kernels run compiled (CUDA) or in
 Triton's CPU interpreter is fixed when this module is first imported: ``TRITON_INTERPRET=1``
 must be in the environment before that (``INTERPRETED`` records which one happened).
 
@@ -34,7 +35,8 @@ try:  # the interpreter's function type tells which mode the @triton.jit below c
 except ImportError:  # pragma: no cover - very old or very new Triton
     _Interpreted = ()
 
-__all__ = ["stream_pre", "stream_merge", "sinkhorn_tokens", "INTERPRETED", "MAX_SINKHORN_N"]
+__all__ = ["stream_pre_forward", "stream_pre_backward", "stream_merge_forward", "stream_merge_backward",
+           "sinkhorn_forward", "sinkhorn_backward", "INTERPRETED", "MAX_SINKHORN_N"]
 
 MAX_SINKHORN_N = 8
 
@@ -232,74 +234,76 @@ def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.to(like.dtype)
 
 
-class _StreamPre(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, h, block_c):
-        n, C = x.shape[-2:]
-        lead = x.shape[:-2]
-        x3 = x.contiguous().view(-1, n, C)
-        hc = h.contiguous()
-        h_stride = 0 if h.dim() == 1 and len(lead) != 0 else n
-        M = x3.shape[0]
-        out = torch.empty((M, C), dtype=x.dtype, device=x.device)
-        NP, BC = _np2(n), _block_c(C, _np2(n), block_c)
-        _pre_fwd_kernel[(M, triton.cdiv(C, BC))](
-            x3, hc, out, C, h_stride, N=n, NP=NP, BLOCK_C=BC, F64=_is_f64(x, h))
-        ctx.save_for_backward(x3, hc)
-        ctx.meta = (lead, h_stride, BC)
-        return out.view(*lead, C)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x3, h = ctx.saved_tensors
-        lead, h_stride, BC = ctx.meta
-        M, n, C = x3.shape
-        g = grad_out.contiguous().view(M, C)
-        dx = torch.empty_like(x3)
-        dh = torch.empty((M, n), dtype=_acc_dtype(x3, h, g), device=x3.device)
-        _pre_bwd_kernel[(M,)](x3, h, g, dx, dh, C, h_stride,
-                              N=n, NP=_np2(n), BLOCK_C=BC, F64=_is_f64(x3, h, g))
-        dh = dh.view(*lead, n) if h_stride else dh
-        return dx.view(*lead, n, C), _sum_to(dh, h), None
+def stream_pre_forward(x, h, block_c=None):
+    """``Σ_j h[j] x[j]``: x (..., n, C), h (..., n) | (n,) → (..., C) in ``x.dtype``."""
+    n, C = x.shape[-2:]
+    lead = x.shape[:-2]
+    x3 = x.contiguous().view(-1, n, C)
+    hc = h.contiguous()
+    h_stride = 0 if h.dim() == 1 and len(lead) != 0 else n
+    M = x3.shape[0]
+    out = torch.empty((M, C), dtype=x.dtype, device=x.device)
+    NP, BC = _np2(n), _block_c(C, _np2(n), block_c)
+    _pre_fwd_kernel[(M, triton.cdiv(C, BC))](
+        x3, hc, out, C, h_stride, N=n, NP=NP, BLOCK_C=BC, F64=_is_f64(x, h))
+    return out.view(*lead, C)
 
 
-class _StreamMerge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, h_res, h_post, y, block_c):
-        n, C = x.shape[-2:]
-        lead = x.shape[:-2]
-        x3 = x.contiguous().view(-1, n, C)
-        M = x3.shape[0]
-        y2 = y.contiguous().view(M, C)
-        hr, hp = h_res.contiguous(), h_post.contiguous()
-        hr_stride = 0 if h_res.dim() == 2 and len(lead) != 0 else n * n
-        hp_stride = 0 if h_post.dim() == 1 and len(lead) != 0 else n
-        out = torch.empty_like(x3)
-        NP = _np2(n)
-        BC = _block_c(C, NP, block_c)
-        _merge_fwd_kernel[(M, triton.cdiv(C, BC))](
-            x3, hr, hp, y2, out, C, hr_stride, hp_stride,
-            N=n, NP=NP, BLOCK_C=BC, F64=_is_f64(x, h_res, h_post, y))
-        ctx.save_for_backward(x3, hr, hp, y2)
-        ctx.meta = (lead, hr_stride, hp_stride, BC)
-        return out.view(*lead, n, C)
+def stream_pre_backward(x, h, grad_out, block_c=None):
+    """(∂x, ∂h) of :func:`stream_pre_forward`; ∂h summed over tokens when h is shared."""
+    n, C = x.shape[-2:]
+    lead = x.shape[:-2]
+    x3 = x.contiguous().view(-1, n, C)
+    hc = h.contiguous()
+    h_stride = 0 if h.dim() == 1 and len(lead) != 0 else n
+    M = x3.shape[0]
+    BC = _block_c(C, _np2(n), block_c)
+    g = grad_out.contiguous().view(M, C)
+    dx = torch.empty_like(x3)
+    dh = torch.empty((M, n), dtype=_acc_dtype(x3, hc, g), device=x3.device)
+    _pre_bwd_kernel[(M,)](x3, hc, g, dx, dh, C, h_stride,
+                          N=n, NP=_np2(n), BLOCK_C=BC, F64=_is_f64(x3, hc, g))
+    dh = dh.view(*lead, n) if h_stride else dh
+    return dx.view(*lead, n, C), _sum_to(dh, h)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x3, hr, hp, y2 = ctx.saved_tensors
-        lead, hr_stride, hp_stride, BC = ctx.meta
-        M, n, C = x3.shape
-        g = grad_out.contiguous().view(M, n, C)
-        acc = _acc_dtype(x3, hr, hp, y2, g)
-        dx, dy = torch.empty_like(x3), torch.empty_like(y2)
-        dhr = torch.empty((M, n, n), dtype=acc, device=x3.device)
-        dhp = torch.empty((M, n), dtype=acc, device=x3.device)
-        _merge_bwd_kernel[(M,)](x3, hr, hp, y2, g, dx, dhr, dhp, dy, C, hr_stride, hp_stride,
-                                N=n, NP=_np2(n), BLOCK_C=BC, F64=_is_f64(x3, hr, hp, y2, g))
-        dhr = dhr.view(*lead, n, n) if hr_stride else dhr
-        dhp = dhp.view(*lead, n) if hp_stride else dhp
-        return (dx.view(*lead, n, C), _sum_to(dhr, hr), _sum_to(dhp, hp),
-                dy.view(*lead, C), None)
+
+def _merge_layout(x, h_res, h_post, y):
+    n, C = x.shape[-2:]
+    lead = x.shape[:-2]
+    x3 = x.contiguous().view(-1, n, C)
+    M = x3.shape[0]
+    hr_stride = 0 if h_res.dim() == 2 and len(lead) != 0 else n * n
+    hp_stride = 0 if h_post.dim() == 1 and len(lead) != 0 else n
+    return lead, n, C, M, x3, h_res.contiguous(), h_post.contiguous(), y.contiguous().view(M, C), \
+        hr_stride, hp_stride
+
+
+def stream_merge_forward(x, h_res, h_post, y, block_c=None):
+    """``h_res @ x + h_post ⊗ y`` per token: (..., n, C) in ``x.dtype``."""
+    lead, n, C, M, x3, hr, hp, y2, hr_stride, hp_stride = _merge_layout(x, h_res, h_post, y)
+    out = torch.empty_like(x3)
+    NP = _np2(n)
+    BC = _block_c(C, NP, block_c)
+    _merge_fwd_kernel[(M, triton.cdiv(C, BC))](
+        x3, hr, hp, y2, out, C, hr_stride, hp_stride,
+        N=n, NP=NP, BLOCK_C=BC, F64=_is_f64(x, h_res, h_post, y))
+    return out.view(*lead, n, C)
+
+
+def stream_merge_backward(x, h_res, h_post, y, grad_out, block_c=None):
+    """(∂x, ∂h_res, ∂h_post, ∂y) of :func:`stream_merge_forward`."""
+    lead, n, C, M, x3, hr, hp, y2, hr_stride, hp_stride = _merge_layout(x, h_res, h_post, y)
+    BC = _block_c(C, _np2(n), block_c)
+    g = grad_out.contiguous().view(M, n, C)
+    acc = _acc_dtype(x3, hr, hp, y2, g)
+    dx, dy = torch.empty_like(x3), torch.empty_like(y2)
+    dhr = torch.empty((M, n, n), dtype=acc, device=x3.device)
+    dhp = torch.empty((M, n), dtype=acc, device=x3.device)
+    _merge_bwd_kernel[(M,)](x3, hr, hp, y2, g, dx, dhr, dhp, dy, C, hr_stride, hp_stride,
+                            N=n, NP=_np2(n), BLOCK_C=BC, F64=_is_f64(x3, hr, hp, y2, g))
+    dhr = dhr.view(*lead, n, n) if hr_stride else dhr
+    dhp = dhp.view(*lead, n) if hp_stride else dhp
+    return dx.view(*lead, n, C), _sum_to(dhr, h_res), _sum_to(dhp, h_post), dy.view(*lead, C)
 
 
 def _sinkhorn_bm(NP: int) -> int:
@@ -307,53 +311,32 @@ def _sinkhorn_bm(NP: int) -> int:
     return max(1, min(64, 512 // (NP * NP)))
 
 
-class _Sinkhorn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, iters):
-        n = logits.shape[-1]
-        z = logits.contiguous().view(-1, n, n)
-        M = z.shape[0]
-        NP = _np2(n)
-        BM = _sinkhorn_bm(NP)
-        p = torch.empty_like(z)
-        _sinkhorn_fwd_kernel[(triton.cdiv(M, BM),)](
-            z, p, M, ITERS=iters, N=n, NP=NP, BM=BM, F64=_is_f64(z))
-        ctx.save_for_backward(z)  # only the input: backward recomputes the iterations
-        ctx.iters = iters
-        return p.view(logits.shape)
-
-    @staticmethod
-    def backward(ctx, grad_p):
-        (z,) = ctx.saved_tensors
-        M, n, _ = z.shape
-        NP = _np2(n)
-        BM = _sinkhorn_bm(NP)
-        g = grad_p.contiguous().view(M, n, n)
-        dz = torch.empty_like(z)
-        acc = _acc_dtype(z, g)
-        hist = torch.empty(M, ctx.iters, 2, NP, device=z.device, dtype=acc)  # scratch
-        _sinkhorn_bwd_kernel[(triton.cdiv(M, BM),)](
-            z, g, dz, hist, M, ITERS=ctx.iters, N=n, NP=NP, BM=BM, F64=_is_f64(z, g))
-        return dz.view(grad_p.shape), None
+def sinkhorn_forward(logits, iters):
+    """Per-token Sinkhorn of contiguous fp32/fp64 logits (..., n, n), n ≤ MAX_SINKHORN_N."""
+    n = logits.shape[-1]
+    z = logits.contiguous().view(-1, n, n)
+    M = z.shape[0]
+    NP = _np2(n)
+    BM = _sinkhorn_bm(NP)
+    p = torch.empty_like(z)
+    _sinkhorn_fwd_kernel[(triton.cdiv(M, BM),)](z, p, M, ITERS=iters, N=n, NP=NP, BM=BM, F64=_is_f64(z))
+    return p.view(logits.shape)
 
 
-# ====================================================================== public
-def stream_pre(x: torch.Tensor, h_pre: torch.Tensor, *, block_c=None) -> torch.Tensor:
-    """Triton ``Σ_j h_pre[j] x[j]``; shapes as :func:`hyperconn.kernels.reference.stream_pre`.
-    ``block_c`` overrides the C tile (tests use it to exercise multi-block loops)."""
-    return _StreamPre.apply(x, h_pre, block_c)
-
-
-def stream_merge(x, h_res, h_post, y, *, block_c=None) -> torch.Tensor:
-    """Triton ``h_res @ x + h_post ⊗ y``; shapes as the reference."""
-    return _StreamMerge.apply(x, h_res, h_post, y, block_c)
-
-
-def sinkhorn_tokens(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
-    """Triton per-token Sinkhorn on (..., n, n), n ≤ MAX_SINKHORN_N; computed in fp32
-    (fp64 for fp64 logits), returned in the logits dtype."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return _Sinkhorn.apply(logits.to(acc), int(iters)).to(logits.dtype)
+def sinkhorn_backward(logits, grad_p, iters):
+    """∂logits of :func:`sinkhorn_forward`: recomputes the iterations (nothing stored)."""
+    n = logits.shape[-1]
+    z = logits.contiguous().view(-1, n, n)
+    M = z.shape[0]
+    NP = _np2(n)
+    BM = _sinkhorn_bm(NP)
+    g = grad_p.contiguous().view(M, n, n)
+    dz = torch.empty_like(z)
+    acc = _acc_dtype(z, g)
+    hist = torch.empty(M, iters, 2, NP, device=z.device, dtype=acc)  # scratch
+    _sinkhorn_bwd_kernel[(triton.cdiv(M, BM),)](
+        z, g, dz, hist, M, ITERS=iters, N=n, NP=NP, BM=BM, F64=_is_f64(z, g))
+    return dz.view(grad_p.shape)
 
 
 INTERPRETED = bool(_Interpreted) and isinstance(_pre_fwd_kernel, _Interpreted)

@@ -1,4 +1,6 @@
-"""The one place that chooses between the torch reference and the Triton kernels.
+"""The one place that chooses a backend: ``"torch"`` (:mod:`.torch_backend`) or ``"triton"``
+(:mod:`.triton_backend`). A call site resolves it once (:func:`select`) and calls the
+backend's ops; the public functional ops below do the same per call.
 
 Backend resolution, first match wins:
 
@@ -24,14 +26,14 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import torch_backend
 
-__all__ = ["stream_pre", "stream_merge", "sinkhorn_tokens", "resolve_backend",
+__all__ = ["stream_pre", "stream_merge", "sinkhorn_tokens", "rms_projection", "resolve_backend", "select",
            "triton_available", "BACKENDS", "ENV_VAR"]
 
 BACKENDS = ("torch", "triton", "auto")
 ENV_VAR = "HYPERCONN_KERNELS"
-MAX_SINKHORN_N = 8  # kept equal to triton_ops.MAX_SINKHORN_N without importing Triton
+MAX_SINKHORN_N = 8  # kept equal to triton_kernels.MAX_SINKHORN_N without importing Triton
 
 _triton_state: dict = {}  # "available" -> bool, "error" -> str, "ops" -> module
 
@@ -57,8 +59,19 @@ def triton_available() -> bool:
 
 def _triton_ops():
     if "ops" not in _triton_state:
-        _triton_state["ops"] = importlib.import_module(".triton_ops", __package__)
+        _triton_state["ops"] = importlib.import_module(".triton_backend", __package__)
     return _triton_state["ops"]
+
+
+def select(backend: Optional[str], *tensors: torch.Tensor):
+    """The backend module for an op on ``tensors`` (rule in the module docstring): every
+    backend module has ``stream_pre``, ``stream_merge``, ``rms_projection`` and
+    ``sinkhorn_tokens`` with the same signatures.
+
+    Raises:
+        ValueError, RuntimeError: as :func:`resolve_backend`.
+    """
+    return _triton_ops() if resolve_backend(backend, *tensors) == "triton" else torch_backend
 
 
 def resolve_backend(backend: Optional[str], *tensors: torch.Tensor) -> str:
@@ -129,9 +142,9 @@ def stream_pre(x: torch.Tensor, h_pre: torch.Tensor, *, backend: Optional[str] =
     _check_streams(x)
     n = x.shape[-2]
     _check_coeff("h_pre", h_pre, tuple(x.shape[:-1]), (n,))
-    if x.numel() == 0 or resolve_backend(backend, x, h_pre) == "torch":
-        return reference.stream_pre(x, h_pre)
-    return _triton_ops().stream_pre(x, h_pre)
+    if x.numel() == 0:
+        return torch_backend.stream_pre(x, h_pre)
+    return select(backend, x, h_pre).stream_pre(x, h_pre)
 
 
 def stream_merge(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor,
@@ -158,9 +171,9 @@ def stream_merge(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: 
     _check_coeff("h_post", h_post, lead + (n,), (n,))
     if tuple(y.shape) != lead + (C,):
         raise ValueError(f"y: expected shape {lead + (C,)}, got {tuple(y.shape)}")
-    if x.numel() == 0 or resolve_backend(backend, x, h_res, h_post, y) == "torch":
-        return reference.stream_merge(x, h_res, h_post, y)
-    return _triton_ops().stream_merge(x, h_res, h_post, y)
+    if x.numel() == 0:
+        return torch_backend.stream_merge(x, h_res, h_post, y)
+    return select(backend, x, h_res, h_post, y).stream_merge(x, h_res, h_post, y)
 
 
 def sinkhorn_tokens(logits: torch.Tensor, iters: int = 20, *,
@@ -191,5 +204,28 @@ def sinkhorn_tokens(logits: torch.Tensor, iters: int = 20, *,
             raise ValueError(f"logits: the Triton Sinkhorn supports n ≤ {MAX_SINKHORN_N}, got n = {n}")
         choice = "torch"
     if logits.numel() == 0 or choice == "torch":
-        return reference.sinkhorn_tokens(logits, iters)
+        return torch_backend.sinkhorn_tokens(logits, iters)
     return _triton_ops().sinkhorn_tokens(logits, iters)
+
+
+def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6, *,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """The dynamic-coefficient projection ``(vec(x) φ) · rsqrt(mean(x²) + ε)``.
+
+    Args:
+        x: streams (..., n, C).
+        phi: (n·C, N).
+        eps: ε of the RMS scaling.
+        backend: "torch" | "triton" | "auto" | None.
+
+    Returns:
+        (..., N) in fp32 (fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: if ``phi`` is not (n·C, N).
+    """
+    _check_streams(x)
+    if phi.dim() != 2 or phi.shape[0] != x.shape[-2] * x.shape[-1]:
+        raise ValueError(f"phi: expected shape ({x.shape[-2] * x.shape[-1]}, N), got {tuple(phi.shape)}")
+    cdtype = torch.float64 if torch.float64 in (x.dtype, phi.dtype) else torch.float32
+    return select(backend, x, phi).rms_projection(x, phi, eps, cdtype)

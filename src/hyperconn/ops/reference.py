@@ -20,7 +20,7 @@ import torch
 from ..projections.sinkhorn import sinkhorn
 
 __all__ = [
-    "stream_pre", "stream_merge", "sinkhorn_tokens",
+    "stream_pre", "stream_merge", "sinkhorn_tokens", "rms_projection",
     "stream_pre_backward", "stream_merge_backward", "compute_dtype",
 ]
 
@@ -118,3 +118,13 @@ def sinkhorn_tokens(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     recomputes instead).
     """
     return sinkhorn(logits, iters, backward="unrolled")
+
+
+# ---------------------------------------------------------------------- rms projection
+def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(vec(x) φ) · rsqrt(mean(x²) + ε)`` by plain autograd: (..., n, C), (n·C, N) → (..., N),
+    computed in :func:`compute_dtype` of the inputs."""
+    acc = compute_dtype(x, phi)
+    flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1]).to(acc)
+    inv_rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+    return (flat @ phi.to(acc)) * inv_rms

@@ -1,0 +1,171 @@
+"""The ``"triton"`` backend: the fused Triton kernels (:mod:`.triton_kernels`) registered
+as ``torch.library`` custom ops, so the dispatcher, autograd and ``torch.compile`` (which
+sees an opaque op with a fake implementation instead of tracing into Triton's launcher)
+handle them. Imported only when Triton is selected.
+
+    hyperconn::stream_pre(x, h, block_c)                     → out       (+ _backward)
+    hyperconn::stream_merge(x, h_res, h_post, y, block_c)    → out       (+ _backward)
+    hyperconn::sinkhorn_tokens(logits, iters)                → P         (+ _backward)
+
+The coefficient projection has no kernel yet: it runs the torch backend's plain ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import torch_backend
+from . import triton_kernels as tk
+
+__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "NAME", "INTERPRETED"]
+
+NAME = "triton"
+INTERPRETED = tk.INTERPRETED
+
+
+def _shape_meta(x: Tensor, *coeffs: tuple[Tensor, int]):
+    lead = tuple(x.shape[:-2])
+    return lead, [0 if (h.dim() == shared_dims and len(lead) != 0) else None for h, shared_dims in coeffs]
+
+
+# ---------------------------------------------------------------------- stream_pre
+@torch.library.custom_op("hyperconn::stream_pre", mutates_args=())
+def _stream_pre(x: Tensor, h: Tensor, block_c: int) -> Tensor:
+    return tk.stream_pre_forward(x, h, block_c or None)
+
+
+@_stream_pre.register_fake
+def _(x, h, block_c):
+    return x.new_empty(x.shape[:-2] + x.shape[-1:])
+
+
+@torch.library.custom_op("hyperconn::stream_pre_backward", mutates_args=())
+def _stream_pre_backward(x: Tensor, h: Tensor, grad: Tensor, block_c: int) -> tuple[Tensor, Tensor]:
+    return tk.stream_pre_backward(x, h, grad, block_c or None)
+
+
+@_stream_pre_backward.register_fake
+def _(x, h, grad, block_c):
+    return torch.empty_like(x), torch.empty_like(h)
+
+
+def _stream_pre_setup(ctx, inputs, output):
+    x, h, block_c = inputs
+    ctx.save_for_backward(x, h)
+    ctx.block_c = block_c
+
+
+def _stream_pre_grad(ctx, grad):
+    x, h = ctx.saved_tensors
+    dx, dh = _stream_pre_backward(x, h, grad, ctx.block_c)
+    return dx, dh, None
+
+
+_stream_pre.register_autograd(_stream_pre_grad, setup_context=_stream_pre_setup)
+
+
+# ---------------------------------------------------------------------- stream_merge
+@torch.library.custom_op("hyperconn::stream_merge", mutates_args=())
+def _stream_merge(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, block_c: int) -> Tensor:
+    return tk.stream_merge_forward(x, h_res, h_post, y, block_c or None)
+
+
+@_stream_merge.register_fake
+def _(x, h_res, h_post, y, block_c):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("hyperconn::stream_merge_backward", mutates_args=())
+def _stream_merge_backward(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, grad: Tensor,
+                           block_c: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tk.stream_merge_backward(x, h_res, h_post, y, grad, block_c or None)
+
+
+@_stream_merge_backward.register_fake
+def _(x, h_res, h_post, y, grad, block_c):
+    return torch.empty_like(x), torch.empty_like(h_res), torch.empty_like(h_post), torch.empty_like(y)
+
+
+def _stream_merge_setup(ctx, inputs, output):
+    x, h_res, h_post, y, block_c = inputs
+    ctx.save_for_backward(x, h_res, h_post, y)
+    ctx.block_c = block_c
+
+
+def _stream_merge_grad(ctx, grad):
+    dx, dhr, dhp, dy = _stream_merge_backward(*ctx.saved_tensors, grad, ctx.block_c)
+    return dx, dhr, dhp, dy, None
+
+
+_stream_merge.register_autograd(_stream_merge_grad, setup_context=_stream_merge_setup)
+
+
+# ---------------------------------------------------------------------- sinkhorn
+@torch.library.custom_op("hyperconn::sinkhorn_tokens", mutates_args=())
+def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    return tk.sinkhorn_forward(logits, iters)
+
+
+@_sinkhorn.register_fake
+def _(logits, iters):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("hyperconn::sinkhorn_tokens_backward", mutates_args=())
+def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    return tk.sinkhorn_backward(logits, grad, iters)
+
+
+@_sinkhorn_backward.register_fake
+def _(logits, grad, iters):
+    return torch.empty_like(logits)
+
+
+def _sinkhorn_setup(ctx, inputs, output):
+    logits, iters = inputs
+    ctx.save_for_backward(logits)  # only the input: backward recomputes the iterations
+    ctx.iters = iters
+
+
+def _sinkhorn_grad(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    return _sinkhorn_backward(logits, grad, ctx.iters), None
+
+
+_sinkhorn.register_autograd(_sinkhorn_grad, setup_context=_sinkhorn_setup)
+
+
+# ---------------------------------------------------------------------- backend API
+def stream_pre(x: Tensor, h_pre: Tensor, slot=None, *, block_c: Optional[int] = None) -> Tensor:
+    """Triton ``Σ_j h_pre[j] x[j]``; shapes as :func:`hyperconn.ops.stream_pre`. ``slot``
+    is ignored (the kernels write each gradient once already); ``block_c`` overrides the C
+    tile (tests use it to exercise multi-block loops)."""
+    return _stream_pre(x, h_pre, int(block_c or 0))
+
+
+def stream_merge(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, slot=None, *,
+                 block_c: Optional[int] = None) -> Tensor:
+    """Triton ``h_res @ x + h_post ⊗ y``; reads the streams once, writes the result once."""
+    return _stream_merge(x, h_res, h_post, y, int(block_c or 0))
+
+
+def sinkhorn_tokens(logits: Tensor, iters: int = 20) -> Tensor:
+    """Triton per-token Sinkhorn on (..., n, n), n ≤ MAX_SINKHORN_N; computed in fp32
+    (fp64 for fp64 logits), returned in the logits dtype."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return _sinkhorn(logits.to(acc).contiguous(), int(iters)).to(logits.dtype)
+
+
+def rms_projection(x: Tensor, phi: Tensor, eps: float, cdtype: torch.dtype, slot=None) -> Tensor:
+    """The torch backend's plain-ops projection (no fused kernel yet)."""
+    xc = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(cdtype)
+    flat = xc.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+    proj = (flat @ phi.to(flat.dtype)).to(cdtype)
+    mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=cdtype).square() / flat.shape[-1]
+    return proj * torch.rsqrt(mean_sq + eps)
+
+
+del torch_backend
