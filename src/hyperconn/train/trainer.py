@@ -77,7 +77,7 @@ class RunState:
     """the latest evaluation's metrics"""
     hook_errors: list = field(default_factory=list)
     status: str = "finished"
-    """"finished" | "diverged" | "stopped" """
+    """finished | diverged (a non-finite loss or gradient norm) | stopped (stop_after)"""
     diverged_step: Optional[int] = None
     resumed: bool = False
 
