@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["Variant", "Options", "register_variant", "get_variant", "variant_names", "VARIANTS",
+__all__ = ["Variant", "Options", "register_variant", "unregister_variant", "get_variant", "variant_names", "VARIANTS",
            "make_variant", "all_option_names", "PRE_INITS"]
 
 PRE_INITS = ("default", "uniform", "onehot")
@@ -68,6 +68,18 @@ def register_variant(cls: type["Variant"], name: Optional[str] = None) -> type["
         raise TypeError(f"{cls.__name__}.Options: expected a dataclass subclassing hyperconn.variants.Options")
     cls.name = name
     _REGISTRY[name] = cls
+    return cls
+
+
+def unregister_variant(name: str) -> type["Variant"]:
+    """Remove ``name`` from the registry and return its class (for tests and plugins that
+    clean up after themselves).
+
+    Raises:
+        ConfigError: (field ``variant``) for a name not registered.
+    """
+    cls = get_variant(name)
+    del _REGISTRY[name]
     return cls
 
 
