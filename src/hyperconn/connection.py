@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import ops
 from ._checks import check_floating
+from ._dtypes import compute_dtype
 from .errors import ConfigError
 from .ops import StreamGradSlot
 from .variants import make_variant
@@ -246,7 +247,7 @@ class HyperConnection(nn.Module):
     @property
     def coefficient_dtype(self) -> torch.dtype:
         """fp64 for a float64 layer, fp32 otherwise (also for fp16/bf16 layers)."""
-        return torch.float64 if self.b_res.dtype == torch.float64 else torch.float32
+        return compute_dtype(self.b_res)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from .._dtypes import compute_dtype
+
 __all__ = ["CompositeGain", "composite_gain", "composite_product", "gains_of"]
 
 
@@ -47,7 +49,7 @@ def composite_product(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def gains_of(p: torch.Tensor) -> CompositeGain:
     """All gains of one composite P (..., n, n)."""
-    p = p.double() if p.dtype == torch.float64 else p.float()
+    p = p.to(compute_dtype(p))
     return CompositeGain(
         forward_amax=p.sum(-1).abs().amax(-1),
         backward_amax=p.sum(-2).abs().amax(-1),

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from .._dtypes import compute_dtype
 from .gain import CompositeGain, gains_of
 
 __all__ = [
@@ -71,7 +72,7 @@ def stream_similarity_per_token(x: torch.Tensor, eps: float = 1e-12) -> torch.Te
     if n < 2:
         raise ValueError(f"x: stream similarity needs n ≥ 2 streams, got n = {n}")
     x = x.detach()
-    x = x.double() if x.dtype == torch.float64 else x.float()
+    x = x.to(compute_dtype(x))
     u = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
     gram = u @ u.transpose(-1, -2)                         # (..., n, n) cosines
     off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._dtypes import compute_dtype
 from ..connection import HyperConnection, expand_streams, reduce_streams
 
 __all__ = ["hyperconnect", "from_pretrained", "SUPPORTED"]
@@ -124,7 +125,7 @@ def hyperconnect(model: nn.Module, streams: int = 4, variant: str = "mhc", **opt
             raise ValueError("model: already hyper-connected")
         ref = next(layer.parameters())
         # Coefficients in fp32 (fp64 for a float64 model) whatever the model's dtype.
-        cdtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        cdtype = compute_dtype(ref)
         for name, index in (("hc_attn", 2 * i), ("hc_mlp", 2 * i + 1)):
             hc = HyperConnection(C, streams, None, variant=variant, layer_index=index, **options)
             setattr(layer, name, hc.to(device=ref.device, dtype=cdtype))

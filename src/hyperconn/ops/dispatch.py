@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .._dtypes import compute_dtype
 from . import torch_backend
 
 __all__ = ["stream_pre", "stream_merge", "sinkhorn_tokens", "rms_projection", "resolve_backend", "select",
@@ -227,5 +228,5 @@ def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float = 1e-6, *,
     _check_streams(x)
     if phi.dim() != 2 or phi.shape[0] != x.shape[-2] * x.shape[-1]:
         raise ValueError(f"phi: expected shape ({x.shape[-2] * x.shape[-1]}, N), got {tuple(phi.shape)}")
-    cdtype = torch.float64 if torch.float64 in (x.dtype, phi.dtype) else torch.float32
+    cdtype = compute_dtype(x, phi)
     return select(backend, x, phi).rms_projection(x, phi, eps, cdtype)

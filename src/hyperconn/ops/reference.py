@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import compute_dtype
 from ..projections.sinkhorn import sinkhorn
 
 __all__ = [
@@ -25,9 +26,6 @@ __all__ = [
 ]
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32 (half-precision inputs are upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

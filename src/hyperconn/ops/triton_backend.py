@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._dtypes import compute_dtype
 from . import torch_backend
 from . import triton_kernels as tk
 
@@ -155,7 +156,7 @@ def stream_merge(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, slot=None,
 def sinkhorn_tokens(logits: Tensor, iters: int = 20) -> Tensor:
     """Triton per-token Sinkhorn on (..., n, n), n ≤ MAX_SINKHORN_N; computed in fp32
     (fp64 for fp64 logits), returned in the logits dtype."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(logits)
     return _sinkhorn(logits.to(acc).contiguous(), int(iters)).to(logits.dtype)
 
 

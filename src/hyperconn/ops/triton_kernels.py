@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 import triton
+
+from .._dtypes import compute_dtype
 import triton.language as tl
 
 try:  # the interpreter's function type tells which mode the @triton.jit below chose
@@ -224,8 +226,7 @@ def _is_f64(*tensors) -> bool:
     return any(t.dtype == torch.float64 for t in tensors)
 
 
-def _acc_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if _is_f64(*tensors) else torch.float32
+_acc_dtype = compute_dtype
 
 
 def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_floating, check_square
+from .._dtypes import compute_dtype
 
 __all__ = ["iso_project", "helmert_basis", "ISO_METHODS", "NS_COEFFICIENTS"]
 
@@ -345,7 +346,7 @@ def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = No
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
         raise ValueError(f"tol: expected a positive number or None, got {tol!r}")
     n = raw.shape[-1]
-    dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(raw)
     h = raw.to(dtype)
     if n == 1:
         return (h * 0 + 1).to(raw.dtype)  # keeps the graph; the gradient is zero

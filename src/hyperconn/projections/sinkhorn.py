@@ -12,15 +12,11 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_floating, check_square
+from .._dtypes import compute_dtype
 
 __all__ = ["sinkhorn", "SINKHORN_BACKWARDS"]
 
 SINKHORN_BACKWARDS = ("unrolled", "implicit")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision logits lose the iteration's accuracy; compute in fp32 instead.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _log_sinkhorn(z: torch.Tensor, iters: int) -> torch.Tensor:
@@ -280,7 +276,7 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, backward: str = "unrolled") 
         raise ValueError(f"iters: expected a positive integer, got {iters!r}")
     if backward not in SINKHORN_BACKWARDS:
         raise ValueError(f"backward: expected one of {SINKHORN_BACKWARDS}, got {backward!r}")
-    z = logits.to(_compute_dtype(logits.dtype))
+    z = logits.to(compute_dtype(logits))  # half-precision logits lose the iteration's accuracy
     if backward == "implicit":
         p = _ImplicitSinkhorn.apply(z, iters)
     else:
