@@ -5,6 +5,8 @@
                                        (..., n)|(n,), (..., C)             → (..., n, C)
     rms_projection(x, phi, eps)        (..., n, C), (n·C, N)               → (..., N)
     sinkhorn_tokens(logits, iters)     (..., n, n)                         → (..., n, n)
+    odd_polynomial_iteration(x0, schedule)  (..., m, m)                    → (..., m, m)
+        (the Newton-Schulz steps of Iso-NS; torch only, see :mod:`.newton_schulz`)
 
 Backends (see :mod:`.dispatch` for the rule; ``backend=`` / ``HYPERCONN_KERNELS``
 override it):
@@ -17,15 +19,15 @@ override it):
 
 A call site resolves the backend once with :func:`select` and calls the module's ops
 (the layer does so once per forward). Adding an op or a backend touches this package
-only; see docs/design.md. The Iso-NS iteration stays in :mod:`hyperconn.projections.iso`
-(torch only, no kernel yet). Triton is optional (``pip install 'hyperconn[gpu]'``) and
+only; see docs/design.md. Triton is optional (``pip install 'hyperconn[gpu]'``) and
 only imported when selected.
 """
 
 from . import reference, torch_backend
 from .cpu import StreamGradSlot
+from .newton_schulz import odd_polynomial_iteration
 from .dispatch import (BACKENDS, ENV_VAR, resolve_backend, rms_projection, select, sinkhorn_tokens,
                        stream_merge, stream_pre, triton_available)
 
-__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "resolve_backend", "select",
+__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "resolve_backend", "select",
            "triton_available", "reference", "torch_backend", "StreamGradSlot", "BACKENDS", "ENV_VAR"]

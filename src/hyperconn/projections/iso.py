@@ -12,7 +12,7 @@ raw matrix by taking ``A = Uᵀ H̃ U`` to its orthogonal polar factor:
   data-dependent number of steps. (The range matters: a layer's per-token blocks at a
   trained-like spread have condition numbers up to ~5e4 in a few tokens per thousand.)
   Iterated in float64 (the tiny blocks cost little), on the CPU with the matrices
-  innermost for blocks up to 8×8 (see ``_TokensInner``).
+  innermost for blocks up to 8×8 (see :mod:`hyperconn.ops.newton_schulz`).
 * ``method="ns-cubic"``: the IsoHC source's plain cubic iteration
   ``X ← 1.5 X − 0.5 X XᵀX`` (5 steps by default, from a power-iteration scale). It
   converges only for well-conditioned blocks (≤ 1e-3 needs condition number ≤ ~2.7 at
@@ -50,6 +50,7 @@ import torch
 
 from .._checks import check_floating, check_square
 from .._dtypes import compute_dtype
+from ..ops.newton_schulz import layout, odd_polynomial_iteration, poly_step
 
 __all__ = ["iso_project", "helmert_basis", "ISO_METHODS", "NS_COEFFICIENTS"]
 
@@ -115,108 +116,6 @@ def _ns_scale(a: torch.Tensor) -> torch.Tensor:
     return torch.maximum(1.02 * sigma_est, fro / 1.7).clamp_min(1e-12)
 
 
-class _Batched:
-    """Matrices as (M, m, m): batched matrix products (GPUs, and CPUs for m > 8)."""
-
-    @staticmethod
-    def mm(a, b):
-        return torch.bmm(a, b)
-
-    @staticmethod
-    def addmm(c, a, b, beta=1.0, alpha=1.0):
-        return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
-
-    @staticmethod
-    def t(a):
-        return a.mT
-
-    @staticmethod
-    def pack(x):
-        return x.reshape(-1, *x.shape[-2:])
-
-    @staticmethod
-    def unpack(x, shape):
-        return x.reshape(shape)
-
-
-class _TokensInner:
-    """Matrices as (m, m, M), the M matrices innermost: a product is one broadcast multiply
-    and a sum, vectorised over the matrices. On a CPU, for m ≤ 8, that is 3-4× faster than
-    ``bmm`` on (M, m, m), which runs a tiny GEMM per matrix (measured: 29 vs 91 µs for
-    1024 3×3, 258 vs 964 µs for 7×7; bmm wins from m ≈ 15)."""
-
-    @staticmethod
-    def mm(a, b):
-        return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)
-
-    @classmethod
-    def addmm(cls, c, a, b, beta=1.0, alpha=1.0):
-        return beta * c + alpha * cls.mm(a, b)
-
-    @staticmethod
-    def t(a):
-        return a.transpose(0, 1)
-
-    @staticmethod
-    def pack(x):
-        return x.reshape(-1, *x.shape[-2:]).permute(1, 2, 0).contiguous()
-
-    @staticmethod
-    def unpack(x, shape):
-        return x.permute(2, 0, 1).reshape(shape)
-
-
-def _layout(x: torch.Tensor):
-    return _TokensInner if x.device.type == "cpu" and x.shape[-1] <= 8 else _Batched
-
-
-def _poly_step(x, coeffs, L=_Batched):
-    """``a X + b X (XᵀX) + c X (XᵀX)²`` in layout ``L`` (c = 0: two products, not three)."""
-    a, b, c = coeffs
-    gram = L.mm(L.t(x), x)
-    m = b * gram if c == 0 else L.addmm(gram, gram, gram, beta=b, alpha=c)
-    return L.addmm(x, x, m, beta=a)
-
-
-def _iterates(x, schedule, L=_Batched) -> list[torch.Tensor]:
-    xs = [x]
-    for coeffs in schedule:
-        x = _poly_step(x, coeffs, L)
-        xs.append(x)
-    return xs
-
-
-class _OddPolynomialIteration(torch.autograd.Function):
-    """``X ← X (a I + b XᵀX + c (XᵀX)²)`` per step, storing only X0 between passes.
-
-    With A = XᵀX, M = aI + bA + cA² and G = ∂L/∂Y, the vector-Jacobian product is
-    ``∂X = G M + X (Z + Zᵀ)``, ``Z = b W + c (W A + A W)``, ``W = XᵀG``; the backward
-    recomputes the iterates. Runs in the layout :func:`_layout` picks for the device.
-    """
-
-    @staticmethod
-    def forward(ctx, x0: torch.Tensor, schedule: tuple) -> torch.Tensor:
-        ctx.schedule = schedule
-        ctx.save_for_backward(x0)
-        L = _layout(x0)
-        return L.unpack(_iterates(L.pack(x0), schedule, L)[-1], x0.shape)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (x0,) = ctx.saved_tensors
-        L = _layout(x0)
-        xs = _iterates(L.pack(x0), ctx.schedule, L)
-        g = L.pack(grad)
-        for x, (a, b, c) in zip(reversed(xs[:-1]), reversed(ctx.schedule)):
-            gram = L.mm(L.t(x), x)
-            w = L.mm(L.t(x), g)
-            # M − aI = bA + cA²; Z = bW + c(WA + AW); ∂X = aG + G(M − aI) + X(Z + Zᵀ)
-            m = b * gram if c == 0 else L.addmm(gram, gram, gram, beta=b, alpha=c)
-            z = b * w if c == 0 else L.addmm(L.addmm(w, w, gram, beta=b, alpha=c), gram, w, alpha=c)
-            g = L.addmm(L.addmm(g, g, m, beta=a), x, z + L.t(z))
-        return L.unpack(g, grad.shape), None
-
-
 def _orthogonality_error(x: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     return torch.linalg.matrix_norm(x.mT @ x - eye)
@@ -240,19 +139,19 @@ def _newton_schulz(a: torch.Tensor, method: str, steps: int, tol) -> torch.Tenso
     x0 = a / scale.clamp_min(1e-12)[..., None, None]
     # The scale stays under autograd (cheap); the iterations use the custom backward.
     schedule = _schedule(method, steps)
-    q = _OddPolynomialIteration.apply(x0, schedule)
+    q = odd_polynomial_iteration(x0, schedule)
     if tol is None:
         return q
     tail = _CUBIC if method == "ns-cubic" else _NS_TAIL
     with torch.no_grad():
-        L = _layout(q)
+        L = layout(q)
         probe, extra = L.pack(q), 0
         err = _orthogonality_error(q)
         while bool((err > tol).any()) and steps + extra < _MAX_TOL_STEPS:
-            probe, extra = _poly_step(probe, tail, L), extra + 1
+            probe, extra = poly_step(probe, tail, L), extra + 1
             err = _orthogonality_error(L.unpack(probe, q.shape))
     if extra:
-        q = _OddPolynomialIteration.apply(x0, schedule + (tail,) * extra)
+        q = odd_polynomial_iteration(x0, schedule + (tail,) * extra)
     if bool((err > tol).any()):
         bad = int((err > tol).sum())
         warnings.warn(f"iso_project: {bad} block(s) did not reach ‖QᵀQ − I‖_F ≤ {tol} in "
