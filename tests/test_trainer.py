@@ -6,6 +6,7 @@ controller's scale moves every step: a resume that lost the controller state wou
 the losses.
 """
 
+import json
 import math
 
 import pytest
@@ -145,3 +146,18 @@ def test_the_run_directory_is_locked_until_close(tmp_path):
     trainer.close()  # idempotent
     with Trainer(tiny(tmp_path)) as again:
         assert again.fit()["steps"] == STEPS
+
+
+def test_checkpoint_config_written_before_new_fields_is_compatible(tmp_path):
+    """A config saved before ConnectionConfig had ``options``/``kernels`` still matches."""
+    from hyperconn.train import TrainConfig
+    from hyperconn.train.checkpoint import CheckpointError, check_compatible
+
+    now = TrainConfig().to_dict()
+    old = json.loads(json.dumps(now))
+    for key in ("options", "kernels"):
+        del old["model"]["connection"][key]
+    check_compatible(old, now, tmp_path / "checkpoint.pt")
+    old["model"]["n_embd"] = 64
+    with pytest.raises(CheckpointError, match="n_embd"):
+        check_compatible(old, now, tmp_path / "checkpoint.pt")

@@ -83,11 +83,10 @@ def model_case(variant: str, streams: int, recompute: bool, size: dict, vocab: i
     ``kernels`` sets every HyperConnection's backend (None: ``HYPERCONN_KERNELS``/auto)."""
     n = 1 if variant == "residual" else streams
     cfg = GPTConfig(vocab_size=vocab, seq_len=size["seq"], n_layer=size["layers"], n_head=size["heads"],
-                    n_embd=size["dim"], connection=ConnectionConfig(variant, streams=n, recompute=recompute),
+                    n_embd=size["dim"], connection=ConnectionConfig(variant, streams=n, recompute=recompute,
+                                                               kernels=kernels),
                     stream_dtype=stream_dtype)
     model = GPT(cfg).to(device).train()
-    for hc in model.connections():
-        hc.kernels = hc.mixer.kernels = kernels
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
     idx = torch.randint(0, vocab, (size["batch"], size["seq"]), device=device)

@@ -57,6 +57,8 @@ class ConnectionConfig:
             stream ``layer_index % n``; breaks the symmetry of streams that start as copies).
         recompute: recompute each hyper-connected layer (branch included) in backward
             instead of storing its intermediates: stores one stream state per layer.
+        kernels: backend of the layers' per-token ops (None: ``HYPERCONN_KERNELS``, else
+            "auto"; see :mod:`hyperconn.ops`).
 
         options: options of variants without a field here (a user-defined variant's
             ``Options``), by name.
@@ -81,6 +83,7 @@ class ConnectionConfig:
     harmonized_eps: float = 1.0
     pre_init: str = "default"
     recompute: bool = False
+    kernels: Optional[str] = None
     options: dict = field(default_factory=dict)
 
     # The fields above that are variant options (the rest configure the layer).
@@ -89,6 +92,9 @@ class ConnectionConfig:
 
     def __post_init__(self):
         get_variant(self.variant)  # ConfigError("variant", ...) naming the registered ones
+        from ..ops import BACKENDS
+        if self.kernels is not None and self.kernels not in BACKENDS:
+            raise ConfigError("kernels", f"expected None or one of {BACKENDS}, got {self.kernels!r}")
         _positive_int("streams", self.streams)
         if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
             raise ConfigError("options", f"expected a dict of option names to values, got {self.options!r}")
@@ -121,8 +127,11 @@ class ConnectionConfig:
         """Keyword arguments for ``HyperConnection(dim, streams, branch, **kwargs)``:
         variant, dynamic, res_init and every variant option (``hybrid_lambda`` as a float
         unless ``"learned"``, plus ``options``) and ``recompute``. ``streams`` is not included."""
-        return dict(variant=self.variant, dynamic=self.dynamic, res_init=self.res_init,
-                    recompute=self.recompute, **self._options())
+        kwargs = dict(variant=self.variant, dynamic=self.dynamic, res_init=self.res_init,
+                      recompute=self.recompute, **self._options())
+        if self.kernels is not None:
+            kwargs["kernels"] = self.kernels
+        return kwargs
 
     def describe(self) -> str:
         """One line, e.g. ``"mhc n=4 dynamic sinkhorn(20, unrolled)"``; the variant writes

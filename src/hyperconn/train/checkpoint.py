@@ -105,7 +105,14 @@ def _diff(saved, current, prefix="") -> list[str]:
 
 
 def check_compatible(saved_config: dict, config_dict: dict, path: Path) -> None:
-    """Raise :class:`CheckpointError` if the run-defining settings differ."""
+    """Raise :class:`CheckpointError` if the run-defining settings differ. Settings added
+    since the checkpoint was written take their defaults (the saved config is read back
+    through ``TrainConfig.from_dict``)."""
+    try:
+        from .config import TrainConfig
+        saved_config = TrainConfig.from_dict(saved_config).to_dict()
+    except (ValueError, TypeError):
+        pass  # compared as saved: the differences are reported below
     diffs = []
     for key in _MUST_MATCH:
         diffs += _diff(saved_config.get(key, "<missing>"), config_dict.get(key), f"{key}.")
