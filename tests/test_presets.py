@@ -9,7 +9,7 @@ import pytest
 
 from hyperconn.errors import ConfigError
 from hyperconn.experiments import PRESETS, Preset, RunGroup, expand, get_preset
-from hyperconn.experiments.preset_types import registered_variants
+from hyperconn.experiments.preset_types import PAPER_VARIANTS, registered_variants
 from hyperconn.train.config import TrainConfig
 
 
@@ -24,15 +24,23 @@ def test_every_preset_builds_valid_configs():
 
 
 def test_variants_come_from_the_registry():
-    assert registered_variants()[:6] == ("residual", "hc", "mhc", "isohc", "hybrid", "harmonized")
-    assert PRESETS["quick"].groups[0].variants == registered_variants()
-    assert RunGroup("g", {}).variants == registered_variants()
+    assert registered_variants()[:6] == PAPER_VARIANTS == ("residual", "hc", "mhc", "isohc", "hybrid", "harmonized")
+    assert RunGroup("g", {}).variants == registered_variants()  # the default: every registered variant
+    # The shipped presets name theirs: a variant added to the registry does not change them.
+    assert PRESETS["quick"].groups[0].variants == PAPER_VARIANTS
+
+
+def test_registry_fallback_to_VARIANTS(monkeypatch):
+    import hyperconn.variants as variants
+
+    monkeypatch.delattr(variants, "variant_names", raising=False)
+    assert registered_variants() == tuple(variants.VARIANTS)
 
 
 @pytest.mark.parametrize("make, field", [
     (lambda: Preset("p", "", (RunGroup("g", {"model.n_embdd": 3}),)), "presets.p.g.residual.model.n_embdd"),
     (lambda: Preset("p", "", (RunGroup("g", {"lr": -1.0}, ("mhc",)),)), "presets.p.g.mhc.lr"),
-    (lambda: Preset("p", "", (RunGroup("g", {}, ("nope",)),)), "presets.p.g.nope.model.connection.variant"),
+    (lambda: RunGroup("g", {}, ("nope",)), "variants"),
     (lambda: Preset("p", "", (RunGroup("g", {}), RunGroup("g", {}))), "presets.p.groups"),
     (lambda: Preset("p", "", ()), "presets.p"),
     (lambda: Preset("p", "", (RunGroup("g", {}),), seeds=(-1,)), "presets.p.seeds"),

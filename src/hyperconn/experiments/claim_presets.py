@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .preset_types import Preset, RunGroup
+from .preset_types import PAPER_VARIANTS, Preset, RunGroup
 
 __all__ = ["CLAIM_PRESETS"]
 
-# Every registered variant (the six built-ins, and any the user's own code defines).
-ALL = None
+ALL = PAPER_VARIANTS
 
 # Every laptop run: one thread (2 shared cores), n = 4 streams, diagnostics at each eval.
 _CPU = {"threads": 1, "model.connection.streams": 4, "model.n_head": 4, "weight_decay": 0.1,

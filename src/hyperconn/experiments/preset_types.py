@@ -9,9 +9,11 @@ Rule applied to every group: variant ``"residual"`` runs with ``streams=1`` (the
 Pre-Norm baseline); every other variant uses the group's ``model.connection.streams``.
 
 A group defined without ``variants`` runs every variant registered when it is defined:
-the six built-ins, then any defined in the user's own code and imported first (``hyperconn
---import MODULE compare ...`` imports them before any preset is defined). A preset checks
-itself when it is defined: every run it describes must be a valid configuration.
+the built-ins, then any defined in the user's own code and imported first (``hyperconn
+--import MODULE compare ...`` imports them before any preset is defined). The shipped
+presets name theirs (:data:`PAPER_VARIANTS` or a subset), each checked against the
+registry. A preset checks itself when it is defined: every run it describes must be a
+valid configuration.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from typing import Any, Mapping, Optional, Sequence
 from ..errors import ConfigError
 from ..train.config import TrainConfig, with_overrides
 
-__all__ = ["RunGroup", "Preset", "Job", "expand", "registered_variants"]
+__all__ = ["RunGroup", "Preset", "Job", "expand", "registered_variants", "PAPER_VARIANTS"]
+
+# The six variants the published claims (and the presets built on them) compare. Named
+# explicitly so a variant added to the registry later (a built-in or the user's own)
+# does not silently change what a shipped preset runs; each must be registered.
+PAPER_VARIANTS = ("residual", "hc", "mhc", "isohc", "hybrid", "harmonized")
 
 
 def registered_variants() -> tuple[str, ...]:
@@ -48,7 +55,7 @@ class RunGroup:
 
     Raises:
         ConfigError: (field ``name`` or ``variants``) for an empty or path-like name, an
-            empty variant list or a repeated variant.
+            empty variant list, a repeated variant or one that is not registered.
     """
 
     name: str
@@ -63,6 +70,11 @@ class RunGroup:
         object.__setattr__(self, "variants", variants)
         if not variants or len(set(variants)) != len(variants):
             raise ConfigError("variants", f"group {self.name!r}: expected distinct variant names, got {variants!r}")
+        known = registered_variants()
+        unknown = [v for v in variants if v not in known]
+        if unknown:
+            raise ConfigError("variants", f"group {self.name!r}: {unknown[0]!r} is not a registered variant "
+                                          f"(expected one of {known})")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .claim_presets import CLAIM_PRESETS
-from .preset_types import Job, Preset, RunGroup, expand, registered_variants
+from .preset_types import PAPER_VARIANTS, Job, Preset, RunGroup, expand, registered_variants
 
-__all__ = ["RunGroup", "Preset", "Job", "PRESETS", "get_preset", "expand", "registered_variants"]
+__all__ = ["RunGroup", "Preset", "Job", "PRESETS", "get_preset", "expand", "registered_variants", "PAPER_VARIANTS"]
 
 
 # ---------------------------------------------------------------------------- presets
@@ -37,9 +37,9 @@ PRESETS: dict[str, Preset] = {
                     "C=64, n=4 (residual n=1), 1 seed: about 10 minutes on a 2-core CPU.",
         groups=(
             RunGroup("kv", {**_QUICK, "task": "kv", "kv_pairs": 4, "model.seq_len": 32, "batch_size": 32,
-                            "steps": 500}),
+                            "steps": 500}, PAPER_VARIANTS),
             RunGroup("bytes", {**_QUICK, "task": "bytes", "model.seq_len": 64, "batch_size": 16,
-                               "steps": 400}),
+                               "steps": 400}, PAPER_VARIANTS),
         ),
         seeds=(0,),
     ),
