@@ -1,13 +1,22 @@
 """The ``hyperconn`` command.
 
-    hyperconn train   [--config FILE] [--<field> VALUE ...]   one training run (every TrainConfig field)
-    hyperconn compare --preset NAME --out DIR [--seeds K ...] [--quiet] [--device D]
-    hyperconn report  ...                                      (hyperconn.report.cli)
-    hyperconn bench   ...                                      (hyperconn.bench)
+    hyperconn [--import MODULE ...] train   [--config FILE] [--<field> VALUE ...]   one training run
+    hyperconn [--import MODULE ...] compare --preset NAME --out DIR [--seeds K ...] [--quiet] [--device D]
+    hyperconn [--import MODULE ...] report  ...                      (hyperconn.report.cli)
+    hyperconn [--import MODULE ...] bench   ...                      (hyperconn.bench)
 
-Usage errors (unknown flag, bad value, invalid setting) exit with status 2 and one line
-on stderr naming the flag. ``train`` exits 0 for a finished (or stopped) run, 3 for a
-diverged one, 1 for a checkpoint it cannot resume from.
+``--import MODULE`` (repeatable; also ``HYPERCONN_IMPORT=mod1,mod2``, imported first)
+imports the user's own modules before the command is parsed, so a variant they define
+(a subclass of ``hyperconn.Variant``) can be named like a built-in one:
+``hyperconn --import myvariants train --model.connection.variant myvar``. The current
+directory is searched first, and the full list is left in ``HYPERCONN_IMPORT`` for any
+``hyperconn`` process started from this one.
+
+Usage errors (unknown flag, bad value, invalid setting, a module that cannot be
+imported) exit with status 2 and one line on stderr naming the flag. ``train`` exits 0
+for a finished (or stopped) run, 3 for a diverged one, 1 for a checkpoint it cannot
+resume from. Without the lab's packages (``pip install "hyperconn[lab]"``) every command
+exits 2 with one line saying so.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from typing import Optional, Sequence
 __all__ = ["main"]
 
 USAGE = """\
-usage: hyperconn <command> [options]
+usage: hyperconn [--import MODULE ...] <command> [options]
 
 Hyper-Connections lab: train and compare residual, hc, mhc, isohc, hybrid and harmonized.
 
@@ -37,13 +46,23 @@ commands:
   report    markdown + plots from run or compare directories
   bench     speed benchmarks of the connection layers
 
+options:
+  --import MODULE  import a module of your own first (repeatable; env HYPERCONN_IMPORT=a,b),
+                   e.g. one defining a variant by subclassing hyperconn.Variant
+
 examples:
   hyperconn train --model.connection.variant isohc --steps 100 --out-dir runs/iso
   hyperconn train --config run.toml --lr 1e-3
   hyperconn compare --preset quick --out runs/quick
+  hyperconn --import myvariants train --model.connection.variant myvar
 """
 
 EXIT_USAGE = 2
+# What the lab (this command) needs beyond the core library's torch and numpy: the
+# ``lab`` extra of pyproject.toml (import names).
+LAB_MODULES = ("rich", "matplotlib", "tyro", "yaml", "filelock")
+LAB_HINT = 'hyperconn\'s lab needs: pip install "hyperconn[lab]"'
+IMPORT_ENV = "HYPERCONN_IMPORT"
 
 
 def _err(cmd: str, msg: str) -> int:
@@ -181,7 +200,8 @@ def _parse_train(args: list[str]):
     """Returns (TrainConfig, None) or (None, exit code)."""
     import tyro
 
-    from .train.config import ConfigError, TrainConfig
+    from .errors import ConfigError
+    from .train.config import TrainConfig
 
     try:
         cfg_path, rest = _split_config_flag(args)
@@ -190,8 +210,7 @@ def _parse_train(args: list[str]):
             try:
                 default = TrainConfig.from_dict(load_config_file(cfg_path))
             except ConfigError as e:
-                msg = str(e).split(": ", 1)[1]
-                return None, _err("train", f"--config {cfg_path}: {e.field}: {msg}")
+                return None, _err("train", f"--config {cfg_path}: {e.field}: {e.message}")
     except ValueError as e:
         return None, _err("train", str(e))
     kwargs = dict(default=default, prog="hyperconn train",
@@ -215,7 +234,7 @@ def _parse_train(args: list[str]):
             return None, 0
         return None, _err("train", _tyro_one_line(buf.getvalue()))
     except ConfigError as e:
-        return None, _err("train", _config_error_line(e.field, str(e).split(": ", 1)[1]))
+        return None, _err("train", _config_error_line(e.field, e.message))
     finally:
         if old_cols is None:
             os.environ.pop("COLUMNS", None)
@@ -226,8 +245,8 @@ def _parse_train(args: list[str]):
 
 
 def _train(args: list[str]) -> int:
+    from .errors import ConfigError
     from .train.checkpoint import CheckpointError
-    from .train.config import ConfigError
     from .train.loop import train
 
     config, code = _parse_train(args)
@@ -236,7 +255,7 @@ def _train(args: list[str]) -> int:
     try:
         summary = train(config)
     except ConfigError as e:
-        return _err("train", _config_error_line(e.field, str(e).split(": ", 1)[1]))
+        return _err("train", _config_error_line(e.field, e.message))
     except CheckpointError as e:
         print(f"hyperconn train: error: {e}", file=sys.stderr)
         return 1
@@ -273,15 +292,15 @@ def _compare(args: list[str]) -> int:
         return int(e.code or 0)
     if ns.seeds is not None and any(s < 0 for s in ns.seeds):
         return _err("compare", f"--seeds: expected non-negative integers, got {ns.seeds}")
+    from .errors import ConfigError
     from .experiments.compare import run_compare
-    from .train.config import ConfigError
 
     try:
         summary = run_compare(ns.preset, ns.out, seeds=ns.seeds, quiet=ns.quiet,
                               overrides={"device": ns.device} if ns.device else None)
     except ConfigError as e:
         flag = {"device": "--device", "seed": "--seeds", "out": "--out"}.get(e.field, e.field)
-        return _err("compare", f"{flag}: {str(e).split(': ', 1)[1]}")
+        return _err("compare", f"{flag}: {e.message}")
     except KeyboardInterrupt:
         print(f"hyperconn compare: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
@@ -316,9 +335,94 @@ COMMANDS = {
 }
 
 
+# ---------------------------------------------------------------------------- --import
+def _split_imports(args: list[str]) -> tuple[list[str], list[str]]:
+    """Leading ``--import MODULE`` / ``--import=MODULE`` options → (modules, the rest).
+
+    Raises:
+        ConfigError: (field ``--import``) for ``--import`` without a module name.
+    """
+    from .errors import ConfigError
+
+    modules = []
+    while args and (args[0] == "--import" or args[0].startswith("--import=")):
+        if args[0] == "--import":
+            if len(args) < 2 or args[1].startswith("-") or not args[1].strip():
+                raise ConfigError("--import", "expected a module name, e.g. --import myvariants")
+            modules.append(args[1])
+            args = args[2:]
+        else:
+            name = args[0].split("=", 1)[1]
+            if not name.strip():
+                raise ConfigError("--import", "expected a module name, e.g. --import=myvariants")
+            modules.append(name)
+            args = args[1:]
+    return modules, args
+
+
+def import_user_modules(modules: Sequence[str]) -> None:
+    """Import every module of ``modules`` (the current directory is searched first, as
+    ``python -m`` does) and record the list in ``HYPERCONN_IMPORT`` for child processes.
+
+    Raises:
+        ConfigError: (field ``--import``) naming the first module that cannot be
+            imported and why (its exception type and message).
+    """
+    from .errors import ConfigError
+
+    if not modules:
+        return
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for name in modules:
+        try:
+            importlib.import_module(name.strip())
+        except Exception as e:  # noqa: BLE001 - any failure of the user's module is a usage error here
+            raise ConfigError("--import", f"cannot import {name.strip()!r}: {type(e).__name__}: {e}") from None
+    os.environ[IMPORT_ENV] = ",".join(dict.fromkeys(m.strip() for m in modules))
+
+
+def _modules_to_import(args: list[str]) -> tuple[list[str], list[str]]:
+    """(``HYPERCONN_IMPORT``'s modules then the ``--import`` ones, the remaining args)."""
+    from_env = [m.strip() for m in os.environ.get(IMPORT_ENV, "").split(",") if m.strip()]
+    from_flags, rest = _split_imports(args)
+    return list(dict.fromkeys(from_env + from_flags)), rest
+
+
+# ---------------------------------------------------------------------------- lab check
+def _missing_lab_modules() -> list[str]:
+    import importlib.util
+
+    missing = []
+    for name in LAB_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a broken or blocked package
+            missing.append(name)
+    return missing
+
+
+def _lab_missing_line(missing: Sequence[str]) -> int:
+    print(f"{LAB_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``hyperconn`` console script; returns the exit status."""
+    """Entry point of the ``hyperconn`` console script; returns the exit status.
+
+    Never raises for bad usage: an unknown command, a bad ``--import`` or missing lab
+    packages print one line on stderr and return 2.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    from .errors import ConfigError
+
+    try:
+        modules, args = _modules_to_import(args)
+    except ConfigError as e:
+        print(f"hyperconn: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if not args or args[0] in ("-h", "--help", "help"):
         (sys.stdout if args else sys.stderr).write(USAGE)
         return 0 if args else EXIT_USAGE
@@ -331,7 +435,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hyperconn: error: unknown command {args[0]!r}; expected one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return EXIT_USAGE
-    return cmd(args[1:])
+    missing = _missing_lab_modules()
+    if missing:
+        return _lab_missing_line(missing)
+    try:
+        import_user_modules(modules)
+    except ConfigError as e:
+        print(f"hyperconn: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return cmd(args[1:])
+    except ModuleNotFoundError as e:  # a lab package that find_spec saw but cannot load
+        if e.name and e.name.split(".")[0] in LAB_MODULES:
+            return _lab_missing_line([e.name.split(".")[0]])
+        raise
 
 
 if __name__ == "__main__":
