@@ -16,6 +16,8 @@ streams are mixed with fp32 coefficients and accumulated in fp32.
 
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
@@ -210,7 +212,8 @@ class HyperConnection(nn.Module):
         if self.dynamic:
             # φ ~ N(0, 1/(nC)) or 0, as the variant starts (Variant.phi_init); drawn either
             # way, so the random stream and every later parameter are initialised as before.
-            phi = torch.randn(n * dim, n * n + 2 * n) / (n * dim) ** 0.5
+            res_logits = math.prod(self.mixer.res_logit_shape)  # n² for a full matrix
+            phi = torch.randn(n * dim, res_logits + 2 * n) / (n * dim) ** 0.5
             self.phi = nn.Parameter(phi.zero_() if self.mixer.phi_init == "zero" else phi)
             self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))  # pre, post, res
         self._observers: "OrderedDict[int, Callable]" = OrderedDict()
@@ -265,7 +268,8 @@ class HyperConnection(nn.Module):
                             "with .double() or the streams with .float()")
 
     def raw_coefficients(self, x: torch.Tensor, grad_slot: Optional[StreamGradSlot] = None, backend=None):
-        """Raw (pre (..., n), post (..., n), res (..., n, n)); static: (n,), (n,), (n, n).
+        """Raw (pre (..., n), post (..., n), res (..., *R)); static: (n,), (n,), R, where R is
+        the variant's ``res_logit_shape`` ((n, n) unless the variant maps fewer logits).
 
         In :attr:`coefficient_dtype` (fp32, or fp64 for a float64 layer).
         ``grad_slot`` (internal, CPU path): shared with the layer's pre and merge ops so
@@ -284,7 +288,7 @@ class HyperConnection(nn.Module):
         a_pre, a_post, a_res = self.alpha.to(cdtype).unbind()
         raw_pre = b_pre + a_pre * proj[..., :n]
         raw_post = b_post + a_post * proj[..., n:2 * n]
-        raw_res = b_res + a_res * proj[..., 2 * n:].unflatten(-1, (n, n))
+        raw_res = b_res + a_res * proj[..., 2 * n:].unflatten(-1, self.mixer.res_logit_shape)
         return raw_pre, raw_post, raw_res
 
     def coefficients(self, x: torch.Tensor):

@@ -1,7 +1,8 @@
 """Pure functions on (..., n, n) tensors: the manifold projections of every variant."""
 
 from .hybrid import hybrid_mix
-from .iso import ISO_METHODS, helmert_basis, iso_project
+from .iso import ISO_METHODS, cayley, helmert_basis, iso_project, orthogonal_factor
 from .sinkhorn import SINKHORN_BACKWARDS, sinkhorn
 
-__all__ = ["sinkhorn", "iso_project", "hybrid_mix", "helmert_basis", "ISO_METHODS", "SINKHORN_BACKWARDS"]
+__all__ = ["sinkhorn", "iso_project", "orthogonal_factor", "cayley", "hybrid_mix", "helmert_basis", "ISO_METHODS",
+           "SINKHORN_BACKWARDS"]

@@ -19,6 +19,11 @@ raw matrix by taking ``A = Uᵀ H̃ U`` to its orthogonal polar factor:
   5 steps); kept to reproduce the source.
 * ``method="polar"``: exact polar factor by SVD, with the closed-form backward
   ``∂L/∂A = Q Y``, ``S Y + Y S = M − Mᵀ``, ``M = QᵀG`` (``A = Q S``).
+* ``method="cayley"``: ``Q = (I − K)(I + K)⁻¹`` of the skew part ``K = (A − Aᵀ)/2``: exactly
+  orthogonal (one small solve, no iterations) with det Q = +1. It is not a projection
+  (the symmetric part of A is ignored) and it covers SO(n−1) only — never the reflections
+  that NS/polar reach, nor rotations with eigenvalue −1 (K → ∞) — so H stays in the
+  identity's component of M_iso. At n = 2 it is always the identity.
 
 Degenerate inputs (documented behaviour, tested):
 
@@ -52,9 +57,9 @@ from .._checks import check_floating, check_square
 from .._dtypes import compute_dtype
 from ..ops.newton_schulz import layout, odd_polynomial_iteration, poly_step
 
-__all__ = ["iso_project", "helmert_basis", "ISO_METHODS", "NS_COEFFICIENTS"]
+__all__ = ["iso_project", "orthogonal_factor", "cayley", "helmert_basis", "ISO_METHODS", "NS_COEFFICIENTS"]
 
-ISO_METHODS = ("ns", "ns-cubic", "polar")
+ISO_METHODS = ("ns", "ns-cubic", "polar", "cayley")
 
 # Per-step (a, b, c) of the default Newton-Schulz iteration, printed by
 # scripts/polar_express_coefficients.py: minimax-optimal odd quintics for singular values in
@@ -187,7 +192,35 @@ class _PolarFactor(torch.autograd.Function):
         return q @ y
 
 
+def cayley(a: torch.Tensor) -> torch.Tensor:
+    """``(I − K)(I + K)⁻¹`` with ``K = (A − Aᵀ)/2``: (..., m, m) → (..., m, m), orthogonal with
+    det +1 (computed in float64, returned in ``a.dtype``; I + K is always invertible)."""
+    k = (a - a.mT).double() / 2
+    eye = torch.eye(a.shape[-1], dtype=k.dtype, device=a.device)
+    q, _ = torch.linalg.solve_ex(eye + k, eye - k)  # (I+K) and (I−K) commute
+    return q.to(a.dtype)
+
+
+def orthogonal_factor(a: torch.Tensor, method: str = "polar", steps: Optional[int] = None,
+                      tol: Optional[float] = None) -> torch.Tensor:
+    """An orthogonal matrix from each (..., m, m) block: its polar factor (``"polar"``,
+    ``"ns"``, ``"ns-cubic"``, as :func:`iso_project` on the 1^⊥ block) or the Cayley map of
+    its skew part (``"cayley"``).
+
+    Raises:
+        TypeError, ValueError: as :func:`iso_project`.
+    """
+    check_floating("a", a)
+    check_square("a", a)
+    if method not in ISO_METHODS:
+        raise ValueError(f"method: expected one of {ISO_METHODS}, got {method!r}")
+    steps = _DEFAULT_STEPS.get(method, 1) if steps is None else steps
+    return _orthogonal_factor(a.to(compute_dtype(a)), method, steps, tol).to(a.dtype)
+
+
 def _orthogonal_factor(a: torch.Tensor, method: str, steps: int, tol) -> torch.Tensor:
+    if method == "cayley":
+        return cayley(a)  # 1×1: K = 0, Q = 1 (SO(1)); graph kept through the solve
     if a.shape[-1] == 1:
         # O(1) = {±1}: pick the sign of the 1×1 block (ties go to +1, the identity).
         # ``+ 0·a`` keeps a graph (gradient zero) so callers can always differentiate.
@@ -212,8 +245,8 @@ def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = No
     Args:
         raw: (..., n, n) floating-point tensor (float16, bfloat16, float32, float64).
         method: ``"ns"`` (default: Newton-Schulz with per-step optimal coefficients),
-            ``"ns-cubic"`` (the IsoHC source's cubic iteration) or ``"polar"`` (exact SVD).
-            See the module docstring.
+            ``"ns-cubic"`` (the IsoHC source's cubic iteration), ``"polar"`` (exact SVD) or
+            ``"cayley"`` (exactly orthogonal, SO(n−1) only). See the module docstring.
         steps: Newton-Schulz steps, ≥ 1 (ignored by ``"polar"``). None: the method's
             default, 12 for ``"ns"`` (its whole schedule; fewer truncates it, more appends
             classical quintic steps) and 5 for ``"ns-cubic"``. With the default, ``"ns"``

@@ -205,6 +205,14 @@ class Variant(nn.Module):
         if pre_init != "default" and self.has_coefficients:
             self.pre_init = pre_init
 
+    @property
+    def res_logit_shape(self) -> tuple[int, ...]:
+        """Shape of the raw H̃_res logits this variant maps (static ``b_res`` and, per token,
+        the dynamic part): (n, n) by default; a variant parametrised by fewer numbers
+        (a convex combination of K permutations, Kronecker factors) returns its own, and
+        the layer sizes ``b_res`` and the dynamic projection φ to it."""
+        return (self.streams, self.streams)
+
     @classmethod
     def streams_error(cls, streams: int) -> Optional[str]:
         """Why ``streams`` is not supported by this variant, or None (any n ≥ 1)."""
@@ -218,7 +226,8 @@ class Variant(nn.Module):
         ``pre_init="onehot"``, b_pre = +4 at ``layer_index % n`` and −4 elsewhere
         (σ = 0.982 / 0.018: HC's one-hot read, which makes the layers read different
         streams and so breaks the symmetry of streams that start as copies); 2σ(0) = 1
-        so every stream receives the branch output once; b_res = res_init·I.
+        so every stream receives the branch output once; b_res = res_init·I (a variant
+        with its own ``res_logit_shape`` overrides this).
         """
         n = self.streams
         if self.pre_init == "onehot" and n > 1:

@@ -1,0 +1,99 @@
+"""``kromhc``: H_res = D_1 ⊗ D_2 ⊗ … ⊗ D_m, a Kronecker product of small doubly
+stochastic factors (KromHC, arXiv:2601.21579).
+
+n must factor into 2s and 3s (n = 2^a·3^b); the factors are, in order, the 2×2
+``[[p, 1−p], [1−p, p]]`` with p = σ(ℓ) (one logit each) and then the 3×3 convex
+combinations of the six 3×3 permutations (mHC-lite's exact map, six logits each). A
+Kronecker product of doubly stochastic matrices is doubly stochastic (its row sums are
+products of the factors' row sums), so H_res is exactly doubly stochastic with no
+iterations, from O(log n) logits: a + 6b per token instead of n².
+
+Init: each factor's identity logit is ``res_init`` (default 4): p = σ(4) = 0.982 for a
+2×2 factor, so for n = 4 the diagonal of H_res starts at 0.964.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Variant
+from .mhc_lite import permutation_set
+
+__all__ = ["KromHC", "kron_factors"]
+
+
+def kron_factors(n: int) -> list[int]:
+    """Factor sizes of n (2s first, then 3s); empty for n = 1.
+
+    Raises:
+        ValueError: (via the variant's ``streams`` check) if n is not 2^a·3^b."""
+    sizes, m = [], n
+    for p in (2, 3):
+        while m % p == 0:
+            sizes.append(p)
+            m //= p
+    if m != 1:
+        raise ValueError(f"{n} is not a product of 2s and 3s")
+    return sizes
+
+
+def _logits_per_factor(size: int) -> int:
+    return 1 if size == 2 else 6
+
+
+class KromHC(Variant):
+    """H_res = ⊗_f D_f: 2×2 factors [[p, 1−p], [1−p, p]], 3×3 factors over the 3! permutations."""
+
+    name = "kromhc"
+    res_init_default = 4.0
+    style = {"color": "#e377c2", "marker": "h"}
+
+    @classmethod
+    def streams_error(cls, streams):
+        try:
+            kron_factors(streams)
+        except ValueError:
+            return (f"variant 'kromhc' needs n = 2^a·3^b (a Kronecker product of 2×2 and 3×3 factors), "
+                    f"got {streams}")
+        return None
+
+    def __init__(self, streams, layer_index=0, res_init=None, **kwargs):
+        super().__init__(streams, layer_index, res_init, **kwargs)
+        self.factors = kron_factors(streams)
+        self.register_buffer("permutations3", permutation_set(3), persistent=False)
+
+    @property
+    def res_logit_shape(self):
+        return (max(1, sum(_logits_per_factor(f) for f in self.factors)),)  # n = 1: one unused logit
+
+    def static_init(self):
+        b_pre, b_post, _ = super().static_init()
+        b_res = torch.zeros(self.res_logit_shape)
+        start = 0
+        for f in self.factors:  # the identity's logit of each factor (first for both kinds)
+            b_res[start] = self.res_init
+            start += _logits_per_factor(f)
+        return b_pre, b_post, b_res
+
+    def _factor(self, logits, size):
+        if size == 2:
+            p = torch.sigmoid(logits[..., 0])
+            q = 1 - p
+            return torch.stack((torch.stack((p, q), -1), torch.stack((q, p), -1)), -2)
+        w = torch.softmax(logits, dim=-1)
+        return (w @ self.permutations3.to(w.dtype).flatten(1)).unflatten(-1, (3, 3))
+
+    def map_res(self, raw_res, state):
+        if not self.factors:  # n = 1
+            return torch.ones(*raw_res.shape[:-1], 1, 1, dtype=raw_res.dtype, device=raw_res.device)
+        h, start = None, 0
+        for size in self.factors:
+            k = _logits_per_factor(size)
+            d = self._factor(raw_res[..., start:start + k], size)
+            start += k
+            if h is None:
+                h = d
+            else:  # (h ⊗ d)[(i,k),(j,l)] = h[i,j]·d[k,l]
+                m = h.shape[-1]
+                h = (h[..., :, None, :, None] * d[..., None, :, None, :]).reshape(*h.shape[:-2], m * size, m * size)
+        return h
