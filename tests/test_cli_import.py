@@ -13,13 +13,26 @@ from hyperconn import cli
 from test_cli import run_main
 
 
+@pytest.fixture(autouse=True)
+def _restore_import_env():
+    """The CLI records --import in os.environ for child processes; undo it after each test
+    so later subprocess tests (torchrun) do not inherit a temporary module name."""
+    before = os.environ.get(cli.IMPORT_ENV)
+    yield
+    if before is None:
+        os.environ.pop(cli.IMPORT_ENV, None)
+    else:
+        os.environ[cli.IMPORT_ENV] = before
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """A module of the user's own in tmp_path that records that it was imported."""
     name = "hc_user_mod_for_tests"
     (tmp_path / f"{name}.py").write_text("import hyperconn\nIMPORTED = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv(cli.IMPORT_ENV, raising=False)
+    monkeypatch.setenv(cli.IMPORT_ENV, "")  # recorded, so the CLI's own setting is undone after the test
+    monkeypatch.delenv(cli.IMPORT_ENV)
     yield name
     sys.modules.pop(name, None)
 
@@ -45,7 +58,8 @@ def test_import_option_equals_form_and_env_var(user_module, monkeypatch, capsys)
     (["--import=", "train"], "expected a module name"),
 ])
 def test_bad_import_is_one_line_exit_2(argv, words, capsys, monkeypatch):
-    monkeypatch.delenv(cli.IMPORT_ENV, raising=False)
+    monkeypatch.setenv(cli.IMPORT_ENV, "")  # recorded, so the CLI's own setting is undone after the test
+    monkeypatch.delenv(cli.IMPORT_ENV)
     code, _, err = run_main(argv, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "--import" in lines[0] and words in lines[0], err
@@ -54,7 +68,8 @@ def test_bad_import_is_one_line_exit_2(argv, words, capsys, monkeypatch):
 def test_a_failing_user_module_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "hc_broken_mod.py").write_text("raise RuntimeError('boom')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv(cli.IMPORT_ENV, raising=False)
+    monkeypatch.setenv(cli.IMPORT_ENV, "")  # recorded, so the CLI's own setting is undone after the test
+    monkeypatch.delenv(cli.IMPORT_ENV)
     code, _, err = run_main(["--import", "hc_broken_mod", "train", "--help"], capsys)
     assert code == 2 and err.strip() == ("hyperconn: error: --import: cannot import 'hc_broken_mod': "
                                          "RuntimeError: boom")

@@ -27,7 +27,7 @@ def test_far_from_init_is_exactly_doubly_stochastic_and_normal(n):
     torch.manual_seed(n)
     layer = HyperConnection(16, n, nn.Linear(16, 16), variant="circulant", alpha_init=2.0)
     with torch.no_grad():
-        layer.b_res.copy_(3 * torch.randn(n, n))
+        layer.b_res.copy_(3 * torch.randn(n))
         layer.phi.mul_(10)
     h = layer.coefficients(torch.randn(64, n, 16) * 5)[2]                    # fp32
     assert h.shape == (64, n, n)
@@ -44,13 +44,12 @@ def test_static_init_equals_mhc_initial_map():
     torch.testing.assert_close(circ, mhc, atol=1e-6, rtol=0)
 
 
-def test_logits_are_the_wrapped_diagonal_means():
-    layer = HyperConnection(4, 3, nn.Identity(), variant="circulant", dynamic=False)
-    raw = torch.arange(9.0).view(3, 3)
-    h = layer.mixer.map_res(raw, {})
-    # ℓ_k = mean_i raw[i, (i + k) mod 3]: ℓ_0 = (0+4+8)/3, ℓ_1 = (1+5+6)/3, ℓ_2 = (2+3+7)/3
-    want = circulant_from_logits(torch.tensor([4.0, 4.0, 4.0]))
-    torch.testing.assert_close(h, want)
+def test_maps_n_logits_with_the_identity_first():
+    layer = HyperConnection(4, 3, nn.Linear(4, 4), variant="circulant")
+    assert layer.b_res.shape == (3,) and layer.phi.shape == (12, 3 + 2 * 3)
+    torch.testing.assert_close(layer.b_res, torch.tensor([4.0, 0.0, 0.0]))
+    raw = torch.tensor([0.0, 1.0, 2.0])
+    torch.testing.assert_close(layer.mixer.map_res(raw, {}), shifts_sum(torch.softmax(raw, -1)))
 
 
 def test_bad_streams_and_options_name_the_argument():

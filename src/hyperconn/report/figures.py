@@ -31,12 +31,16 @@ __all__ = ["Figure", "FIGURE_KEYS", "make_figures", "variant_colors", "DIAG"]
 
 FIGURE_KEYS = ("curves", "quality", "gain_training", "gain_profile", "grad_norms", "similarity", "harmonized")
 
-# Fixed colours for the known variants, so every report and figure agrees.
-_KNOWN = {"residual": "#555555", "hc": "#d62728", "mhc": "#1f77b4", "isohc": "#2ca02c",
-          "hybrid": "#9467bd", "harmonized": "#ff7f0e"}
-_EXTRA = ["#17becf", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a", "#ff9896"]
+# Colours for variants without a style of their own (Variant.style), in order.
+_EXTRA = ["#7f7f7f", "#aec7e8", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d"]
 
-_MARKERS = {"residual": "s", "hc": "o", "mhc": "^", "isohc": "D", "hybrid": "v", "harmonized": "P"}
+
+def _styles(key: str) -> dict[str, str]:
+    """{variant name: its style[key]} for every registered variant that sets one, so every
+    report and figure agrees and a user's variant brings its own look."""
+    from ..variants import get_variant, variant_names
+
+    return {name: get_variant(name).style[key] for name in variant_names() if key in get_variant(name).style}
 
 DIAG = {  # metric keys (metrics.jsonl, with the diag/ prefix) used by the figures
     "gain_fwd": "diag/gain_fwd_mean", "gain_bwd": "diag/gain_bwd_mean",
@@ -52,11 +56,13 @@ class Figure:
 
 
 def variant_colors(labels: Sequence[str]) -> dict[str, str]:
-    """Colour per label: known variants (and labels starting with one) keep theirs."""
+    """Colour per label: registered variants with a ``style`` (and labels starting with
+    one) keep theirs; other labels take the next spare colour."""
+    known = _styles("color")
     colors, extra = {}, iter(_EXTRA * 4)
     for label in sorted(set(labels)):
-        base = next((v for v in sorted(_KNOWN, key=len, reverse=True) if label.startswith(v)), None)
-        colors[label] = _KNOWN[base] if base and _KNOWN[base] not in colors.values() else next(extra)
+        base = next((v for v in sorted(known, key=len, reverse=True) if label.startswith(v)), None)
+        colors[label] = known[base] if base and known[base] not in colors.values() else next(extra)
     return colors
 
 
@@ -99,8 +105,9 @@ def _log_if_wide(ax, values: Sequence[float], force: bool = False, ratio: float 
 
 
 def _marker(label: str) -> str:
-    base = next((v for v in sorted(_MARKERS, key=len, reverse=True) if label.startswith(v)), None)
-    return _MARKERS.get(base, "o")
+    markers = _styles("marker")
+    base = next((v for v in sorted(markers, key=len, reverse=True) if label.startswith(v)), None)
+    return markers.get(base, "o")
 
 
 def _draw(ax, label: str, color: str, series, diverged_ends=(), linestyle="-", marker=None):

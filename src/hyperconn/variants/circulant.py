@@ -8,8 +8,8 @@ w), so ``‖H_res‖₂ = 1``. It mixes only along the cycle's structure: n para
 token instead of n², and the static init ``b_res = res_init·I`` gives w₀ = e^δ/(e^δ+n−1)
 and the other weights equal, which is exactly mHC's initial map.
 
-The layer's raw H̃_res (n × n, static + dynamic) is projected onto the circulant logits by
-averaging its wrapped diagonals, ``ℓ_k = mean_i H̃[i, (i + k) mod n]``.
+The variant maps n raw logits (``res_logit_shape = (n,)``: the static ``b_res`` and n
+dynamic outputs per token), not an n × n matrix.
 """
 
 from __future__ import annotations
@@ -21,17 +21,11 @@ from .base import Variant
 __all__ = ["Circulant", "circulant_from_logits"]
 
 
-def _indices(n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    i = torch.arange(n, device=device)
-    diagonal = (i[None, :] + i[:, None]) % n      # [k, i] = (i + k) mod n: column of diagonal k in row i
-    lag = (i[None, :] - i[:, None]) % n           # [i, j] = (j − i) mod n
-    return diagonal, lag
-
-
 def circulant_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """``H[..., i, j] = softmax(logits)[..., (j − i) mod n]``: (..., n) → (..., n, n)."""
     n = logits.shape[-1]
-    _, lag = _indices(n, logits.device)
+    i = torch.arange(n, device=logits.device)
+    lag = (i[None, :] - i[:, None]) % n           # [i, j] = (j − i) mod n
     return torch.softmax(logits, dim=-1)[..., lag]
 
 
@@ -40,11 +34,17 @@ class Circulant(Variant):
 
     name = "circulant"
     res_init_default = 4.0
-    style = {"color": "#17becf", "marker": "X"}
+    style = {"color": "#17becf", "marker": "d"}  # "X" marks diverged runs in figures
+
+    @property
+    def res_logit_shape(self):
+        return (self.streams,)
+
+    def static_init(self):
+        b_pre, b_post, _ = super().static_init()
+        b_res = torch.zeros(self.streams)
+        b_res[0] = self.res_init                      # the identity S⁰
+        return b_pre, b_post, b_res
 
     def map_res(self, raw_res, state):
-        n = self.streams
-        diagonal, _ = _indices(n, raw_res.device)
-        rows = torch.arange(n, device=raw_res.device)
-        logits = raw_res[..., rows, diagonal].mean(-1)                      # (..., n): ℓ_k
-        return circulant_from_logits(logits)
+        return circulant_from_logits(raw_res)

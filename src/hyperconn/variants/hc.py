@@ -19,7 +19,7 @@ class HC(Variant):
     pre_init = "onehot"
     phi_init = "zero"
     res_init_default = 1.0
-    style = {"color": "#d62728", "marker": "s"}
+    style = {"color": "#d62728", "marker": "o"}
 
     def dynamic_activation(self, raw):
         return torch.tanh(raw)

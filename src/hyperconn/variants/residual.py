@@ -10,7 +10,7 @@ class Residual(Variant):
 
     name = "residual"
     has_coefficients = False
-    style = {"color": "#555555", "marker": "o"}
+    style = {"color": "#555555", "marker": "s"}
 
     @classmethod
     def streams_error(cls, streams):
