@@ -106,3 +106,36 @@ def test_trains_in_the_lab(user_variant, tmp_path):
     assert summary["status"] == "finished" and summary["variant"] == "user-blend"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["connection"]["options"] == \
         {"blend": 0.5}
+
+
+def test_user_variant_by_name_in_the_cli_train_compare_and_report(tmp_path):
+    """One user module, no library edit: train, compare and report use the variant by name."""
+    (tmp_path / "my_variants.py").write_text(USER_VARIANT)
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("HYPERCONN_IMPORT", None)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "hyperconn.cli", "--import", "my_variants", *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    run = tmp_path / "train"
+    proc = cli("train", "--model.connection.variant", "user-blend", "--model.connection.streams", "2",
+               "--model.n-layer", "1", "--model.n-embd", "16", "--model.n-head", "2", "--model.seq-len", "32",
+               "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1",
+               "--device", "cpu", "--quiet", "--out-dir", str(run))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["variant"] == "user-blend"
+
+    out = tmp_path / "cmp"
+    proc = cli("compare", "--preset", "smoke", "--variants", "residual", "user-blend", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "kv" / "user-blend" / "seed0" / "summary.json").exists()
+    assert "user-blend" in (out / "summary.md").read_text()
+
+    proc = cli("report", str(out), "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "user-blend" in next((tmp_path / "report").glob("*.md")).read_text()
+
+    proc = cli("compare", "--preset", "smoke", "--variants", "residual", "no-such-variant", "--out",
+               str(tmp_path / "bad"))
+    assert proc.returncode == 2 and "--variants" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -281,9 +281,12 @@ def _compare(args: list[str]) -> int:
                                         "DIR/summary.md. Re-running skips finished runs.")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="which preset (default: quick): " +
-                             "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items()))
+                             "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items()).replace("%", "%%"))
     parser.add_argument("--out", required=True, metavar="DIR", help="comparison directory")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="K", help="replace the preset's seeds")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="replace the preset's variants (registered names; a variant of your own "
+                             "needs --import MODULE before the command)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device of every run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     try:
@@ -297,9 +300,11 @@ def _compare(args: list[str]) -> int:
 
     try:
         summary = run_compare(ns.preset, ns.out, seeds=ns.seeds, quiet=ns.quiet,
-                              overrides={"device": ns.device} if ns.device else None)
+                              overrides={"device": ns.device} if ns.device else None, variants=ns.variants)
     except ConfigError as e:
-        flag = {"device": "--device", "seed": "--seeds", "out": "--out"}.get(e.field, e.field)
+        flag = {"device": "--device", "seed": "--seeds", "out": "--out", "variants": "--variants"}.get(e.field, e.field)
+        if e.field.endswith("model.connection.variant"):
+            flag = "--variants"
         return _err("compare", f"{flag}: {e.message}")
     except KeyboardInterrupt:
         print(f"hyperconn compare: interrupted; run the same command again to continue", file=sys.stderr)

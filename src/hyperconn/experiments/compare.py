@@ -14,6 +14,8 @@ its checkpoint, and a run whose configuration changed starts over.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import statistics
 import sys
@@ -152,7 +154,8 @@ def _write_report(out_dir: Path, console) -> None:
 
 
 def run_compare(preset: Union[str, Preset], out_dir, seeds: Optional[Sequence[int]] = None,
-                quiet: bool = False, overrides: Optional[Mapping[str, Any]] = None) -> dict:
+                quiet: bool = False, overrides: Optional[Mapping[str, Any]] = None,
+                variants: Optional[Sequence[str]] = None) -> dict:
     """Run every job of ``preset`` into ``out_dir`` (skipping finished ones) and summarise.
 
     Args:
@@ -161,6 +164,8 @@ def run_compare(preset: Union[str, Preset], out_dir, seeds: Optional[Sequence[in
         seeds: replaces the preset's seeds.
         quiet: no progress bars or tables (the one-line-per-run progress is still printed).
         overrides: dotted TrainConfig overrides applied to every run (e.g. ``{"device": "cpu"}``).
+        variants: replaces every group's variants (registered names, e.g. a user's own
+            variant imported with ``hyperconn --import``); checked like the preset's.
 
     Returns the summary dict (also written to ``out_dir/summary.json``). A run that raises
     is recorded as "failed" and the comparison goes on; ``summary["failed"]`` counts them.
@@ -171,6 +176,9 @@ def run_compare(preset: Union[str, Preset], out_dir, seeds: Optional[Sequence[in
     if not console.is_terminal:
         console = Console(quiet=quiet, width=140)  # a log file: don't squeeze the table into 80 columns
     p = get_preset(preset) if isinstance(preset, str) else preset
+    if variants is not None:
+        p = dataclasses.replace(p, groups=tuple(dataclasses.replace(g, variants=tuple(variants))
+                                                for g in p.groups))
     out_dir = Path(out_dir)
     jobs = expand(p, out_dir, seeds, overrides)
     for device in {j.config.device for j in jobs}:
