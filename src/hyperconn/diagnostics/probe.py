@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._io import atomic_write_text, nan_to_none
 from ..connection import HyperConnection
 from ..variants.harmonized import HARMONIZED_KEYS
 from .metrics import MANIFOLD_ERROR_NAMES, layer_profile, manifold_errors, stream_similarity
@@ -154,29 +153,6 @@ class Probe:
         return states
 
 
-def _finite_or_none(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite_or_none(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite_or_none(x) for x in v]
-    return v
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class StabilityHook:
     """Stability metrics of a model on one batch (docs/design.md §2).
 
@@ -230,8 +206,9 @@ class StabilityHook:
         payload = {"step": int(step), "loss": float(loss.detach()), **payload}
         self.last = payload
         if self.run_dir is not None:
-            _write_json_atomic(self.run_dir / "diagnostics" / f"step_{int(step):07d}.json",
-                               _finite_or_none(payload))
+            # indent=1 and no trailing newline: the profile files' format since the first version
+            atomic_write_text(self.run_dir / "diagnostics" / f"step_{int(step):07d}.json",
+                              json.dumps(nan_to_none(payload), indent=1, allow_nan=False))
         return dict(payload["scalars"])
 
     @staticmethod
