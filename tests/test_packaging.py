@@ -49,3 +49,10 @@ def test_pyproject_core_dependencies_are_torch_and_numpy():
     lab = {d.split(">")[0].split("[")[0] for d in extras["lab"]}
     assert lab == {"rich", "matplotlib", "tyro", "pyyaml", "filelock"}
     assert lab <= {d.split(">")[0].split("[")[0] for d in extras["test"]}
+
+
+def test_import_hyperconn_does_not_load_dynamo():
+    """``torch._dynamo`` costs ~1.5 s to import; the library loads it only when compiling
+    or when it first probes for Triton on CUDA, never at ``import hyperconn``."""
+    code = "import sys, hyperconn; assert 'torch._dynamo' not in sys.modules, 'dynamo imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

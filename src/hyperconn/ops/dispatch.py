@@ -39,7 +39,6 @@ MAX_SINKHORN_N = 8  # kept equal to triton_kernels.MAX_SINKHORN_N without import
 _triton_state: dict = {}  # "available" -> bool, "error" -> str, "ops" -> module
 
 
-@torch.compiler.disable
 def _probe_triton() -> bool:
     if "available" not in _triton_state:
         try:
@@ -55,7 +54,10 @@ def triton_available() -> bool:
     """Whether ``import triton`` succeeds (the result is cached)."""
     if "available" in _triton_state:
         return _triton_state["available"]
-    return _probe_triton()
+    # Outside any torch.compile trace (importing Triton there would be traced). Wrapped at
+    # the first call, not with a decorator at import: the decorator imports torch._dynamo,
+    # which costs ~1.5 s of `import hyperconn` on a CPU machine that never needs it.
+    return torch.compiler.disable(_probe_triton)()
 
 
 def _triton_ops():
