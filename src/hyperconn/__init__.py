@@ -12,6 +12,7 @@ from .control import Controller, build_controllers
 from .errors import ConfigError
 from .diagnostics.gain import CompositeGain, composite_gain
 from .param_groups import param_groups
+from .reduction import LearnedReduce
 from .projections import hybrid_mix, iso_project, sinkhorn
 from .variants import VARIANTS, HarmonizedController, Variant, get_variant, register_variant, variant_names
 
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "HyperConnection", "expand_streams", "reduce_streams", "ExpandStreams", "ReduceStreams", "HarmonizedController",
     "CompositeGain", "composite_gain", "sinkhorn", "iso_project", "hybrid_mix", "VARIANTS", "param_groups",
-    "Variant", "register_variant", "get_variant", "variant_names", "ConfigError", "Controller", "build_controllers",
+    "LearnedReduce", "Variant", "register_variant", "get_variant", "variant_names", "ConfigError", "Controller", "build_controllers",
 ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..errors import ConfigError
+from ..reduction import REDUCTIONS
 from ..variants import VARIANTS, get_variant, make_variant
 
 __all__ = ["ConnectionConfig", "GPTConfig"]
@@ -173,6 +174,10 @@ class GPTConfig:
             the embedding's dtype; ``"bfloat16"``/``"float16"`` halve the bytes every
             connection reads and writes (coefficients stay fp32; use with autocast);
             ``"float32"`` forces fp32.
+        reduce: the final n → 1 contraction: ``"mean"`` (default; a model whose streams
+            stay copies is exactly its residual twin) or ``"learned"``
+            (:class:`hyperconn.LearnedReduce`: per-token sigmoid gates from the
+            RMS-normalised streams, as DeepSeek V4's head; starts exactly at the mean).
 
     Raises:
         ConfigError: naming the field, for non-positive sizes, ``n_embd % n_head != 0``,
@@ -190,6 +195,7 @@ class GPTConfig:
     norm_eps: float = 1e-6
     connection: ConnectionConfig = field(default_factory=ConnectionConfig)
     stream_dtype: Optional[str] = None
+    reduce: str = "mean"
 
     def __post_init__(self):
         if isinstance(self.connection, dict):
@@ -207,6 +213,8 @@ class GPTConfig:
             raise ConfigError("n_embd", f"must be divisible by n_head={self.n_head}, got {self.n_embd}")
         if self.head_dim % 2 != 0:
             raise ConfigError("n_head", f"head dimension n_embd/n_head = {self.head_dim} must be even for RoPE")
+        if self.reduce not in REDUCTIONS:
+            raise ConfigError("reduce", f"expected one of {REDUCTIONS}, got {self.reduce!r}")
         if self.stream_dtype is not None and self.stream_dtype not in STREAM_DTYPES:
             raise ConfigError("stream_dtype", f"expected None or one of {STREAM_DTYPES}, got {self.stream_dtype!r}")
         for name in ("rope_base", "norm_eps"):
@@ -229,6 +237,7 @@ class GPTConfig:
     def describe(self) -> str:
         """One line: sizes and the connection, e.g. for logs."""
         streams = f" streams={self.stream_dtype}" if self.stream_dtype else ""
+        streams += f" reduce={self.reduce}" if self.reduce != "mean" else ""
         return (f"GPT L={self.n_layer} C={self.n_embd} H={self.n_head} T={self.seq_len} "
                 f"V={self.vocab_size}{streams} | {self.connection.describe()}")
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..connection import HyperConnection, expand_streams, reduce_streams
+from ..reduction import LearnedReduce
 from .config import GPTConfig
 
 __all__ = ["GPT", "Rotary", "CausalSelfAttention", "SwiGLU", "PreNorm", "Block", "apply_rotary"]
@@ -177,6 +178,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.rotary = Rotary(config.head_dim, config.seq_len, config.rope_base)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # n → 1: the mean (default, the residual equivalence) or learned per-token gates.
+        self.reduce = LearnedReduce(config.n_embd, config.connection.streams, norm_eps=config.norm_eps) \
+            if config.reduce == "learned" else None
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -213,7 +217,7 @@ class GPT(nn.Module):
         x = expand_streams(h, self.config.connection.streams)  # (B, T, n, C)
         for block in self.blocks:
             x = block(x, cos, sin)
-        x = reduce_streams(x).to(self.norm.weight.dtype)  # (B, T, C)
+        x = (self.reduce(x) if self.reduce is not None else reduce_streams(x)).to(self.norm.weight.dtype)  # (B, T, C)
         return self.head(self.norm(x))
 
     def connections(self) -> list[HyperConnection]:
