@@ -3,13 +3,16 @@
 =========  ===================================================================  ============
 preset     claim (source)                                                       variants
 =========  ===================================================================  ============
-gain       trained HC builds a composite Amax gain ≫ 1, mHC stays ≈ 1–2 (mHC)   all six
+gain       trained HC builds a composite Amax gain ≫ 1, mHC stays ≈ 1–2 (mHC)   all six + the
+                                                                                four exact maps
 depth      IsoHC keeps stream-gradient norms flat with depth, mHC decays, HC    residual, hc,
            fails past ~20 layers; IsoHC streams stay dissimilar (IsoHC)         mhc, isohc
 kv         on kv retrieval HC's gain varies across seeds, mHC is stable but     residual, hc,
            loses accuracy, Harmonized bounds the gain and keeps accuracy        mhc, harmonized
-lm         bits per byte of every variant vs the residual baseline at           all six (+ a
-           matched parameters and tokens                                        wider residual)
+lm         bits per byte of every variant vs the residual baseline at           all six + the
+           matched parameters and tokens                                        four exact maps
+                                                                                (+ a wider
+                                                                                residual)
 overhead   Iso-NS costs ~1.5 %, Sinkhorn ~2 % training time over HC (IsoHC)     all six
 =========  ===================================================================  ============
 
@@ -23,11 +26,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .preset_types import PAPER_VARIANTS, Preset, RunGroup
+from .preset_types import EXACT_VARIANTS, PAPER_VARIANTS, Preset, RunGroup
 
 __all__ = ["CLAIM_PRESETS"]
 
 ALL = PAPER_VARIANTS
+WITH_EXACT = PAPER_VARIANTS + EXACT_VARIANTS  # the laptop gain and lm presets
 
 # Every laptop run: one thread (2 shared cores), n = 4 streams, diagnostics at each eval.
 _CPU = {"threads": 1, "model.connection.streams": 4, "model.n_head": 4, "weight_decay": 0.1,
@@ -58,14 +62,14 @@ CLAIM_PRESETS: dict[str, Preset] = {
                 "near 1. Byte LM, 12 blocks (24 layers), C=64, n=4, 300 steps, 1 seed.",
         _groups("gain", _gain(_CPU, **{"model.n_layer": 12, "model.n_embd": 64, "model.seq_len": 64,
                                        "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
-                                       "eval_every": 25})),
+                                       "eval_every": 25}), WITH_EXACT),
         seeds=(0,)),
     "gain-paper": Preset(
         "gain-paper", "GPU scale of `gain`: 30 blocks (60 layers, the depth of mHC's gain figure), "
                       "d=512, n=4, T=512, 64k tokens/step, 5000 steps.",
         _groups("gain", _gain(_GPU, **{"model.n_layer": 30, "model.n_embd": 512, "model.n_head": 8,
                                        "model.seq_len": 512, "batch_size": 128, "steps": 5000,
-                                       "lr": 1e-3, "warmup_steps": 200, "eval_every": 250})),
+                                       "lr": 1e-3, "warmup_steps": 200, "eval_every": 250}), WITH_EXACT),
         seeds=(0,)),
     # ------------------------------------------------------------------ depth (IsoHC)
     # Same model at 12, 24 and 48 blocks at two aggressive learning rates (1e-2 and 3e-2,
@@ -119,7 +123,7 @@ CLAIM_PRESETS: dict[str, Preset] = {
               "400 steps of 1024 bytes, 3 seeds.",
         _groups("lm", _gain(_CPU, **{"model.n_layer": 4, "model.n_embd": 64, "model.seq_len": 64,
                                      "batch_size": 16, "steps": 400, "lr": 3e-3, "warmup_steps": 40,
-                                     "eval_every": 100, "eval_batches": 8}),
+                                     "eval_every": 100, "eval_batches": 8}), WITH_EXACT,
                 extra_groups=(RunGroup("lm-matched", _gain(_CPU, **{
                     "model.n_layer": 4, "model.n_embd": 72, "model.seq_len": 64, "batch_size": 16,
                     "steps": 400, "lr": 3e-3, "warmup_steps": 40, "eval_every": 100, "eval_batches": 8}),
@@ -129,7 +133,7 @@ CLAIM_PRESETS: dict[str, Preset] = {
         "lm-paper", "GPU scale of `lm`: 12 blocks, d=768, T=1024, 5000 steps of 64k bytes.",
         _groups("lm", _gain(_GPU, **{"model.n_layer": 12, "model.n_embd": 768, "model.n_head": 12,
                                      "model.seq_len": 1024, "batch_size": 64, "steps": 5000, "lr": 6e-4,
-                                     "warmup_steps": 200, "eval_every": 500})),
+                                     "warmup_steps": 200, "eval_every": 500}), WITH_EXACT),
         seeds=(0,)),
     # ------------------------------------------------------------------ overhead (IsoHC)
     # Wall time per training step; diagnostics off and a single final eval so only the

@@ -25,12 +25,14 @@ from typing import Any, Mapping, Optional, Sequence
 from ..errors import ConfigError
 from ..train.config import TrainConfig, with_overrides
 
-__all__ = ["RunGroup", "Preset", "Job", "expand", "registered_variants", "PAPER_VARIANTS"]
+__all__ = ["RunGroup", "Preset", "Job", "expand", "registered_variants", "PAPER_VARIANTS", "EXACT_VARIANTS"]
 
 # The six variants the published claims (and the presets built on them) compare. Named
 # explicitly so a variant added to the registry later (a built-in or the user's own)
 # does not silently change what a shipped preset runs; each must be registered.
 PAPER_VARIANTS = ("residual", "hc", "mhc", "isohc", "hybrid", "harmonized")
+# The exact maps that followed (docs/variants.md), run beside the six by the laptop `gain` and `lm` presets.
+EXACT_VARIANTS = ("mhc-lite", "kromhc", "orthostochastic", "circulant")
 
 
 def registered_variants() -> tuple[str, ...]:
