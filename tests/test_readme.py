@@ -30,7 +30,13 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     if page.name in NEEDS:
         pytest.importorskip(NEEDS[page.name])
     monkeypatch.chdir(tmp_path)
+    from hyperconn.variants import base
+    registry = dict(base._REGISTRY)  # a page may define a variant of its own: undo it after
     namespace: dict = {"__name__": "__doc_example__"}
-    for i, block in enumerate(python_blocks(page)):
-        exec(compile(block, f"{page.name} block {i + 1}", "exec"), namespace)
+    try:
+        for i, block in enumerate(python_blocks(page)):
+            exec(compile(block, f"{page.name} block {i + 1}", "exec"), namespace)
+    finally:
+        base._REGISTRY.clear()
+        base._REGISTRY.update(registry)
     assert os.getcwd() == str(tmp_path)
