@@ -149,6 +149,12 @@ class HyperConnection(nn.Module):
             per-token Sinkhorn (``sinkhorn_backward="unrolled"``) through
             :func:`hyperconn.ops.resolve_backend`: ``"auto"`` takes the fused Triton
             kernels when the streams are on CUDA and Triton imports, torch otherwise.
+        single_pass: DeepSeek V4.1-style single-pass reads (see :meth:`pre`): the H_pre
+            this layer computes from its input reads the *next* layer's input, in the same
+            pass as this layer's merge; this layer reads with the H_pre the previous layer
+            predicted, or, as the first layer (a plain tensor input), with its static
+            ``σ(b_pre)``. The stream state between layers is then the pair
+            ``(streams, next branch input)``. Ignored by variants without coefficients.
         channel_first: conv-net layout: streams ``(B, n·C, *spatial)`` (stream ``j`` in
             channels ``j·C … (j+1)·C − 1``, as :func:`expand_streams` with
             ``channel_first=True`` makes them) and a branch on ``(B, C, *spatial)``;
@@ -183,7 +189,7 @@ class HyperConnection(nn.Module):
                  variant: str = "mhc", dynamic: bool = True, layer_index: int = 0,
                  res_init: Optional[float] = None, recompute: bool = False, alpha_init: float = 0.01,
                  norm_eps: float = 1e-6, kernels: Optional[str] = None, channel_first: bool = False,
-                 **options: Any):
+                 single_pass: bool = False, **options: Any):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ConfigError("dim", f"expected a positive integer, got {dim!r}")
@@ -198,6 +204,11 @@ class HyperConnection(nn.Module):
         # The variant validates its name, its options and the number of streams.
         self.mixer = make_variant(variant, streams, layer_index, res_init, kernels=kernels, **options)
         self.dynamic = dynamic and self.mixer.has_coefficients
+        # A variant without coefficients (the residual) has no read to predict: ignored,
+        # so one config serves a sweep over variants.
+        self.single_pass = bool(single_pass) and self.mixer.has_coefficients
+        if self.single_pass and self.channel_first:
+            raise ConfigError("single_pass", "is not supported with channel_first=True")
         self.recompute = bool(recompute)
         self.norm_eps = norm_eps
         n = streams
@@ -338,7 +349,12 @@ class HyperConnection(nn.Module):
         """
         return self._split(x, self.mixer.snapshot())
 
-    def _split(self, x: torch.Tensor, state: dict):
+    def _split(self, x, state: dict):
+        if self.single_pass:
+            # Single pass: x is the pair (streams, branch input predicted by the previous
+            # layer), or the streams alone for the first layer; finish returns the pair.
+            streams, carried = x if isinstance(x, tuple) else (x, None)
+            return self._pre_single_pass(streams, carried, state)
         if self.channel_first:
             xl = self._to_last(x)
             u, merge = self._pre(xl, state)
@@ -378,6 +394,31 @@ class HyperConnection(nn.Module):
             return out
         return backend.stream_pre(x, h_pre, slot), merge
 
+    def _pre_single_pass(self, x: torch.Tensor, carried: Optional[torch.Tensor], state: dict):
+        """Single-pass split: (this layer's read, finish(y) → (x_next, next layer's read))."""
+        self._check_input(x)
+        backend = ops.select(self.kernels, x)
+        # The layer's H_pre (from x) is the *next* layer's read; its own read was carried in.
+        h_next, h_post, h_res = self.mixer(*self.raw_coefficients(x, None, backend), state=state)
+        after = self._observe(h_next, h_post, h_res, x) if self._observers else ()
+        if carried is None:  # the first layer: a fixed (static, token-independent) read
+            cdtype = self.coefficient_dtype
+            h_read = self.mixer.map_pre_post(self.b_pre.to(cdtype), self.b_post.to(cdtype))[0]
+            carried = backend.stream_pre(x, h_read, None)
+        elif not isinstance(carried, torch.Tensor) or tuple(carried.shape) != tuple(x.shape[:-2]) + (self.dim,):
+            got = tuple(carried.shape) if isinstance(carried, torch.Tensor) else type(carried).__name__
+            raise ValueError(f"x: expected (streams, branch input of shape {tuple(x.shape[:-2]) + (self.dim,)}) "
+                             f"in single-pass mode, got a branch input {got}")
+
+        def finish(y):
+            self._check_output(y)
+            out = backend.stream_merge(x, h_res, h_post, y, None)
+            for fn in after:
+                fn(out)
+            # The next read, from the merge's output (one pass over it with a fused kernel).
+            return out, backend.stream_pre(out, h_next, None)
+        return carried, finish
+
     def _check_output(self, y) -> None:
         if not isinstance(y, torch.Tensor) or y.shape[-1:] != (self.dim,):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -405,5 +446,6 @@ class HyperConnection(nn.Module):
         return finish(out)
 
     def extra_repr(self) -> str:
-        extra = (", recompute=True" if self.recompute else "") + (", channel_first=True" if self.channel_first else "")
+        extra = (", recompute=True" if self.recompute else "") + (", channel_first=True" if self.channel_first else "") \
+            + (", single_pass=True" if self.single_pass else "")
         return f"dim={self.dim}, streams={self.streams}, variant={self.variant_name!r}, dynamic={self.dynamic}{extra}"

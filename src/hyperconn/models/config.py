@@ -58,6 +58,9 @@ class ConnectionConfig:
             stream ``layer_index % n``; breaks the symmetry of streams that start as copies).
         recompute: recompute each hyper-connected layer (branch included) in backward
             instead of storing its intermediates: stores one stream state per layer.
+        single_pass: single-pass reads (DeepSeek V4.1 style): each layer reads its input
+            with the H_pre predicted by the previous layer, the first layer with its static
+            H_pre (see ``HyperConnection(single_pass=True)``). Ignored by ``"residual"``.
         kernels: backend of the layers' per-token ops (None: ``HYPERCONN_KERNELS``, else
             "auto"; see :mod:`hyperconn.ops`).
 
@@ -85,6 +88,7 @@ class ConnectionConfig:
     pre_init: str = "default"
     recompute: bool = False
     kernels: Optional[str] = None
+    single_pass: bool = False
     options: dict = field(default_factory=dict)
 
     # The fields above that are variant options (the rest configure the layer).
@@ -132,6 +136,8 @@ class ConnectionConfig:
                       recompute=self.recompute, **self._options())
         if self.kernels is not None:
             kwargs["kernels"] = self.kernels
+        if self.single_pass:
+            kwargs["single_pass"] = True
         return kwargs
 
     def describe(self) -> str:
@@ -147,6 +153,8 @@ class ConnectionConfig:
             parts.append(f"res_init={self.res_init:g}")
         if self.pre_init != "default":
             parts.append(f"pre_init={self.pre_init}")
+        if self.single_pass:
+            parts.append("single-pass")
         if self.recompute:
             parts.append("recompute")
         return " ".join(parts)

@@ -130,7 +130,8 @@ class PreNorm(nn.Module):
 class Block(nn.Module):
     """Two hyper-connected layers: attention (layer 2i), then MLP (layer 2i + 1).
 
-    forward(x (B, T, n, C), cos, sin) → (B, T, n, C).
+    forward(x (B, T, n, C), cos, sin) → (B, T, n, C); with single-pass connections the
+    state is the pair (streams (B, T, n, C), next branch input (B, T, C)).
     """
 
     def __init__(self, config: GPTConfig, index: int):
@@ -217,6 +218,8 @@ class GPT(nn.Module):
         x = expand_streams(h, self.config.connection.streams)  # (B, T, n, C)
         for block in self.blocks:
             x = block(x, cos, sin)
+        if isinstance(x, tuple):  # single-pass layers carry (streams, next read); the last read is unused
+            x = x[0]
         x = (self.reduce(x) if self.reduce is not None else reduce_streams(x)).to(self.norm.weight.dtype)  # (B, T, C)
         return self.head(self.norm(x))
 
