@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperconn import HarmonizedController, HyperConnection, expand_streams, reduce_streams
-from hyperconn.diagnostics import (HARMONIZED_KEYS, SCALAR_KEYS, Probe, StabilityHook, composite_gain,
+from hyperconn.diagnostics import (HARMONIZED_KEYS, MULTI_STREAM_KEYS, SCALAR_KEYS, Probe, StabilityHook, composite_gain,
                                    layer_profile, manifold_errors, prefix_products, stream_similarity,
                                    suffix_products, token_stats)
 from hyperconn.projections import iso_project, sinkhorn
@@ -203,7 +203,7 @@ def test_stability_hook(tmp_path, variant):
     assert all(layer.observers == () and "_post" not in layer.__dict__ for layer in model.layers)
     expected = set(SCALAR_KEYS) | (set(HARMONIZED_KEYS) if variant == "harmonized" else set())
     if n == 1:
-        expected -= {"stream_similarity", "stream_similarity_last"}
+        expected -= set(MULTI_STREAM_KEYS)
     assert set(out) == expected
     assert all(isinstance(v, float) for v in out.values())
     assert out["gain_fwd_max"] >= out["gain_fwd_mean"] > 0

@@ -9,6 +9,11 @@ Everything here is a function of tensors only: no modules, no hooks, no side eff
 - :func:`layer_profile` — token mean and token max of every gain of those composites.
 - :func:`manifold_errors` — how far one layer's ``H_res`` is from each manifold.
 - :func:`token_stats` — (mean, max) of a per-token quantity, as Python floats.
+- :func:`energy_on_mean_zero` / :func:`energy_profile` — what a transport keeps of a
+  mean-zero signal (its singular values on 1^⊥), per composite depth.
+- :func:`transport_grad_ratio` — ``‖Pᵀg‖/‖g‖`` of the top stream gradient through the
+  whole-stack transport.
+- :func:`stream_effective_rank` — effective rank of each token's (n, C) stream matrix.
 
 Matrices are ``(..., n, n)``; a static ``(n, n)`` matrix broadcasts against per-token
 ones. Layer ``l`` maps ``x_l → x_{l+1}``, so a list of matrices is given first layer first.
@@ -27,7 +32,8 @@ from .gain import CompositeGain, gains_of
 __all__ = [
     "GAIN_NAMES", "MANIFOLD_ERROR_NAMES", "token_stats", "stream_similarity",
     "stream_similarity_per_token", "prefix_products", "suffix_products", "layer_profile",
-    "manifold_errors",
+    "manifold_errors", "energy_on_mean_zero", "energy_profile", "transport_grad_ratio",
+    "stream_effective_rank", "stream_effective_rank_per_token",
 ]
 
 GAIN_NAMES = tuple(CompositeGain.__dataclass_fields__)  # forward_amax, backward_amax, inf_norm, one_norm, spectral
@@ -175,3 +181,72 @@ def manifold_errors(h: torch.Tensor) -> dict[str, float]:
         "orth_err": float(torch.linalg.matrix_norm(gram_dev).max()),
         "mean_err": float(row_dev.norm(dim=-1).max()),
     }
+
+
+# ---------------------------------------------------------------------- mechanism metrics
+def energy_on_mean_zero(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of a mean-zero signal a transport ``p`` (..., n, n) keeps, per token.
+
+    Every map with ``1ᵀP = 1ᵀ`` sends the mean-zero subspace 1^⊥ into itself; its action
+    there is ``B = Uᵀ P U`` (U: an orthonormal basis of 1^⊥). Returns, per token, the mean
+    of B's squared singular values (the fraction of a random mean-zero signal's energy that
+    survives: 1 for an isometry such as a permutation, 0 for uniform averaging 11ᵀ/n, < 1
+    and shrinking with depth for a non-permutation doubly stochastic chain) and B's smallest
+    singular value (the worst direction). In float64. n = 1 (no 1^⊥): NaN.
+
+    Raises:
+        ValueError: for a non-square input.
+    """
+    from ..projections.iso import helmert_basis
+
+    _check_square([p])
+    n = p.shape[-1]
+    if n == 1:
+        nan = torch.full(p.shape[:-2], math.nan, dtype=torch.float64, device=p.device)
+        return nan, nan
+    u = helmert_basis(n, torch.float64, p.device)
+    s = torch.linalg.svdvals(u.mT @ p.detach().double() @ u)
+    return s.square().mean(-1), s.min(-1).values
+
+
+def energy_profile(matrices: Sequence[torch.Tensor]) -> dict:
+    """:func:`energy_on_mean_zero` of every forward composite ``H_l ⋯ H_0``:
+    ``{"mean": [L], "min": [L]}`` (token mean of the mean σ², token min of σ_min)."""
+    _check_square(matrices)
+    out = {"mean": [], "min": []}
+    prod = None
+    for h in matrices:
+        h = h.detach().double()
+        prod = h if prod is None else h @ prod
+        mean_sq, smallest = energy_on_mean_zero(prod)
+        out["mean"].append(float(mean_sq.mean()))
+        out["min"].append(float(smallest.min()))
+    return out
+
+
+def transport_grad_ratio(p: torch.Tensor, grad: torch.Tensor) -> float:
+    """``‖Pᵀ g‖ / ‖g‖`` over all tokens: how the transport alone carries the stream gradient
+    ``g`` (..., n, C) of the top layer down to the input (IsoHC's theorem: exactly 1 for a
+    composite of isometries). ``p``: the whole-stack composite (..., n, n) or (n, n). NaN
+    for a zero gradient."""
+    g = grad.detach().double()
+    pt = p.detach().double().transpose(-1, -2)
+    den = float(g.norm())
+    return float((pt @ g).norm()) / den if den > 0 else math.nan
+
+
+def stream_effective_rank_per_token(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Effective rank of each token's (n, C) stream matrix: ``exp(H(σ/Σσ))`` of its singular
+    values (Roy & Vetterli), in [1, n]: 1 when the streams are parallel, n when they are
+    orthogonal with equal norms. ``x``: (..., n, C) → (...) in float64."""
+    s = torch.linalg.svdvals(x.detach().double())
+    q = s / s.sum(-1, keepdim=True).clamp_min(eps)
+    entropy = -(q * torch.log(q.clamp_min(eps))).sum(-1)
+    return entropy.exp()
+
+
+def stream_effective_rank(x: torch.Tensor) -> float:
+    """Token mean of :func:`stream_effective_rank_per_token`; NaN for n = 1."""
+    if x.dim() >= 2 and x.shape[-2] == 1:
+        return math.nan
+    return float(stream_effective_rank_per_token(x).mean())

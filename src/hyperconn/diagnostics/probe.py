@@ -26,9 +26,10 @@ from torch import nn
 from .._io import atomic_write_text, nan_to_none
 from ..connection import HyperConnection
 from ..variants.harmonized import HARMONIZED_KEYS
-from .metrics import MANIFOLD_ERROR_NAMES, layer_profile, manifold_errors, stream_similarity
+from .metrics import (MANIFOLD_ERROR_NAMES, energy_on_mean_zero, energy_profile, layer_profile, manifold_errors,
+                      stream_effective_rank, stream_similarity, transport_grad_ratio)
 
-__all__ = ["LayerRecord", "Probe", "StabilityHook", "SCALAR_KEYS", "HARMONIZED_KEYS"]
+__all__ = ["LayerRecord", "Probe", "StabilityHook", "SCALAR_KEYS", "MULTI_STREAM_KEYS", "HARMONIZED_KEYS"]
 
 # Scalars StabilityHook returns for every model (``stream_similarity*`` need n ≥ 2).
 SCALAR_KEYS = (
@@ -36,7 +37,13 @@ SCALAR_KEYS = (
     "norm_inf_mean", "norm_one_mean", "spectral_mean",
     "grad_norm_first", "grad_norm_last", "grad_ratio",
     "stream_similarity", "stream_similarity_last",
-) + MANIFOLD_ERROR_NAMES
+) + MANIFOLD_ERROR_NAMES + (
+    "transport_grad_ratio",
+    "energy_retention", "energy_retention_min", "stream_rank", "stream_rank_last",
+)
+# The scalars that need n ≥ 2 streams (absent for n = 1).
+MULTI_STREAM_KEYS = ("stream_similarity", "stream_similarity_last", "energy_retention", "energy_retention_min",
+                     "stream_rank", "stream_rank_last")
 
 
 @dataclass
@@ -172,6 +179,12 @@ class StabilityHook:
       ``stream_similarity_last``: of x_L (both absent when n = 1);
     - ``row_sum_err``, ``col_sum_err``, ``orth_err``, ``mean_err``: worst layer and token;
       ``min_entry``: smallest entry of any H_res (see :func:`manifold_errors`);
+    - ``transport_grad_ratio``: ‖Pᵀ g‖/‖g‖ for the top stream gradient g = ∂L/∂x_L and the
+      whole-stack transport P (1 for isometries, IsoHC's theorem);
+    - ``energy_retention`` / ``energy_retention_min``: mean squared / smallest singular value
+      of P on the mean-zero subspace 1^⊥ (1 for isometries, 0 for uniform averaging);
+    - ``stream_rank`` / ``stream_rank_last``: effective rank of the (n, C) streams, mean over
+      x_1 … x_L and of x_L (the n ≥ 2 scalars are :data:`MULTI_STREAM_KEYS`);
     - harmonized: ``harm_scale`` (controller scale s), ``harm_gain_applied_{mean,max}``
       (forward Amax gain of the applied composite) and ``harm_gain_raw_{mean,max}``
       (of the composite of ``H_raw = I + εΘ``, i.e. without the controller).
@@ -180,6 +193,7 @@ class StabilityHook:
     (atomically) holding the scalars and the per-layer profiles: ``profile`` (gains of
     the forward composites ``H_l ⋯ H_0`` and backward composites ``H_{L−1} ⋯ H_l``, token
     mean and max), ``grad_norms`` (L + 1 values, x_0 … x_L), ``similarity`` (L + 1),
+    ``stream_rank`` (L + 1), ``energy`` (``{"mean", "min"}`` per forward composite depth),
     ``manifold`` (each error per layer) and, for harmonized models, ``harmonized``.
     Non-finite numbers are written as ``null``.
 
@@ -201,8 +215,8 @@ class StabilityHook:
         if not records:
             raise RuntimeError("StabilityHook: no HyperConnection ran in model(inputs)")
         states = probe.stream_states
-        grad_norms = self._stream_grad_norms(loss, states)
-        payload = self._measure(records, states, grad_norms)
+        grad_norms, top_grad = self._stream_grad_norms(loss, states)
+        payload = self._measure(records, states, grad_norms, top_grad)
         payload = {"step": int(step), "loss": float(loss.detach()), **payload}
         self.last = payload
         if self.run_dir is not None:
@@ -212,17 +226,21 @@ class StabilityHook:
         return dict(payload["scalars"])
 
     @staticmethod
-    def _stream_grad_norms(loss: torch.Tensor, states: list[torch.Tensor]) -> list[float]:
+    def _stream_grad_norms(loss: torch.Tensor, states: list[torch.Tensor]):
+        """(‖∂L/∂x_l‖ for every state, ∂L/∂x_L or None)."""
         wanted = [i for i, s in enumerate(states) if s.requires_grad]
         norms = [math.nan] * len(states)
+        top = None
         if wanted and loss.requires_grad:
             grads = torch.autograd.grad(loss, [states[i] for i in wanted], allow_unused=True)
             for i, g in zip(wanted, grads):
                 norms[i] = 0.0 if g is None else float(g.detach().double().norm())
-        return norms
+                if i == len(states) - 1:
+                    top = g
+        return norms, top
 
     @torch.no_grad()
-    def _measure(self, records: list[LayerRecord], states, grad_norms) -> dict:
+    def _measure(self, records: list[LayerRecord], states, grad_norms, top_grad=None) -> dict:
         mats = [r.h_res.detach() for r in records]
         # The last forward composite H_{L−1}⋯H_0 is the whole stack: its gains are the
         # headline scalars (computed once, in float64, inside the profile).
@@ -245,6 +263,23 @@ class StabilityHook:
             scalars["stream_similarity"] = sum(later) / len(later)
             scalars["stream_similarity_last"] = similarity[-1]
 
+        # The mechanism the claims are about (docs/design.md §2): what the transport alone
+        # does to the top gradient, what the whole composite keeps of a mean-zero signal,
+        # and how many independent directions the streams span.
+        whole_product = mats[0].double()
+        for m in mats[1:]:
+            whole_product = m.double() @ whole_product
+        scalars["transport_grad_ratio"] = (transport_grad_ratio(whole_product, top_grad)
+                                           if top_grad is not None else math.nan)
+        n = int(records[0].x.shape[-2])
+        energy = energy_profile(mats) if n > 1 else None
+        rank = [stream_effective_rank(s) for s in states]
+        if n > 1:
+            scalars["energy_retention"], scalars["energy_retention_min"] = energy["mean"][-1], energy["min"][-1]
+            later = [v for v in rank[1:] if not math.isnan(v)] or rank
+            scalars["stream_rank"] = sum(later) / len(later)
+            scalars["stream_rank_last"] = rank[-1]
+
         per_layer = [manifold_errors(m) for m in mats]
         manifold = {k: [e[k] for e in per_layer] for k in MANIFOLD_ERROR_NAMES}
         for k, values in manifold.items():
@@ -258,6 +293,8 @@ class StabilityHook:
             "profile": profile,
             "grad_norms": grad_norms,
             "similarity": similarity,
+            "stream_rank": rank,
+            "energy": energy,
             "manifold": manifold,
         }
         # Extra diagnostics supplied by the variants themselves (Variant.diagnostics).
