@@ -90,3 +90,31 @@ def test_two_sweeps_are_titled_by_the_setting_that_differs(tmp_path):
             d = make_run(root, "bytes", "isohc", 0, group=f"depth{depth}-lr{lr}")
             _set(d, n_layer=depth, lr=lr)
     assert sorted(depth_sweeps(find_runs([root]))) == ["bytes, lr=0.01", "bytes, lr=0.03"]
+
+
+def _add_mechanism(run_dir: Path, orth: float, energy: float):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "eval_loss" in row:
+            row.update({"diag/orth_err": orth, "diag/row_sum_err": 1e-7, "diag/col_sum_err": 2e-7,
+                        "diag/min_entry": -0.1, "diag/energy_retention": energy,
+                        "diag/transport_grad_ratio": 1.0, "diag/stream_rank_last": 1.5,
+                        "diag/stream_similarity_last": 0.9})
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_mechanism_section_and_the_orthogonality_flag(tmp_path):
+    from hyperconn.report.stability import mechanism_section
+
+    _add_mechanism(make_run(tmp_path, "kv", "isohc", 0), orth=0.5, energy=1.0)      # not an isometry: flagged
+    _add_mechanism(make_run(tmp_path, "kv", "mhc", 0), orth=0.3, energy=0.25)       # not an isometry variant
+    lines = mechanism_section(find_runs([tmp_path]))
+    assert lines[0] == "## What the transport did"
+    iso, mhc = _row(lines, "kv", "isohc"), _row(lines, "kv", "mhc")
+    assert "0.5 ⚠" in iso and "| 1 |" in iso
+    assert "⚠" not in mhc and "0.25" in mhc
+    md = write_report([tmp_path], tmp_path / "report").read_text()
+    assert "## What the transport did" in md and "0.5 ⚠" in md
+    plain = tmp_path / "plain"
+    make_run(plain, "kv", "mhc", 0)                       # runs without these diagnostics: no section
+    assert mechanism_section(find_runs([plain])) == []

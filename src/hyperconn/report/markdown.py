@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from . import group_by_label
 from .figures import DIAG, Figure
-from .stability import stability_section
+from .stability import mechanism_section, stability_section
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import Run
@@ -199,6 +199,7 @@ def render(runs: Sequence["Run"], figures: dict[str, Figure], dirs: Sequence[Pat
     lines += _figure_section("Stream gradient norms", [figures["grad_norms"]], out, notes)
     lines += _figure_section("Stream similarity", [figures["similarity"]], out, notes)
     lines += stability_section(runs, depth_figure, out)
+    lines += mechanism_section(runs)
     lines += _runs_section(runs, out)
 
     no_diag = [r for r in runs if r.diagnostics is None]

@@ -28,7 +28,11 @@ from . import group_by_label
 if TYPE_CHECKING:  # pragma: no cover
     from . import Run
 
-__all__ = ["stability_section", "plot_depth", "ms_per_step", "peak_gain", "depth_sweeps"]
+__all__ = ["stability_section", "mechanism_section", "plot_depth", "ms_per_step", "peak_gain", "depth_sweeps",
+           "ORTH_FLAG"]
+
+# An isometry variant whose orthogonality error passed this at any evaluation did not test an isometry.
+ORTH_FLAG = 1e-2
 
 GAIN_MAX = "diag/gain_fwd_max"
 GAIN_MEAN = "diag/gain_fwd_mean"
@@ -118,6 +122,45 @@ def stability_section(runs: Sequence["Run"], depth_figure: Optional[Path] = None
                   "Depth sweep: final stream-gradient ratio ‖∂L/∂x_0‖/‖∂L/∂x_L‖ (1 = flat), final "
                   "composite forward gain (token mean) and held-out metric against the number of "
                   "hyper-connected layers (2 per block). ✕ on the top edge: the run diverged at that depth.", ""]
+    return lines
+
+
+def mechanism_section(runs: Sequence["Run"]) -> list[str]:
+    """Markdown lines of "What the transport did": per group and variant, the manifold
+    errors at their worst over training and, at the last evaluation, what the composite
+    keeps of a mean-zero signal, the transport-only gradient ratio and the streams'
+    effective rank and similarity (means over seeds). Empty when no run logged them."""
+    keys = ("diag/energy_retention", "diag/transport_grad_ratio", "diag/stream_rank")
+    if not any(r.series(k)[1] for r in runs for k in keys):
+        return []
+    lines = ["## What the transport did", "",
+             "Per variant (mean over seeds): the worst orthogonality error ‖HᵀH − I‖_F and Birkhoff error "
+             "(row/column sums, negative entries) of any layer at any evaluation; at the last evaluation the "
+             "energy the whole composite keeps on the mean-zero subspace (mean squared singular value on 1^⊥: "
+             "1 for isometries, 0 for uniform averaging), the transport-only gradient ratio ‖Pᵀg‖/‖g‖ of the "
+             "top stream gradient (1 for isometries), and the streams' effective rank (1 = copies, n = "
+             f"independent) and similarity. ⚠ marks an isometry variant whose orthogonality error exceeded "
+             f"{ORTH_FLAG:g}: it did not test an isometry.", ""]
+    head = ["variant", "orth err (max)", "row/col err (max)", "min entry", "energy on 1^⊥", "‖Pᵀg‖/‖g‖",
+            "stream rank", "similarity"]
+    for name, groups in group_by_label(runs).items():
+        lines += [f"### `{name}`", "", "| " + " | ".join(head) + " |",
+                  "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for label, group in sorted(groups.items()):
+            orth = _mean(peak_gain(r, "diag/orth_err") for r in group)
+            birk = _mean(max((v for v in (peak_gain(r, "diag/row_sum_err"), peak_gain(r, "diag/col_sum_err"))
+                              if v is not None), default=None) for r in group)
+            low = [min((v for v in r.series("diag/min_entry")[1] if _finite(v)), default=None) for r in group]
+            isometry = label.startswith(("isohc", "hybrid")) or "cayley" in label
+            flag = " ⚠" if isometry and orth is not None and orth > ORTH_FLAG else ""
+            lines.append("| " + " | ".join([
+                f"`{label}`", _g(orth) + flag, _g(birk), _g(_mean(low)),
+                _g(_mean(_last(r, "diag/energy_retention") for r in group), 4),
+                _g(_mean(_last(r, "diag/transport_grad_ratio") for r in group), 4),
+                _g(_mean(_last(r, "diag/stream_rank_last") for r in group), 3),
+                _g(_mean(_last(r, "diag/stream_similarity_last") for r in group), 4),
+            ]) + " |")
+        lines.append("")
     return lines
 
 
