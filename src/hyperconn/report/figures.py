@@ -148,8 +148,9 @@ def _legend(fig, colors: dict[str, str], used: Sequence[str], diverged: bool, ex
         handles.append(Line2D([], [], marker="X", ms=9, color="white", mec="black", ls="none",
                               label="diverged run (last finite value)"))
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False,
-                   fontsize=9)
+        # As many columns as the figure's width holds labels like "orthostochastic" (~1.6 in).
+        ncols = min(len(handles), max(2, int(fig.get_figwidth() / 1.6)))
+        fig.legend(handles=handles, loc="outside lower center", ncols=ncols, frameon=False, fontsize=9)
 
 
 def _new_figure(rows: int, cols: int, width: float = 5.0, height: float = 3.6):
