@@ -7,7 +7,7 @@
     torch.Size([2, 10, 64])
 """
 
-from .connection import ExpandStreams, HyperConnection, ReduceStreams, expand_streams, reduce_streams
+from .connection import ExpandStreams, HyperConnection, ReduceStreams, expand_streams, reduce_streams, stream_offsets
 from .control import Controller, build_controllers
 from .errors import ConfigError
 from .diagnostics.gain import CompositeGain, composite_gain
@@ -19,7 +19,7 @@ from .variants import VARIANTS, HarmonizedController, Variant, get_variant, regi
 __version__ = "0.1.0"
 
 __all__ = [
-    "HyperConnection", "expand_streams", "reduce_streams", "ExpandStreams", "ReduceStreams", "HarmonizedController",
+    "HyperConnection", "expand_streams", "reduce_streams", "stream_offsets", "ExpandStreams", "ReduceStreams", "HarmonizedController",
     "CompositeGain", "composite_gain", "sinkhorn", "iso_project", "hybrid_mix", "VARIANTS", "param_groups",
     "LearnedReduce", "Variant", "register_variant", "get_variant", "variant_names", "ConfigError", "Controller", "build_controllers",
 ]

@@ -33,12 +33,36 @@ from .errors import ConfigError
 from .ops import StreamGradSlot
 from .variants import make_variant
 
-__all__ = ["HyperConnection", "expand_streams", "reduce_streams", "ExpandStreams", "ReduceStreams"]
+__all__ = ["HyperConnection", "expand_streams", "reduce_streams", "stream_offsets", "ExpandStreams", "ReduceStreams"]
 
 
 
-def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False) -> torch.Tensor:
+def stream_offsets(streams: int, dim: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """A fixed zero-mean pattern E (n, C) to break the symmetry of streams that start as copies.
+
+    ``E = U R / rms(U R)`` with U an orthonormal basis of the mean-zero subspace 1^⊥ (n, n−1)
+    and R (n−1, C) drawn from a private generator (seed 0), so every column of E sums to 0
+    over the streams, its mean square is 1, and drawing it leaves the global RNG untouched.
+    All zeros for n = 1.
+    """
+    from .projections.iso import helmert_basis
+
+    if streams == 1:
+        return torch.zeros(1, dim, dtype=dtype, device=device)
+    r = torch.randn(streams - 1, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    e = helmert_basis(streams, torch.float64) @ r
+    return (e / e.square().mean().sqrt()).to(dtype=dtype, device=device)
+
+
+def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False, offset: float = 0.0) -> torch.Tensor:
     """(..., C) → (..., n, C): every stream starts as a copy of the input.
+
+    ``offset`` > 0 adds a fixed zero-mean per-stream pattern scaled to each token:
+    ``x_j = x + offset · rms(x) · E_j`` (:func:`stream_offsets`). The streams then differ from
+    the first layer on, so ``H_res`` gets a gradient (with exact copies, x = 1vᵀ, every map
+    with H1 = 1 receives none), while the mean over streams is still exactly x: with a
+    uniform read and a doubly stochastic ``H_res`` the model starts exactly as its
+    residual twin. Channel-last only.
 
     ``channel_first=True`` (conv nets): (B, C, *spatial) → (B, n·C, *spatial), stream ``j``
     in channels ``j·C … (j+1)·C − 1``.
@@ -50,6 +74,16 @@ def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False) -
     check_floating("x", x)
     if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
         raise ValueError(f"streams: expected a positive integer, got {streams!r}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not offset >= 0 or offset == float("inf"):
+        raise ValueError(f"offset: expected a finite number >= 0, got {offset!r}")
+    if offset and channel_first:
+        raise ValueError("offset: not supported with channel_first=True")
+    if offset:
+        if x.dim() < 1:
+            raise ValueError(f"x: expected shape (..., C), got {tuple(x.shape)}")
+        e = stream_offsets(streams, x.shape[-1], x.dtype, x.device)
+        rms = x.square().mean(-1, keepdim=True).sqrt().unsqueeze(-2)          # (..., 1, 1)
+        return x.unsqueeze(-2) + float(offset) * rms * e
     if channel_first:
         if x.dim() < 2:
             raise ValueError(f"x: expected shape (B, C, *spatial), got {tuple(x.shape)}")

@@ -61,6 +61,11 @@ class ConnectionConfig:
         single_pass: single-pass reads (DeepSeek V4.1 style): each layer reads its input
             with the H_pre predicted by the previous layer, the first layer with its static
             H_pre (see ``HyperConnection(single_pass=True)``). Ignored by ``"residual"``.
+        stream_offset: symmetry-breaking offset of the stream expansion (see
+            ``hyperconn.expand_streams``): 0 (default) starts the streams as exact copies;
+            > 0 adds a fixed zero-mean per-stream pattern of that size relative to each
+            token's RMS, which keeps the mean over streams (and so, for doubly stochastic
+            maps with a uniform read, the residual equivalence at init) exact.
         kernels: backend of the layers' per-token ops (None: ``HYPERCONN_KERNELS``, else
             "auto"; see :mod:`hyperconn.ops`).
 
@@ -89,6 +94,7 @@ class ConnectionConfig:
     recompute: bool = False
     kernels: Optional[str] = None
     single_pass: bool = False
+    stream_offset: float = 0.0
     options: dict = field(default_factory=dict)
 
     # The fields above that are variant options (the rest configure the layer).
@@ -97,6 +103,9 @@ class ConnectionConfig:
 
     def __post_init__(self):
         get_variant(self.variant)  # ConfigError("variant", ...) naming the registered ones
+        if isinstance(self.stream_offset, bool) or not isinstance(self.stream_offset, (int, float)) \
+                or not 0 <= self.stream_offset < float("inf"):
+            raise ConfigError("stream_offset", f"expected a finite number >= 0, got {self.stream_offset!r}")
         from ..ops import BACKENDS
         if self.kernels is not None and self.kernels not in BACKENDS:
             raise ConfigError("kernels", f"expected None or one of {BACKENDS}, got {self.kernels!r}")
@@ -155,6 +164,8 @@ class ConnectionConfig:
             parts.append(f"pre_init={self.pre_init}")
         if self.single_pass:
             parts.append("single-pass")
+        if self.stream_offset:
+            parts.append(f"offset={self.stream_offset:g}")
         if self.recompute:
             parts.append("recompute")
         return " ".join(parts)

@@ -215,7 +215,8 @@ class GPT(nn.Module):
         h = self.wte(idx)
         if self.config.stream_dtype is not None:
             h = h.to(getattr(torch, self.config.stream_dtype))
-        x = expand_streams(h, self.config.connection.streams)  # (B, T, n, C)
+        conn = self.config.connection
+        x = expand_streams(h, conn.streams, offset=conn.stream_offset)  # (B, T, n, C)
         for block in self.blocks:
             x = block(x, cos, sin)
         if isinstance(x, tuple):  # single-pass layers carry (streams, next read); the last read is unused

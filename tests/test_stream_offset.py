@@ -1,0 +1,65 @@
+"""Symmetry-breaking stream expansion: zero-mean per-stream offsets (issue 17)."""
+
+import pytest
+import torch
+from torch import nn
+
+import hyperconn
+from hyperconn import HyperConnection, expand_streams, reduce_streams, stream_offsets
+from hyperconn.models import GPT, GPTConfig
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 7])
+def test_offsets_are_zero_mean_unit_rms_and_deterministic(n):
+    e = stream_offsets(n, 32, torch.float64)
+    assert e.shape == (n, 32)
+    torch.testing.assert_close(e.sum(0), torch.zeros(32, dtype=torch.float64), atol=1e-12, rtol=0)
+    if n > 1:
+        torch.testing.assert_close(e.square().mean(), torch.tensor(1.0, dtype=torch.float64))
+    state = torch.random.get_rng_state()
+    assert torch.equal(stream_offsets(n, 32, torch.float64), e)
+    assert torch.equal(torch.random.get_rng_state(), state)           # the global RNG is untouched
+
+
+def test_expand_with_offset_keeps_the_mean_and_scales_with_the_token():
+    x = torch.randn(3, 5, 16)
+    s = expand_streams(x, 4, offset=0.1)
+    torch.testing.assert_close(reduce_streams(s), x, atol=1e-6, rtol=0)
+    rms = x.square().mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(s - x.unsqueeze(-2), 0.1 * rms.unsqueeze(-2) * stream_offsets(4, 16))
+    assert torch.equal(expand_streams(x, 4, offset=0.0), expand_streams(x, 4))
+    with pytest.raises(ValueError, match="^offset"):
+        expand_streams(x, 4, offset=-1.0)
+    with pytest.raises(ValueError, match="^offset"):
+        expand_streams(torch.randn(2, 16, 3, 3), 4, channel_first=True, offset=0.1)
+
+
+@pytest.mark.parametrize("variant", ["isohc", "mhc-lite", "kromhc", "circulant"])  # exact maps (not Sinkhorn)
+def test_offset_keeps_the_residual_equivalence_at_init_and_feeds_h_res(variant):
+    """Uniform read + doubly stochastic H_res + H_post = 1: the mean output equals the
+    residual model's exactly, yet ∂L/∂b_res is no longer zero."""
+    torch.manual_seed(0)
+    C, n = 16, 4
+    branch = nn.Linear(C, C)
+    layer = HyperConnection(C, n, branch, variant=variant, dynamic=False)
+    with torch.no_grad():  # an exactly doubly stochastic, non-identity static map, uniform read
+        layer.b_res.normal_()
+    x = torch.randn(6, C)
+    out = layer(expand_streams(x, n, offset=0.2))
+    h_post = layer.coefficients(expand_streams(x, n))[1]
+    torch.testing.assert_close(h_post, torch.ones(n))
+    torch.testing.assert_close(reduce_streams(out), x + branch(x), atol=1e-5, rtol=0)
+    out.square().sum().backward()
+    assert layer.b_res.grad.abs().max() > 1e-6
+    copies = HyperConnection(C, n, branch, variant=variant, dynamic=False)
+    copies.load_state_dict(layer.state_dict())
+    copies(expand_streams(x, n)).square().sum().backward()
+    assert copies.b_res.grad.abs().max() < 1e-3 * layer.b_res.grad.abs().max()  # copies: rounding only
+
+
+def test_gpt_option():
+    cfg = GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=8, connection={"variant": "mhc", "stream_offset": 0.1})
+    assert "offset=0.1" in cfg.connection.describe()
+    assert torch.isfinite(GPT(cfg)(torch.zeros(1, 8, dtype=torch.long))).all()
+    with pytest.raises(hyperconn.ConfigError, match="stream_offset"):
+        GPTConfig(connection={"variant": "mhc", "stream_offset": -0.1})
