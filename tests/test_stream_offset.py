@@ -63,3 +63,13 @@ def test_gpt_option():
     assert torch.isfinite(GPT(cfg)(torch.zeros(1, 8, dtype=torch.long))).all()
     with pytest.raises(hyperconn.ConfigError, match="stream_offset"):
         GPTConfig(connection={"variant": "mhc", "stream_offset": -0.1})
+
+
+def test_gpt_with_offset_compiles_fullgraph():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=8, connection={"variant": "mhc", "stream_offset": 0.1})
+    model = GPT(cfg)
+    idx = torch.randint(0, 256, (2, 8))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(idx), model(idx), atol=1e-5, rtol=1e-5)

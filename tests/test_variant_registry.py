@@ -139,3 +139,28 @@ def test_user_variant_by_name_in_the_cli_train_compare_and_report(tmp_path):
     proc = cli("compare", "--preset", "smoke", "--variants", "residual", "no-such-variant", "--out",
                str(tmp_path / "bad"))
     assert proc.returncode == 2 and "--variants" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_registry_edge_cases(user_variant):
+    hyperconn.register_variant(user_variant, "user-blend-2")          # renamed: one name per class
+    assert "user-blend-2" in hyperconn.VARIANTS and "user-blend" not in hyperconn.VARIANTS
+    hyperconn.register_variant(user_variant, "user-blend")            # back, for the fixture's cleanup
+    with pytest.raises(ValueError, match="^streams"):
+        hyperconn.variants.make_variant("kromhc", 0)                  # used to loop forever
+
+    class Flat(hyperconn.Variant):                                     # res_logit_shape without static_init
+        name = "user-flat"
+
+        @property
+        def res_logit_shape(self):
+            return (self.streams,)
+
+        def map_res(self, raw_res, state):
+            return torch.eye(self.streams).expand(*raw_res.shape[:-1], -1, -1)
+    try:
+        with pytest.raises(TypeError, match="override static_init"):
+            HyperConnection(8, 4, nn.Identity(), variant="user-flat")
+    finally:
+        unregister_variant("user-flat")
+    with pytest.raises(ConfigError, match="options.kernels"):
+        ConnectionConfig(variant="mhc", options={"kernels": "torch"})

@@ -54,7 +54,8 @@ def stream_offsets(streams: int, dim: int, dtype: torch.dtype = torch.float32, d
     return (e / e.square().mean().sqrt()).to(dtype=dtype, device=device)
 
 
-def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False, offset: float = 0.0) -> torch.Tensor:
+def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False, offset: float = 0.0,
+                   pattern: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(..., C) → (..., n, C): every stream starts as a copy of the input.
 
     ``offset`` > 0 adds a fixed zero-mean per-stream pattern scaled to each token:
@@ -62,7 +63,8 @@ def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False, o
     the first layer on, so ``H_res`` gets a gradient (with exact copies, x = 1vᵀ, every map
     with H1 = 1 receives none), while the mean over streams is still exactly x: with a
     uniform read and a doubly stochastic ``H_res`` the model starts exactly as its
-    residual twin. Channel-last only.
+    residual twin. Channel-last only. ``pattern``: E itself (n, C), e.g. a module's buffer,
+    so a compiled forward does not rebuild it (default: ``stream_offsets(n, C)``).
 
     ``channel_first=True`` (conv nets): (B, C, *spatial) → (B, n·C, *spatial), stream ``j``
     in channels ``j·C … (j+1)·C − 1``.
@@ -81,7 +83,9 @@ def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False, o
     if offset:
         if x.dim() < 1:
             raise ValueError(f"x: expected shape (..., C), got {tuple(x.shape)}")
-        e = stream_offsets(streams, x.shape[-1], x.dtype, x.device)
+        e = stream_offsets(streams, x.shape[-1], x.dtype, x.device) if pattern is None else pattern.to(x.dtype)
+        if tuple(e.shape) != (streams, x.shape[-1]):
+            raise ValueError(f"pattern: expected shape ({streams}, {x.shape[-1]}), got {tuple(e.shape)}")
         rms = x.square().mean(-1, keepdim=True).sqrt().unsqueeze(-2)          # (..., 1, 1)
         return x.unsqueeze(-2) + float(offset) * rms * e
     if channel_first:
@@ -187,7 +191,7 @@ class HyperConnection(nn.Module):
             this layer computes from its input reads the *next* layer's input, in the same
             pass as this layer's merge; this layer reads with the H_pre the previous layer
             predicted, or, as the first layer (a plain tensor input), with its static
-            ``σ(b_pre)``. The stream state between layers is then the pair
+            H_pre (``σ(b_pre)`` for the σ-gated variants). The stream state between layers is then the pair
             ``(streams, next branch input)``. Ignored by variants without coefficients.
         channel_first: conv-net layout: streams ``(B, n·C, *spatial)`` (stream ``j`` in
             channels ``j·C … (j+1)·C − 1``, as :func:`expand_streams` with
@@ -197,7 +201,7 @@ class HyperConnection(nn.Module):
         **options: the variant's options (its ``Options`` dataclass; options of other
             registered variants are accepted and ignored), e.g. ``sinkhorn_iters`` (20),
             ``sinkhorn_backward`` ("unrolled"|"implicit"), ``iso_method``
-            ("ns"|"ns-cubic"|"polar"), ``iso_steps`` (None: the method's default),
+            ("ns"|"ns-cubic"|"polar"|"cayley"), ``iso_steps`` (None: the method's default),
             ``hybrid_lambda`` ("learned" or a float in [0, 1]), ``harmonized_eps`` (1.0), and
             for every variant ``pre_init`` ("default" | "uniform" | "onehot": the static
             H_pre at init; see :meth:`hyperconn.Variant.static_init`).
@@ -247,6 +251,10 @@ class HyperConnection(nn.Module):
         self.norm_eps = norm_eps
         n = streams
         b_pre, b_post, b_res = self.mixer.static_init()
+        if tuple(b_res.shape) != tuple(self.mixer.res_logit_shape):
+            raise ConfigError("variant", f"{type(self.mixer).__name__}.static_init returned b_res of shape "
+                                         f"{tuple(b_res.shape)}, expected res_logit_shape "
+                                         f"{tuple(self.mixer.res_logit_shape)}")
         if not self.mixer.has_coefficients:
             # No learned coefficients: keep constant buffers so shapes stay uniform.
             self.register_buffer("b_pre", b_pre, persistent=False)

@@ -26,7 +26,7 @@ from torch import nn
 from .._io import atomic_write_text, nan_to_none
 from ..connection import HyperConnection
 from ..variants.harmonized import HARMONIZED_KEYS
-from .metrics import (MANIFOLD_ERROR_NAMES, energy_on_mean_zero, energy_profile, layer_profile, manifold_errors,
+from .metrics import (MANIFOLD_ERROR_NAMES, energy_profile, layer_profile, manifold_errors,
                       stream_effective_rank, stream_similarity, transport_grad_ratio)
 
 __all__ = ["LayerRecord", "Probe", "StabilityHook", "SCALAR_KEYS", "MULTI_STREAM_KEYS", "HARMONIZED_KEYS"]

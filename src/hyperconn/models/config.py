@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 from ..errors import ConfigError
 from ..reduction import REDUCTIONS
-from ..variants import VARIANTS, get_variant, make_variant
+from ..variants import get_variant, make_variant
 
 __all__ = ["ConnectionConfig", "GPTConfig"]
 
@@ -112,7 +112,7 @@ class ConnectionConfig:
         _positive_int("streams", self.streams)
         if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
             raise ConfigError("options", f"expected a dict of option names to values, got {self.options!r}")
-        clash = sorted(set(self.options) & set(self._OPTION_FIELDS))
+        clash = sorted(set(self.options) & (set(self._OPTION_FIELDS) | {"kernels", "single_pass", "recompute"}))
         if clash:
             raise ConfigError(f"options.{clash[0]}", f"set it as the field {clash[0]!r}, not in options")
         self._lambda()  # raises for a bad hybrid_lambda

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..connection import HyperConnection, expand_streams, reduce_streams
+from ..connection import HyperConnection, expand_streams, reduce_streams, stream_offsets
 from ..reduction import LearnedReduce
 from .config import GPTConfig
 
@@ -182,6 +182,11 @@ class GPT(nn.Module):
         # n → 1: the mean (default, the residual equivalence) or learned per-token gates.
         self.reduce = LearnedReduce(config.n_embd, config.connection.streams, norm_eps=config.norm_eps) \
             if config.reduce == "learned" else None
+        if config.connection.stream_offset:  # the fixed zero-mean expansion pattern, built once
+            self.register_buffer("stream_pattern", stream_offsets(config.connection.streams, config.n_embd),
+                                 persistent=False)
+        else:
+            self.stream_pattern = None
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -216,7 +221,7 @@ class GPT(nn.Module):
         if self.config.stream_dtype is not None:
             h = h.to(getattr(torch, self.config.stream_dtype))
         conn = self.config.connection
-        x = expand_streams(h, conn.streams, offset=conn.stream_offset)  # (B, T, n, C)
+        x = expand_streams(h, conn.streams, offset=conn.stream_offset, pattern=self.stream_pattern)  # (B, T, n, C)
         for block in self.blocks:
             x = block(x, cos, sin)
         if isinstance(x, tuple):  # single-pass layers carry (streams, next read); the last read is unused

@@ -94,7 +94,7 @@ class _OddPolynomialIteration(torch.autograd.Function):
 
     With A = XᵀX, M = aI + bA + cA² and G = ∂L/∂Y, the vector-Jacobian product is
     ``∂X = G M + X (Z + Zᵀ)``, ``Z = b W + c (W A + A W)``, ``W = XᵀG``; the backward
-    recomputes the iterates. Runs in the layout :func:`_layout` picks for the device.
+    recomputes the iterates. Runs in the layout :func:`layout` picks for the device.
     """
 
     @staticmethod

@@ -18,18 +18,12 @@ import torch
 from torch import Tensor
 
 from .._dtypes import compute_dtype
-from . import torch_backend
 from . import triton_kernels as tk
 
 __all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "NAME", "INTERPRETED"]
 
 NAME = "triton"
 INTERPRETED = tk.INTERPRETED
-
-
-def _shape_meta(x: Tensor, *coeffs: tuple[Tensor, int]):
-    lead = tuple(x.shape[:-2])
-    return lead, [0 if (h.dim() == shared_dims and len(lead) != 0) else None for h, shared_dims in coeffs]
 
 
 # ---------------------------------------------------------------------- stream_pre
@@ -50,7 +44,7 @@ def _stream_pre_backward(x: Tensor, h: Tensor, grad: Tensor, block_c: int) -> tu
 
 @_stream_pre_backward.register_fake
 def _(x, h, grad, block_c):
-    return torch.empty_like(x), torch.empty_like(h)
+    return x.new_empty(x.shape), h.new_empty(h.shape)
 
 
 def _stream_pre_setup(ctx, inputs, output):
@@ -76,7 +70,7 @@ def _stream_merge(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, block_c: 
 
 @_stream_merge.register_fake
 def _(x, h_res, h_post, y, block_c):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernel's output
 
 
 @torch.library.custom_op("hyperconn::stream_merge_backward", mutates_args=())
@@ -87,7 +81,7 @@ def _stream_merge_backward(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, 
 
 @_stream_merge_backward.register_fake
 def _(x, h_res, h_post, y, grad, block_c):
-    return torch.empty_like(x), torch.empty_like(h_res), torch.empty_like(h_post), torch.empty_like(y)
+    return x.new_empty(x.shape), h_res.new_empty(h_res.shape), h_post.new_empty(h_post.shape), y.new_empty(y.shape)
 
 
 def _stream_merge_setup(ctx, inputs, output):
@@ -112,7 +106,7 @@ def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
 
 @_sinkhorn.register_fake
 def _(logits, iters):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 @torch.library.custom_op("hyperconn::sinkhorn_tokens_backward", mutates_args=())
@@ -122,7 +116,7 @@ def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
 
 @_sinkhorn_backward.register_fake
 def _(logits, grad, iters):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 def _sinkhorn_setup(ctx, inputs, output):
@@ -168,5 +162,3 @@ def rms_projection(x: Tensor, phi: Tensor, eps: float, cdtype: torch.dtype, slot
     mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=cdtype).square() / flat.shape[-1]
     return proj * torch.rsqrt(mean_sq + eps)
 
-
-del torch_backend

@@ -20,7 +20,7 @@ Work split:
     compute dtype and summed over tokens on the host when the coefficients are shared.
   * Sinkhorn: ``BM`` tokens per program, (BM, NP, NP) tiles, -inf padding. Backward
     stores nothing from the forward: it recomputes the iterations keeping only the
-    per-iteration log-scalings (2·iters·n values per token, in registers) and then runs
+    per-iteration log-scalings (2·iters·n values per token, in a scratch buffer) and then runs
     the reverse sweep of the unrolled map.
 """
 

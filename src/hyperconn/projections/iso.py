@@ -215,6 +215,10 @@ def orthogonal_factor(a: torch.Tensor, method: str = "polar", steps: Optional[in
     if method not in ISO_METHODS:
         raise ValueError(f"method: expected one of {ISO_METHODS}, got {method!r}")
     steps = _DEFAULT_STEPS.get(method, 1) if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a positive integer or None, got {steps!r}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
+        raise ValueError(f"tol: expected a positive number or None, got {tol!r}")
     return _orthogonal_factor(a.to(compute_dtype(a)), method, steps, tol).to(a.dtype)
 
 

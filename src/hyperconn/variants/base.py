@@ -1,7 +1,8 @@
 """The variant base class, its options and the registry every part of hyperconn reads.
 
 A variant maps raw coefficients to (H_pre, H_post, H_res). Shapes: ``raw_pre``/``raw_post``
-(..., n), ``raw_res`` (..., n, n); the outputs have the same shapes. A variant owns its
+(..., n) → (..., n); ``raw_res`` (..., *res_logit_shape) — (..., n, n) unless the variant
+maps fewer logits — → ``H_res`` (..., n, n). A variant owns its
 initial static logits, the activation of its dynamic part, the map onto its manifold,
 any parameters or buffers of its own, its options (a small dataclass), the one-line
 description of a configuration, its report style and, where it has one, its controller.
@@ -66,6 +67,8 @@ def register_variant(cls: type["Variant"], name: Optional[str] = None) -> type["
     if not (isinstance(cls.Options, type) and issubclass(cls.Options, Options)
             and dataclasses.is_dataclass(cls.Options)):
         raise TypeError(f"{cls.__name__}.Options: expected a dataclass subclassing hyperconn.variants.Options")
+    for old in [k for k, v in _REGISTRY.items() if v is cls and k != name]:
+        del _REGISTRY[old]  # one name per class
     cls.name = name
     _REGISTRY[name] = cls
     return cls
@@ -142,13 +145,15 @@ class Variant(nn.Module):
     - ``name``: the registry name (defining it registers the class).
     - ``Options``: its options dataclass (subclass of :class:`Options`); the constructor
       takes them as keyword arguments and stores ``self.options``.
-    - ``res_init``: default diagonal of the static H̃_res.
+    - ``res_init_default``: default diagonal of the static H̃_res.
+    - ``res_logit_shape`` (property): the shape of the raw H̃_res logits the variant maps,
+      (n, n) by default; a variant with another shape also overrides :meth:`static_init`.
     - ``pre_init``: "uniform" (every stream feeds the branch equally) or "onehot" (stream
       ``layer_index % n`` alone, as HC initialises).
     - ``phi_init``: initial dynamic projection φ: "random" (N(0, 1/(nC)); the dynamic part
       moves the coefficients by O(α) at init) or "zero" (they start at the static map).
-    - ``streams_allowed``: a callable ``n -> error message or None`` for variants that
-      support only some n (the residual: n = 1).
+    - ``streams_error(n)`` (classmethod): an error message or None, for variants that
+      support only some n (the residual: n = 1; kromhc: n = 2^a·3^b).
     - ``has_coefficients``: False for a variant with no learned coefficients (residual).
     - ``controller``: a :class:`hyperconn.control.Controller` class its layers need in
       training, or None.
@@ -184,6 +189,8 @@ class Variant(nn.Module):
     def __init__(self, streams: int, layer_index: int = 0, res_init: Optional[float] = None, *,
                  pre_init: str = "default", kernels: Optional[str] = None, **options: Any):
         super().__init__()
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ConfigError("streams", f"expected a positive integer, got {streams!r}")
         message = self.streams_error(streams)
         if message is not None:
             raise ConfigError("streams", message)
@@ -219,15 +226,14 @@ class Variant(nn.Module):
         return None
 
     # ------------------------------------------------------------------ init
-    def static_init(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Initial (b_pre (n,), b_post (n,), b_res (n, n)).
+    def static_pre_post(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial (b_pre (n,), b_post (n,)).
 
         σ(b_pre) = 1/n so H_pre averages the streams (``pre_init="uniform"``), or, with
         ``pre_init="onehot"``, b_pre = +4 at ``layer_index % n`` and −4 elsewhere
         (σ = 0.982 / 0.018: HC's one-hot read, which makes the layers read different
         streams and so breaks the symmetry of streams that start as copies); 2σ(0) = 1
-        so every stream receives the branch output once; b_res = res_init·I (a variant
-        with its own ``res_logit_shape`` overrides this).
+        so every stream receives the branch output once.
         """
         n = self.streams
         if self.pre_init == "onehot" and n > 1:
@@ -235,7 +241,21 @@ class Variant(nn.Module):
             b_pre[self.layer_index % n] = 4.0
         else:
             b_pre = torch.full((n,), -math.log(n - 1) if n > 1 else 20.0)
-        return b_pre, torch.zeros(n), self.res_init * torch.eye(n)
+        return b_pre, torch.zeros(n)
+
+    def static_init(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Initial (b_pre (n,), b_post (n,), b_res): :meth:`static_pre_post` and
+        b_res = res_init·I. A variant whose ``res_logit_shape`` is not (n, n) overrides this
+        (typically ``*self.static_pre_post(), its own b_res``).
+
+        Raises:
+            TypeError: if ``res_logit_shape`` is not (n, n) and this was not overridden.
+        """
+        n = self.streams
+        if tuple(self.res_logit_shape) != (n, n):
+            raise TypeError(f"{type(self).__name__}: res_logit_shape {tuple(self.res_logit_shape)} is not (n, n); "
+                            f"override static_init to return b_res of that shape")
+        return (*self.static_pre_post(), self.res_init * torch.eye(n))
 
     # ------------------------------------------------------------------ maps
     def dynamic_activation(self, raw: torch.Tensor) -> torch.Tensor:

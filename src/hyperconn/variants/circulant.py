@@ -41,7 +41,7 @@ class Circulant(Variant):
         return (self.streams,)
 
     def static_init(self):
-        b_pre, b_post, _ = super().static_init()
+        b_pre, b_post = self.static_pre_post()
         b_res = torch.zeros(self.streams)
         b_res[0] = self.res_init                      # the identity S⁰
         return b_pre, b_post, b_res

@@ -14,7 +14,8 @@ class IsoHC(Variant):
     """IsoHC: H_res on M_iso (orthogonal, mean-preserving) by Newton-Schulz or exact polar.
 
     ``iso_method``: "ns" (default; per-step optimal coefficients, converged for condition
-    numbers up to ~5e5), "ns-cubic" (the source's cubic iteration) or "polar" (SVD);
+    numbers up to ~5e5), "ns-cubic" (the source's cubic iteration), "polar" (SVD) or
+    "cayley" (exactly orthogonal, SO(n−1) only);
     ``iso_steps``: None for the method's default (see :func:`hyperconn.iso_project`).
     """
 

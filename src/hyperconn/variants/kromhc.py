@@ -27,6 +27,8 @@ def kron_factors(n: int) -> list[int]:
 
     Raises:
         ValueError: (via the variant's ``streams`` check) if n is not 2^a·3^b."""
+    if n < 1:
+        raise ValueError(f"{n} is not a positive integer")
     sizes, m = [], n
     for p in (2, 3):
         while m % p == 0:
@@ -67,7 +69,7 @@ class KromHC(Variant):
         return (max(1, sum(_logits_per_factor(f) for f in self.factors)),)  # n = 1: one unused logit
 
     def static_init(self):
-        b_pre, b_post, _ = super().static_init()
+        b_pre, b_post = self.static_pre_post()
         b_res = torch.zeros(self.res_logit_shape)
         start = 0
         for f in self.factors:  # the identity's logit of each factor (first for both kinds)

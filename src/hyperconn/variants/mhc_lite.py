@@ -56,7 +56,7 @@ class MHCLite(Variant):
         return (math.factorial(self.streams) if self.streams <= MAX_ALL_PERMUTATIONS else 2 * self.streams,)
 
     def static_init(self):
-        b_pre, b_post, _ = super().static_init()
+        b_pre, b_post = self.static_pre_post()
         b_res = torch.zeros(self.res_logit_shape)
         b_res[0] = self.res_init                                 # the identity
         return b_pre, b_post, b_res

@@ -34,7 +34,7 @@ class SinkhornOptions(Options):
 
 @dataclasses.dataclass(frozen=True)
 class IsoOptions(Options):
-    """``iso_method`` ("ns" | "ns-cubic" | "polar") and ``iso_steps`` (None: the method's
+    """``iso_method`` ("ns" | "ns-cubic" | "polar" | "cayley") and ``iso_steps`` (None: the method's
     default) of the mean-preserving isometry (see :func:`hyperconn.iso_project`)."""
 
     iso_method: str = "ns"
