@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from . import group_by_label
 from .figures import DIAG, Figure
+from .findings import findings_section
 from .stability import mechanism_section, stability_section
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -191,6 +192,7 @@ def render(runs: Sequence["Run"], figures: dict[str, Figure], dirs: Sequence[Pat
         "layers a..b is P = H_b⋯H_a; forward Amax gain = max_i |Σ_j P_ij|, backward = max_j |Σ_i P_ij|.",
         "",
     ]
+    lines += findings_section(runs)
     lines += _summary_section(runs)
     lines += _figure_section("Training curves", [figures["curves"], figures["quality"]], out, notes)
     lines += _figure_section("Composite gain over training", [figures["gain_training"], figures["harmonized"]],
