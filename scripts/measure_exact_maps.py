@@ -42,7 +42,7 @@ HyperConnection = hyperconn.HyperConnection
 
 
 def manifold_errors(args):
-    print(f"| variant | n | row-sum err | col-sum err | min entry | ‖HᵀH − I‖_max |")
+    print("| variant | n | row-sum err | col-sum err | min entry | ‖HᵀH − I‖_max |")
     print("|---|---|---|---|---|---|")
     for variant, kw in CASES:
         for n in (2, 4, 8):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import hyperconn
-from hyperconn import HyperConnection, expand_streams
+from hyperconn import HyperConnection
 from hyperconn.models import GPT, GPTConfig
 
 

@@ -1,10 +1,8 @@
 """A variant defined in user code works by name wherever a built-in one does."""
 
-import dataclasses
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from torch import nn
 import hyperconn
 from hyperconn import ConfigError, HyperConnection
 from hyperconn.models import GPT, ConnectionConfig, GPTConfig
-from hyperconn.variants import Options, unregister_variant
+from hyperconn.variants import unregister_variant
 
 USER_VARIANT = '''
 import dataclasses

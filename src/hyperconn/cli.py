@@ -307,7 +307,7 @@ def _compare(args: list[str]) -> int:
             flag = "--variants"
         return _err("compare", f"{flag}: {e.message}")
     except KeyboardInterrupt:
-        print(f"hyperconn compare: interrupted; run the same command again to continue", file=sys.stderr)
+        print("hyperconn compare: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
     return 1 if summary["failed"] else 0
 

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping
 
 from ..errors import ConfigError
 from ..models import GPTConfig

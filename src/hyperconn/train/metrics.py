@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from .._io import atomic_write_text, nan_to_none, read_json, read_jsonl, write_json
 
