@@ -190,8 +190,7 @@ class HyperConnection(nn.Module):
         single_pass: DeepSeek V4.1-style single-pass reads (see :meth:`pre`): the H_pre
             this layer computes from its input reads the *next* layer's input, in the same
             pass as this layer's merge; this layer reads with the H_pre the previous layer
-            predicted, or, as the first layer (a plain tensor input), with its static
-            H_pre (``σ(b_pre)`` for the σ-gated variants). The stream state between layers is then the pair
+            predicted, or, as the first layer (a plain tensor input), stream 0. The stream state between layers is then the pair
             ``(streams, next branch input)``. Ignored by variants without coefficients.
         channel_first: conv-net layout: streams ``(B, n·C, *spatial)`` (stream ``j`` in
             channels ``j·C … (j+1)·C − 1``, as :func:`expand_streams` with
@@ -443,10 +442,8 @@ class HyperConnection(nn.Module):
         # The layer's H_pre (from x) is the *next* layer's read; its own read was carried in.
         h_next, h_post, h_res = self.mixer(*self.raw_coefficients(x, None, backend), state=state)
         after = self._observe(h_next, h_post, h_res, x) if self._observers else ()
-        if carried is None:  # the first layer: a fixed (static, token-independent) read
-            cdtype = self.coefficient_dtype
-            h_read = self.mixer.map_pre_post(self.b_pre.to(cdtype), self.b_post.to(cdtype))[0]
-            carried = backend.stream_pre(x, h_read, None)
+        if carried is None:  # the first layer reads a fixed stream: stream 0 (as Megatron-LM's single pass)
+            carried = x[..., 0, :].contiguous()
         elif not isinstance(carried, torch.Tensor) or tuple(carried.shape) != tuple(x.shape[:-2]) + (self.dim,):
             got = tuple(carried.shape) if isinstance(carried, torch.Tensor) else type(carried).__name__
             raise ValueError(f"x: expected (streams, branch input of shape {tuple(x.shape[:-2]) + (self.dim,)}) "

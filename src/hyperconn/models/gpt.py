@@ -224,9 +224,13 @@ class GPT(nn.Module):
         x = expand_streams(h, conn.streams, offset=conn.stream_offset, pattern=self.stream_pattern)  # (B, T, n, C)
         for block in self.blocks:
             x = block(x, cos, sin)
-        if isinstance(x, tuple):  # single-pass layers carry (streams, next read); the last read is unused
-            x = x[0]
-        x = (self.reduce(x) if self.reduce is not None else reduce_streams(x)).to(self.norm.weight.dtype)  # (B, T, C)
+        if isinstance(x, tuple):
+            # Single-pass layers carry (streams, next read): the last layer's predicted read is
+            # the n → 1 contraction (as DeepSeek V4.1 / Megatron-LM), unless reduce="learned".
+            x = self.reduce(x[0]) if self.reduce is not None else x[1]
+        else:
+            x = self.reduce(x) if self.reduce is not None else reduce_streams(x)
+        x = x.to(self.norm.weight.dtype)  # (B, T, C)
         return self.head(self.norm(x))
 
     def connections(self) -> list[HyperConnection]:

@@ -146,8 +146,8 @@ class Distributed(Single):
 
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
             inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False}
-        # Single-pass connections: the last layer's predicted read (its b_pre) feeds no
-        # layer, so that parameter has no gradient and DDP must be told.
+        # Single-pass connections with reduce="learned": the last layer's predicted read
+        # (its b_pre) then feeds nothing, so that parameter has no gradient and DDP must be told.
         unused = any(getattr(m, "single_pass", False) for m in model.modules())
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                    find_unused_parameters=unused, **no_sync)
