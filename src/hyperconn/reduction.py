@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ._checks import check_floating
-from ._dtypes import compute_dtype
 from .errors import ConfigError
+from .ops import reference
 
 __all__ = ["LearnedReduce", "REDUCTIONS"]
 
@@ -55,11 +55,8 @@ class LearnedReduce(nn.Module):
         check_floating("x", x)
         if x.dim() < 2 or x.shape[-2:] != (self.streams, self.dim):
             raise ValueError(f"x: expected shape (..., streams={self.streams}, dim={self.dim}), got {tuple(x.shape)}")
-        cdtype = compute_dtype(x, self.phi)
-        flat = x.reshape(*x.shape[:-2], self.streams * self.dim).to(cdtype)
-        inv_rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
-        proj = (flat @ self.phi.to(cdtype)) * inv_rms
-        return torch.sigmoid(self.bias.to(cdtype) + self.alpha.to(cdtype) * proj)
+        proj = reference.rms_projection(x, self.phi, self.norm_eps)  # (..., n), in compute_dtype(x, φ)
+        return torch.sigmoid(self.bias.to(proj.dtype) + self.alpha.to(proj.dtype) * proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights(x)

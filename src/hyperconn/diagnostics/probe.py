@@ -26,6 +26,7 @@ from torch import nn
 from .._io import atomic_write_text, nan_to_none
 from ..connection import HyperConnection
 from ..variants.harmonized import HARMONIZED_KEYS
+from .gain import composite_product
 from .metrics import (MANIFOLD_ERROR_NAMES, energy_profile, layer_profile, manifold_errors,
                       stream_effective_rank, stream_similarity, transport_grad_ratio)
 
@@ -266,9 +267,7 @@ class StabilityHook:
         # The mechanism the claims are about (docs/design.md §2): what the transport alone
         # does to the top gradient, what the whole composite keeps of a mean-zero signal,
         # and how many independent directions the streams span.
-        whole_product = mats[0].double()
-        for m in mats[1:]:
-            whole_product = m.double() @ whole_product
+        whole_product = composite_product([m.double() for m in mats])
         scalars["transport_grad_ratio"] = (transport_grad_ratio(whole_product, top_grad)
                                            if top_grad is not None else math.nan)
         n = int(records[0].x.shape[-2])

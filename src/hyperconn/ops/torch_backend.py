@@ -25,18 +25,23 @@ NAME = "torch"
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def plain_rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float, cdtype: torch.dtype) -> torch.Tensor:
+    """The projection in plain ops (autocast and ``torch.compile`` see them whole): the GPU
+    path of this backend and of the Triton one. Half-precision streams go into the GEMM as
+    they are (fp32 accumulation, no fp32 copy of x); anything else is computed in ``cdtype``."""
+    flat = (x if x.dtype in _HALF else x.to(cdtype)).reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+    proj = (flat @ phi.to(flat.dtype)).to(cdtype)
+    mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=cdtype).square() / flat.shape[-1]
+    return proj * torch.rsqrt(mean_sq + eps)
+
+
 def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float, cdtype: torch.dtype,
                    slot: Optional[StreamGradSlot] = None) -> torch.Tensor:
-    """``(vec(x) φ) · rsqrt(mean(x²) + ε)``: (..., n, C), (n·C, N) → (..., N) in ``cdtype``.
-
-    Half-precision streams go into the GEMM as they are (fp32 accumulation, no fp32 copy
-    of x); anything else is computed in ``cdtype``."""
-    xc = x if x.dtype in _HALF else x.to(cdtype)
+    """``(vec(x) φ) · rsqrt(mean(x²) + ε)``: (..., n, C), (n·C, N) → (..., N) in ``cdtype``:
+    :func:`plain_rms_projection` on CUDA, the hand-written CPU op (∂x written once) elsewhere."""
     if x.is_cuda:
-        flat = xc.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-        proj = (flat @ phi.to(flat.dtype)).to(cdtype)
-        mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=cdtype).square() / flat.shape[-1]
-        return proj * torch.rsqrt(mean_sq + eps)
+        return plain_rms_projection(x, phi, eps, cdtype)
+    xc = x if x.dtype in _HALF else x.to(cdtype)
     return cpu.rms_projection(xc, phi.to(xc.dtype), eps, slot).to(cdtype)
 
 

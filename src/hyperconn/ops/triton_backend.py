@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .._dtypes import compute_dtype
 from . import triton_kernels as tk
+from .torch_backend import plain_rms_projection
 
 __all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "NAME", "INTERPRETED"]
 
@@ -156,9 +157,5 @@ def sinkhorn_tokens(logits: Tensor, iters: int = 20) -> Tensor:
 
 def rms_projection(x: Tensor, phi: Tensor, eps: float, cdtype: torch.dtype, slot=None) -> Tensor:
     """The torch backend's plain-ops projection (no fused kernel yet)."""
-    xc = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(cdtype)
-    flat = xc.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-    proj = (flat @ phi.to(flat.dtype)).to(cdtype)
-    mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=cdtype).square() / flat.shape[-1]
-    return proj * torch.rsqrt(mean_sq + eps)
+    return plain_rms_projection(x, phi, eps, cdtype)
 
