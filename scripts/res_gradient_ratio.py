@@ -3,8 +3,8 @@ and after 20 / 100 AdamW steps, in a 2-block GPT on a copy task (issue 17).
 
     python scripts/res_gradient_ratio.py [--steps 20 100] [--seeds 0 1 2]
 
-For each variant and init (exact copies; a zero-mean stream offset of 0.1; the offset with
-a one-hot read), prints the median over seeds of the ratio at init and after each number
+For each variant and init (the named schemes of ``hyperconn.inits`` and the offset alone
+with a uniform read), prints the median over seeds of the ratio at init and after each number
 of steps. The required property of a default for the constrained variants: ≥ 3e-3 at
 init and after 20 steps.
 """
@@ -19,8 +19,11 @@ import torch
 from hyperconn.models import GPT, GPTConfig
 
 VARIANTS = ("hc", "mhc", "isohc", "hybrid", "mhc-lite", "kromhc", "orthostochastic", "circulant")
-INITS = {"copies": {}, "offset 0.1": {"stream_offset": 0.1},
-         "offset 0.1 + one-hot read": {"stream_offset": 0.1, "pre_init": "onehot"}}
+# The named schemes (hyperconn.inits) and the offset alone (with the uniform read).
+INITS = {"copies": {"init": "copies"}, "offset 0.1, uniform read": {"init": "copies", "stream_offset": 0.1},
+         "hyperconn (default: offset 0.1 + one-hot read)": {"init": "hyperconn"},
+         "hc-paper": {"init": "hc-paper"}, "hyper-connections": {"init": "hyper-connections"},
+         "megatron": {"init": "megatron"}}
 
 
 def copy_batch(g: torch.Generator, batch: int = 16, half: int = 16, vocab: int = 64):

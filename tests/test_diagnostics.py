@@ -268,7 +268,7 @@ def test_stability_hook_on_gpt(tmp_path):
     models = pytest.importorskip("hyperconn.models")
     torch.manual_seed(0)
     cfg = models.GPTConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, n_embd=16,
-                           connection=models.ConnectionConfig("mhc", streams=4))
+                           connection=models.ConnectionConfig("mhc", streams=4, init="copies"))
     model = models.GPT(cfg)
     idx, tgt = batch(b=2, t=8, vocab=32)
     with torch.no_grad():

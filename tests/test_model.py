@@ -12,12 +12,12 @@ from hyperconn import HyperConnection
 from hyperconn.models import GPT, ConnectionConfig, GPTConfig
 
 
-def tiny(variant="mhc", streams=None, dynamic=True, **kw):
+def tiny(variant="mhc", streams=None, dynamic=True, init="hyperconn", **kw):
     if streams is None:
         streams = 1 if variant == "residual" else 2
     base = dict(vocab_size=64, seq_len=12, n_layer=2, n_head=2, n_embd=16)
     base.update(kw)
-    return GPTConfig(**base, connection=ConnectionConfig(variant, streams=streams, dynamic=dynamic))
+    return GPTConfig(**base, connection=ConnectionConfig(variant, streams=streams, dynamic=dynamic, init=init))
 
 
 def tokens(cfg, batch=2, T=None, seed=0):
@@ -136,11 +136,12 @@ def test_static_hc_n1_equals_residual():
 
 @pytest.mark.parametrize("variant", [v for v in hyperconn.VARIANTS if v != "residual"])
 def test_static_init_equals_residual_twin(variant):
-    """The documented init argument: with identical streams and rows of H_res summing to
-    1, every static variant with n = 4 starts as exactly the n = 1 residual model."""
+    """The documented init argument: with identical streams (init="copies") and rows of
+    H_res summing to 1, every static variant with n = 4 starts as exactly the n = 1
+    residual model."""
     torch.manual_seed(0)
     res = GPT(tiny("residual")).double()
-    model = GPT(tiny(variant, streams=4, dynamic=False)).double()
+    model = GPT(tiny(variant, streams=4, dynamic=False, init="copies")).double()
     copy_weights(res, model)
     idx = tokens(res.config)
     torch.testing.assert_close(model(idx), res(idx), atol=1e-6, rtol=0)

@@ -15,10 +15,15 @@ def _h_pre(variant, layer_index=0, n=4, **options):
     return hc.coefficients(torch.zeros(n, 8))[0]
 
 
-def test_defaults_unchanged():
+def test_default_read_is_onehot_and_copies_keeps_the_variants_own():
+    """The default init ("hyperconn") reads one stream per layer; init="copies" keeps
+    each variant's own read (one-hot for hc, uniform for the constrained maps)."""
     assert torch.equal(_h_pre("hc", layer_index=5), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert torch.equal(_h_pre("hc", layer_index=5, init="copies"), torch.tensor([0.0, 1.0, 0.0, 0.0]))
     for v in ("mhc", "isohc", "hybrid", "harmonized"):
-        torch.testing.assert_close(_h_pre(v), torch.full((4,), 0.25))
+        torch.testing.assert_close(_h_pre(v, init="copies"), torch.full((4,), 0.25))
+        h = _h_pre(v, layer_index=6)
+        assert int(h.argmax()) == 2 and float(h[2]) == pytest.approx(float(torch.sigmoid(torch.tensor(4.0))))
 
 
 @pytest.mark.parametrize("variant", ["mhc", "isohc", "hybrid", "harmonized"])

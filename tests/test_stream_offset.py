@@ -41,7 +41,7 @@ def test_offset_keeps_the_residual_equivalence_at_init_and_feeds_h_res(variant):
     torch.manual_seed(0)
     C, n = 16, 4
     branch = nn.Linear(C, C)
-    layer = HyperConnection(C, n, branch, variant=variant, dynamic=False)
+    layer = HyperConnection(C, n, branch, variant=variant, dynamic=False, init="copies")  # uniform read
     with torch.no_grad():  # an exactly doubly stochastic, non-identity static map, uniform read
         layer.b_res.normal_()
     x = torch.randn(6, C)
@@ -51,15 +51,18 @@ def test_offset_keeps_the_residual_equivalence_at_init_and_feeds_h_res(variant):
     torch.testing.assert_close(reduce_streams(out), x + branch(x), atol=1e-5, rtol=0)
     out.square().sum().backward()
     assert layer.b_res.grad.abs().max() > 1e-6
-    copies = HyperConnection(C, n, branch, variant=variant, dynamic=False)
+    copies = HyperConnection(C, n, branch, variant=variant, dynamic=False, init="copies")
     copies.load_state_dict(layer.state_dict())
     copies(expand_streams(x, n)).square().sum().backward()
     assert copies.b_res.grad.abs().max() < 1e-3 * layer.b_res.grad.abs().max()  # copies: rounding only
 
 
 def test_gpt_option():
-    cfg = GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=8, connection={"variant": "mhc", "stream_offset": 0.1})
-    assert "offset=0.1" in cfg.connection.describe()
+    cfg = GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=8, connection={"variant": "mhc", "stream_offset": 0.2})
+    assert "offset=0.2" in cfg.connection.describe() and cfg.connection.offset == 0.2
+    assert GPTConfig(connection={"variant": "mhc"}).connection.offset == 0.1  # the default scheme's
+    assert GPTConfig(connection={"variant": "mhc", "init": "copies"}).connection.offset == 0.0
+    assert GPTConfig(connection={"variant": "residual", "streams": 1}).connection.offset == 0.0
     assert torch.isfinite(GPT(cfg)(torch.zeros(1, 8, dtype=torch.long))).all()
     with pytest.raises(hyperconn.ConfigError, match="stream_offset"):
         GPTConfig(connection={"variant": "mhc", "stream_offset": -0.1})

@@ -30,6 +30,7 @@ from . import ops
 from ._checks import check_floating
 from ._dtypes import compute_dtype
 from .errors import ConfigError
+from .inits import DEFAULT_INIT, get_init
 from .ops import StreamGradSlot
 from .variants import make_variant
 
@@ -179,8 +180,16 @@ class HyperConnection(nn.Module):
             the layer (coefficients, projections, mixing and the branch) in backward, via
             ``torch.utils.checkpoint`` (non-reentrant). Trades one extra forward of the
             layer for its activation memory. Observers are called again during recompute.
-        alpha_init: initial α scale of the dynamic part (0.01); with ``dynamic=True`` the
-            dynamic part moves H_res by O(α·n) from the static map at init.
+        alpha_init: initial α scale of the dynamic part (None: the init scheme's, 0.01 for
+            every shipped one); with ``dynamic=True`` the dynamic part moves H_res by
+            O(α·n) from the static map at init.
+        init: a named initialisation (:mod:`hyperconn.inits`): ``"hyperconn"`` (the
+            default: a one-hot read, to be used with streams expanded with
+            ``offset=0.1``), ``"copies"`` (the first release's), or a peer's
+            (``"hc-paper"``, ``"hyper-connections"``, ``"megatron"``). It sets the static
+            logits, φ and α the caller does not set explicitly (``pre_init``,
+            ``res_init``, ``alpha_init`` win); the matching stream expansion is
+            ``expand_streams(x, n, offset=hyperconn.get_init(init).stream_offset)``.
         kernels: ``"torch"``, ``"triton"``, ``"auto"`` or None (the default: the
             ``HYPERCONN_KERNELS`` environment variable, else ``"auto"``). Chooses the
             implementation of ``H_pre x``, the merge ``H_res x + H_postᵀ y`` and the
@@ -224,9 +233,9 @@ class HyperConnection(nn.Module):
 
     def __init__(self, dim: int, streams: int, branch: Optional[nn.Module] = None, *,
                  variant: str = "mhc", dynamic: bool = True, layer_index: int = 0,
-                 res_init: Optional[float] = None, recompute: bool = False, alpha_init: float = 0.01,
+                 res_init: Optional[float] = None, recompute: bool = False, alpha_init: Optional[float] = None,
                  norm_eps: float = 1e-6, kernels: Optional[str] = None, channel_first: bool = False,
-                 single_pass: bool = False, **options: Any):
+                 single_pass: bool = False, init: str = DEFAULT_INIT, **options: Any):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ConfigError("dim", f"expected a positive integer, got {dim!r}")
@@ -238,8 +247,13 @@ class HyperConnection(nn.Module):
         self.channel_first = bool(channel_first)
         self.kernels = kernels
         self.branch = branch
+        scheme = get_init(init)
+        self.init = scheme.name
+        pre_init = options.pop("pre_init", "default")
+        keep_pre = pre_init != "default"
         # The variant validates its name, its options and the number of streams.
-        self.mixer = make_variant(variant, streams, layer_index, res_init, kernels=kernels, **options)
+        self.mixer = make_variant(variant, streams, layer_index, res_init, kernels=kernels,
+                                  pre_init=pre_init if keep_pre else scheme.pre_init, **options)
         self.dynamic = dynamic and self.mixer.has_coefficients
         # A variant without coefficients (the residual) has no read to predict: ignored,
         # so one config serves a sweep over variants.
@@ -250,6 +264,9 @@ class HyperConnection(nn.Module):
         self.norm_eps = norm_eps
         n = streams
         b_pre, b_post, b_res = self.mixer.static_init()
+        if self.mixer.has_coefficients:
+            b_pre, b_post, b_res = scheme.static_logits(self.mixer, b_pre, b_post, b_res,
+                                                        keep_pre=keep_pre, keep_res=res_init is not None)
         if tuple(b_res.shape) != tuple(self.mixer.res_logit_shape):
             raise ConfigError("variant", f"{type(self.mixer).__name__}.static_init returned b_res of shape "
                                          f"{tuple(b_res.shape)}, expected res_logit_shape "
@@ -266,8 +283,14 @@ class HyperConnection(nn.Module):
             # way, so the random stream and every later parameter are initialised as before.
             res_logits = math.prod(self.mixer.res_logit_shape)  # n² for a full matrix
             phi = torch.randn(n * dim, res_logits + 2 * n) / (n * dim) ** 0.5
-            self.phi = nn.Parameter(phi.zero_() if self.mixer.phi_init == "zero" else phi)
-            self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))  # pre, post, res
+            if self.mixer.phi_init == "zero":
+                phi.zero_()
+            scheme.init_phi(phi)
+            self.phi = nn.Parameter(phi)
+            alpha = scheme.alpha if alpha_init is None else alpha_init
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise ConfigError("alpha_init", f"expected None or a finite number, got {alpha_init!r}")
+            self.alpha = nn.Parameter(torch.full((3,), float(alpha)))  # pre, post, res
         self._observers: "OrderedDict[int, Callable]" = OrderedDict()
 
     # ------------------------------------------------------------------ observers

@@ -39,6 +39,8 @@ from torch import nn
 
 from .._dtypes import compute_dtype
 from ..connection import HyperConnection, expand_streams, reduce_streams
+from ..inits import DEFAULT_INIT, get_init
+from ..variants import get_variant
 
 __all__ = ["hyperconnect", "from_pretrained", "SUPPORTED"]
 
@@ -74,7 +76,7 @@ def _hyperconnected_forward(self, hidden_states, *args, **kwargs):
         kwargs.pop("encoder_attention_mask", None)
     if args:
         raise ValueError(f"hyperconnect: unexpected positional arguments to {type(self).__name__}")
-    x = expand_streams(hidden_states, n) if self._hc_first else hidden_states.unflatten(-1, (n, C))
+    x = expand_streams(hidden_states, n, offset=self._hc_offset) if self._hc_first else hidden_states.unflatten(-1, (n, C))
     h, finish = self.hc_attn.pre(x)
     x = finish(_sublayer(self, self._hc_attn_names, h, **kwargs))
     h, finish = self.hc_mlp.pre(x)
@@ -100,7 +102,9 @@ def hyperconnect(model: nn.Module, streams: int = 4, variant: str = "mhc", **opt
         streams: residual streams n (1 with ``variant="residual"``).
         variant: one of ``hyperconn.VARIANTS``.
         **options: any :class:`~hyperconn.HyperConnection` keyword (``dynamic``,
-            ``res_init``, ``recompute``, ``sinkhorn_iters``, ``iso_method``, ...).
+            ``res_init``, ``recompute``, ``init``, ``sinkhorn_iters``, ``iso_method``, ...),
+            and ``stream_offset`` (None: the init scheme's, 0.1 for the default; the
+            first layer expands the hidden state with it).
 
     Raises:
         ValueError: for an unsupported or already hyper-connected model, or invalid
@@ -120,6 +124,12 @@ def hyperconnect(model: nn.Module, streams: int = 4, variant: str = "mhc", **opt
         layers = _layers(model, path.split(".", 1)[1])
     C = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
     last = len(layers) - 1
+    options = dict(options)
+    offset = options.pop("stream_offset", None)
+    if offset is None:  # the init scheme's expansion (0.1 for the default), none without coefficients
+        offset = get_init(options.get("init", DEFAULT_INIT)).stream_offset if get_variant(variant).has_coefficients else 0.0
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0 <= offset < float("inf"):
+        raise ValueError(f"stream_offset: expected None or a finite number >= 0, got {offset!r}")
     for i, layer in enumerate(layers):
         if getattr(layer, "_hc_layout", None):
             raise ValueError("model: already hyper-connected")
@@ -132,9 +142,10 @@ def hyperconnect(model: nn.Module, streams: int = 4, variant: str = "mhc", **opt
         layer._hc_attn_names, layer._hc_mlp_names = (attn, attn_norm), (mlp, mlp_norm)
         layer._hc_layout = "gpt2" if model_type == "gpt2" else "llama"
         layer._hc_first, layer._hc_last = i == 0, i == last
+        layer._hc_offset = float(offset)
         cls = type(layer)
         layer.__class__ = type(f"HyperConnected{cls.__name__}", (cls,), {"forward": _hyperconnected_forward})
-    setattr(config, _CONFIG_KEY, {"streams": streams, "variant": variant, **options})
+    setattr(config, _CONFIG_KEY, {"streams": streams, "variant": variant, "stream_offset": float(offset), **options})
     return model
 
 
@@ -163,6 +174,9 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
     if not options:
         raise ValueError(f"path: {path} was not saved from a hyper-connected model (no config.hyperconn)")
     delattr(config, _CONFIG_KEY)
+    options = dict(options)
+    # Saved before the expansion offset was recorded: those models expanded exact copies.
+    options.setdefault("stream_offset", 0.0)
     model = (model_class or AutoModelForCausalLM).from_config(config)
     hyperconnect(model, **options)
     state = {}

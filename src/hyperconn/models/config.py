@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..errors import ConfigError
+from ..inits import get_init
 from ..reduction import REDUCTIONS
 from ..variants import get_variant, make_variant
 
@@ -61,11 +62,18 @@ class ConnectionConfig:
         single_pass: single-pass reads (DeepSeek V4.1 style): each layer reads its input
             with the H_pre predicted by the previous layer, the first layer with its static
             H_pre (see ``HyperConnection(single_pass=True)``). Ignored by ``"residual"``.
+        init: a named initialisation (:mod:`hyperconn.inits`): ``"hyperconn"`` (the
+            default: streams offset by 0.1, one-hot read), ``"copies"`` (the first
+            release's: exact copies, the variant's own read), or a peer's
+            (``"hc-paper"``, ``"hyper-connections"``, ``"megatron"``). Explicit
+            ``pre_init``, ``res_init``, ``alpha_init`` and ``stream_offset`` win over it.
         stream_offset: symmetry-breaking offset of the stream expansion (see
-            ``hyperconn.expand_streams``): 0 (default) starts the streams as exact copies;
+            ``hyperconn.expand_streams``): None (default) takes the init scheme's (0.1
+            for ``"hyperconn"``, 0 for the others); 0 starts the streams as exact copies;
             > 0 adds a fixed zero-mean per-stream pattern of that size relative to each
             token's RMS, which keeps the mean over streams (and so, for doubly stochastic
             maps with a uniform read, the residual equivalence at init) exact.
+        alpha_init: initial α of the dynamic part (None: the scheme's, 0.01).
         kernels: backend of the layers' per-token ops (None: ``HYPERCONN_KERNELS``, else
             "auto"; see :mod:`hyperconn.ops`).
 
@@ -94,7 +102,9 @@ class ConnectionConfig:
     recompute: bool = False
     kernels: Optional[str] = None
     single_pass: bool = False
-    stream_offset: float = 0.0
+    init: str = "hyperconn"
+    stream_offset: Optional[float] = None
+    alpha_init: Optional[float] = None
     options: dict = field(default_factory=dict)
 
     # The fields above that are variant options (the rest configure the layer).
@@ -103,9 +113,14 @@ class ConnectionConfig:
 
     def __post_init__(self):
         get_variant(self.variant)  # ConfigError("variant", ...) naming the registered ones
-        if isinstance(self.stream_offset, bool) or not isinstance(self.stream_offset, (int, float)) \
-                or not 0 <= self.stream_offset < float("inf"):
-            raise ConfigError("stream_offset", f"expected a finite number >= 0, got {self.stream_offset!r}")
+        get_init(self.init)  # ConfigError("init", ...) naming the schemes
+        if self.stream_offset is not None and (
+                isinstance(self.stream_offset, bool) or not isinstance(self.stream_offset, (int, float))
+                or not 0 <= self.stream_offset < float("inf")):
+            raise ConfigError("stream_offset", f"expected None or a finite number >= 0, got {self.stream_offset!r}")
+        if self.alpha_init is not None and (isinstance(self.alpha_init, bool) or not isinstance(
+                self.alpha_init, (int, float)) or not math.isfinite(self.alpha_init)):
+            raise ConfigError("alpha_init", f"expected None or a finite number, got {self.alpha_init!r}")
         from ..ops import BACKENDS
         if self.kernels is not None and self.kernels not in BACKENDS:
             raise ConfigError("kernels", f"expected None or one of {BACKENDS}, got {self.kernels!r}")
@@ -119,6 +134,14 @@ class ConnectionConfig:
         # The variants own their checks (streams, options): building one (a few scalars)
         # is the single source of truth for what is valid.
         make_variant(self.variant, self.streams, 0, self.res_init, **self._options())
+
+    @property
+    def offset(self) -> float:
+        """The stream expansion's offset in use: ``stream_offset``, else the init scheme's
+        (0 for a variant without coefficients, whose single stream has nothing to break)."""
+        if self.stream_offset is not None:
+            return float(self.stream_offset)
+        return get_init(self.init).stream_offset if get_variant(self.variant).has_coefficients else 0.0
 
     def _lambda(self) -> Union[str, float]:
         value = self.hybrid_lambda
@@ -140,9 +163,10 @@ class ConnectionConfig:
     def layer_kwargs(self) -> dict:
         """Keyword arguments for ``HyperConnection(dim, streams, branch, **kwargs)``:
         variant, dynamic, res_init and every variant option (``hybrid_lambda`` as a float
-        unless ``"learned"``, plus ``options``) and ``recompute``. ``streams`` is not included."""
+        unless ``"learned"``, plus ``options``), ``recompute``, ``init`` and ``alpha_init``.
+        ``streams`` is not included (nor the stream offset: see :attr:`offset`)."""
         kwargs = dict(variant=self.variant, dynamic=self.dynamic, res_init=self.res_init,
-                      recompute=self.recompute, **self._options())
+                      recompute=self.recompute, init=self.init, alpha_init=self.alpha_init, **self._options())
         if self.kernels is not None:
             kwargs["kernels"] = self.kernels
         if self.single_pass:
@@ -160,11 +184,15 @@ class ConnectionConfig:
         parts += cls.describe_options(cls.Options(**{k: v for k, v in self._options().items() if k in names}))
         if self.res_init is not None:
             parts.append(f"res_init={self.res_init:g}")
+        if self.init != "hyperconn":
+            parts.append(f"init={self.init}")
         if self.pre_init != "default":
             parts.append(f"pre_init={self.pre_init}")
+        if self.alpha_init is not None:
+            parts.append(f"alpha={self.alpha_init:g}")
         if self.single_pass:
             parts.append("single-pass")
-        if self.stream_offset:
+        if self.stream_offset is not None and self.stream_offset != get_init(self.init).stream_offset:
             parts.append(f"offset={self.stream_offset:g}")
         if self.recompute:
             parts.append("recompute")

@@ -182,7 +182,7 @@ class GPT(nn.Module):
         # n → 1: the mean (default, the residual equivalence) or learned per-token gates.
         self.reduce = LearnedReduce(config.n_embd, config.connection.streams, norm_eps=config.norm_eps) \
             if config.reduce == "learned" else None
-        if config.connection.stream_offset:  # the fixed zero-mean expansion pattern, built once
+        if config.connection.offset:  # the fixed zero-mean expansion pattern, built once
             self.register_buffer("stream_pattern", stream_offsets(config.connection.streams, config.n_embd),
                                  persistent=False)
         else:
@@ -221,7 +221,7 @@ class GPT(nn.Module):
         if self.config.stream_dtype is not None:
             h = h.to(getattr(torch, self.config.stream_dtype))
         conn = self.config.connection
-        x = expand_streams(h, conn.streams, offset=conn.stream_offset, pattern=self.stream_pattern)  # (B, T, n, C)
+        x = expand_streams(h, conn.streams, offset=conn.offset, pattern=self.stream_pattern)  # (B, T, n, C)
         for block in self.blocks:
             x = block(x, cos, sin)
         if isinstance(x, tuple):

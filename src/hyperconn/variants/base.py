@@ -154,6 +154,10 @@ class Variant(nn.Module):
       moves the coefficients by O(α) at init) or "zero" (they start at the static map).
     - ``streams_error(n)`` (classmethod): an error message or None, for variants that
       support only some n (the residual: n = 1; kromhc: n = 2^a·3^b).
+    - ``scheme_logits``: which static logits a named init scheme (:mod:`hyperconn.inits`)
+      may replace, of ``("pre", "post", "res")`` (all by default): the schemes' values
+      assume σ / 2σ gates and an (n, n) H_res logit matrix whose 0 means "no preference"
+      (hc keeps all of its own: its maps are the identity; harmonized keeps its H_res).
     - ``has_coefficients``: False for a variant with no learned coefficients (residual).
     - ``controller``: a :class:`hyperconn.control.Controller` class its layers need in
       training, or None.
@@ -178,6 +182,7 @@ class Variant(nn.Module):
     pre_init: str = "uniform"
     phi_init: ClassVar[str] = "random"
     has_coefficients: ClassVar[bool] = True
+    scheme_logits: ClassVar[tuple] = ("pre", "post", "res")
     controller: ClassVar[Optional[type]] = None
     style: ClassVar[dict] = {}
 

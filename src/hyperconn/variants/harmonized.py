@@ -163,6 +163,7 @@ class Harmonized(Variant):
     name = "harmonized"
     Options = HarmonizedOptions
     res_init_default = 0.0
+    scheme_logits = ("pre", "post")  # its raw map is I + εΘ: no H_res logits
     controller = HarmonizedController
     style = {"color": "#ff7f0e", "marker": "P"}
 

@@ -19,6 +19,7 @@ class HC(Variant):
     pre_init = "onehot"
     phi_init = "zero"
     res_init_default = 1.0
+    scheme_logits = ()  # its maps are the identity: logits 0 would be H = 0
     style = {"color": "#d62728", "marker": "o"}
 
     def dynamic_activation(self, raw):
