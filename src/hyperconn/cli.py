@@ -1,7 +1,7 @@
 """The ``hyperconn`` command.
 
     hyperconn [--import MODULE ...] train   [--config FILE] [--<field> VALUE ...]   one training run
-    hyperconn [--import MODULE ...] compare --preset NAME --out DIR [--seeds K ...] [--quiet] [--device D]
+    hyperconn [--import MODULE ...] compare --preset NAME --out DIR [--seeds K ...] [--jobs N] [--quiet] [--device D]
     hyperconn [--import MODULE ...] report  ...                      (hyperconn.report.cli)
     hyperconn [--import MODULE ...] bench   ...                      (hyperconn.bench)
 
@@ -276,9 +276,10 @@ def _compare(args: list[str]) -> int:
     from .experiments.presets import PRESETS
 
     parser = _OneLineParser(prog="hyperconn compare",
-                            description="Run every variant x seed of a preset, one after another, into "
-                                        "DIR/<task>/<variant>/seed<k>/, then write DIR/summary.json and "
-                                        "DIR/summary.md. Re-running skips finished runs.")
+                            description="Run every variant x seed of a preset (--jobs N at once) into "
+                                        "DIR/<task>/<variant>/seed<k>/ (a learning-rate sweep first into "
+                                        "DIR/<task>-sweep/), then write DIR/summary.json, DIR/summary.md "
+                                        "and the report. Re-running skips finished runs.")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="which preset (default: quick): " +
                              "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items()).replace("%", "%%"))
@@ -288,6 +289,8 @@ def _compare(args: list[str]) -> int:
                         help="replace the preset's variants (registered names; a variant of your own "
                              "needs --import MODULE before the command)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device of every run")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="training runs at once, one process each (default 1; at most one per core)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     try:
         ns = parser.parse_args(args)
@@ -300,9 +303,11 @@ def _compare(args: list[str]) -> int:
 
     try:
         summary = run_compare(ns.preset, ns.out, seeds=ns.seeds, quiet=ns.quiet,
-                              overrides={"device": ns.device} if ns.device else None, variants=ns.variants)
+                              overrides={"device": ns.device} if ns.device else None, variants=ns.variants,
+                              jobs=ns.jobs)
     except ConfigError as e:
-        flag = {"device": "--device", "seed": "--seeds", "out": "--out", "variants": "--variants"}.get(e.field, e.field)
+        flag = {"device": "--device", "seed": "--seeds", "out": "--out", "variants": "--variants",
+                "jobs": "--jobs"}.get(e.field, e.field)
         if e.field.endswith("model.connection.variant"):
             flag = "--variants"
         return _err("compare", f"{flag}: {e.message}")

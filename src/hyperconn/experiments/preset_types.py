@@ -8,6 +8,12 @@ every listed variant and every seed. Run ``k`` of variant ``v`` in group ``g`` l
 Rule applied to every group: variant ``"residual"`` runs with ``streams=1`` (the plain
 Pre-Norm baseline); every other variant uses the group's ``model.connection.streams``.
 
+A group with ``lrs`` is a learning-rate sweep: first every lr on the preset's first seed,
+in ``<out>/<g>-sweep/<v>-lr<lr>/seed<k>/``; then each variant at its best lr (by the
+held-out metric of that seed) on every seed, in ``<out>/<g>/<v>/seed<k>/`` (the first
+seed's run is the sweep's, copied). :func:`expand` gives the first stage,
+:func:`expand_best` the second.
+
 A group defined without ``variants`` runs every variant registered when it is defined:
 the built-ins, then any defined in the user's own code and imported first (``hyperconn
 --import MODULE compare ...`` imports them before any preset is defined). The shipped
@@ -25,7 +31,8 @@ from typing import Any, Mapping, Optional, Sequence
 from ..errors import ConfigError
 from ..train.config import TrainConfig, with_overrides
 
-__all__ = ["RunGroup", "Preset", "Job", "expand", "registered_variants", "PAPER_VARIANTS", "EXACT_VARIANTS"]
+__all__ = ["RunGroup", "Preset", "Job", "expand", "expand_best", "sweep_dir_name", "registered_variants",
+           "PAPER_VARIANTS", "EXACT_VARIANTS"]
 
 # The six variants the published claims (and the presets built on them) compare. Named
 # explicitly so a variant added to the registry later (a built-in or the user's own)
@@ -54,18 +61,29 @@ class RunGroup:
         variants: connection variants to run; None (the default) becomes every variant
             registered at definition (:func:`registered_variants`).
         variant_overrides: extra overrides for one variant (``{"hc": {"lr": 1e-3}}``).
+        lrs: learning rates to sweep per variant (None: the ``lr`` override only); see the
+            module docstring for the two stages.
 
     Raises:
-        ConfigError: (field ``name`` or ``variants``) for an empty or path-like name, an
-            empty variant list, a repeated variant or one that is not registered.
+        ConfigError: (field ``name``, ``variants`` or ``lrs``) for an empty or path-like
+            name, an empty variant list, a repeated variant or one that is not
+            registered, or ``lrs`` that are not distinct positive numbers.
     """
 
     name: str
     overrides: Mapping[str, Any]
     variants: Optional[tuple[str, ...]] = None
     variant_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    lrs: Optional[tuple[float, ...]] = None
 
     def __post_init__(self):
+        if self.lrs is not None:
+            lrs = tuple(self.lrs)
+            if not lrs or len(set(lrs)) != len(lrs) or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf") for v in lrs):
+                raise ConfigError("lrs", f"group {self.name!r}: expected distinct positive learning rates, "
+                                         f"got {self.lrs!r}")
+            object.__setattr__(self, "lrs", tuple(float(v) for v in lrs))
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"expected a directory name, got {self.name!r}")
         variants = registered_variants() if self.variants is None else tuple(self.variants)
@@ -121,17 +139,28 @@ class Job:
     variant: str
     seed: int
     config: TrainConfig
+    lr: Optional[float] = None  # set for a run of a learning-rate sweep (stage 1)
 
     @property
     def label(self) -> str:
+        if self.lr is not None:
+            return f"{self.group}/{sweep_dir_name(self.variant, self.lr)}/seed{self.seed}"
         return f"{self.group}/{self.variant}/seed{self.seed}"
 
 
+def sweep_dir_name(variant: str, lr: float) -> str:
+    """``mhc-lr0.003``: the variant-level directory of one lr of a sweep."""
+    return f"{variant}-lr{lr:g}"
+
+
 def _config(group: RunGroup, variant: str, seed: int, out_dir: Path,
-            extra: Optional[Mapping[str, Any]]) -> TrainConfig:
+            extra: Optional[Mapping[str, Any]], lr: Optional[float] = None,
+            sweep: bool = False) -> TrainConfig:
+    run_dir = (out_dir / f"{group.name}-sweep" / sweep_dir_name(variant, lr) if sweep
+               else out_dir / group.name / variant) / f"seed{seed}"
     over = {**group.overrides, "model.connection.variant": variant, "seed": int(seed),
             **group.variant_overrides.get(variant, {}), **(extra or {}),
-            "out_dir": str(out_dir / group.name / variant / f"seed{seed}")}
+            **({"lr": lr} if lr is not None else {}), "out_dir": str(run_dir)}
     if variant == "residual":
         over["model.connection.streams"] = 1
     return with_overrides(TrainConfig(), over)
@@ -139,16 +168,37 @@ def _config(group: RunGroup, variant: str, seed: int, out_dir: Path,
 
 def expand(preset: Preset, out_dir, seeds: Optional[Sequence[int]] = None,
            extra: Optional[Mapping[str, Any]] = None) -> list[Job]:
-    """All runs of ``preset`` (group-major, then variant, then seed), with ``out_dir`` set.
+    """The runs of ``preset`` that need no earlier result (group-major, then variant,
+    then seed), with ``out_dir`` set: every run of a group without ``lrs``, and every lr
+    of a sweep on the first seed (group ``<g>-sweep``).
 
     ``seeds`` replaces the preset's seeds; ``extra`` are overrides applied to every run
-    last (e.g. ``{"device": "cuda"}``).
+    last (e.g. ``{"device": "cuda"}``), before a sweep's lr.
 
     Raises:
         ConfigError: if ``extra`` makes a run's configuration invalid.
     """
     out_dir = Path(out_dir)
-    return [Job(group.name, variant, int(seed), _config(group, variant, seed, out_dir, extra))
-            for group in preset.groups
-            for variant in group.variants
-            for seed in (preset.seeds if seeds is None else seeds)]
+    seeds = list(preset.seeds if seeds is None else seeds)
+    jobs = []
+    for group in preset.groups:
+        for variant in group.variants:
+            if group.lrs is None:
+                jobs += [Job(group.name, variant, int(s), _config(group, variant, s, out_dir, extra)) for s in seeds]
+            else:
+                jobs += [Job(f"{group.name}-sweep", variant, int(seeds[0]),
+                             _config(group, variant, seeds[0], out_dir, extra, lr, sweep=True), lr=lr)
+                         for lr in group.lrs]
+    return jobs
+
+
+def expand_best(preset: Preset, out_dir, best_lr: Mapping[tuple[str, str], float],
+                seeds: Optional[Sequence[int]] = None, extra: Optional[Mapping[str, Any]] = None) -> list[Job]:
+    """The second stage of every sweep: each (group, variant) of ``best_lr`` at its lr on
+    every seed, in ``<out>/<g>/<v>/seed<k>/`` (the first seed is the sweep's run)."""
+    out_dir = Path(out_dir)
+    seeds = list(preset.seeds if seeds is None else seeds)
+    return [Job(group.name, variant, int(s), _config(group, variant, s, out_dir, extra, best_lr[group.name, variant]))
+            for group in preset.groups if group.lrs is not None
+            for variant in group.variants if (group.name, variant) in best_lr
+            for s in seeds]

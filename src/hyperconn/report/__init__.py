@@ -235,12 +235,13 @@ def _connection_key(run: Run) -> str:
 
 def _assign_labels(runs: list[Run]) -> None:
     """Label = variant, unless runs of one group share a variant but differ in their
-    connection settings: then the variant-level directory name tells them apart."""
+    connection settings or learning rate (a sweep's ``<variant>-lr<lr>``): then the
+    variant-level directory name tells them apart."""
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for r in runs:
         groups.setdefault((r.group, r.task, r.variant), []).append(r)
     for group in groups.values():
-        if len({_connection_key(r) for r in group}) <= 1:
+        if len({(_connection_key(r), r.config.get("lr")) for r in group}) <= 1:
             continue
         for r in group:
             name = r.path.parent.name if re.fullmatch(r"seed\d+", r.path.name) else r.path.name

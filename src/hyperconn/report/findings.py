@@ -67,7 +67,8 @@ def _fmt(v: float) -> str:
 def findings_section(runs: Sequence["Run"]) -> list[str]:
     """Markdown lines of "What this comparison shows" (empty without a residual baseline)."""
     lines: list[str] = []
-    for name, groups in group_by_label(runs).items():
+    by_group = group_by_label(runs)
+    for name, groups in by_group.items():
         base = [r for r in groups.get("residual", []) if not r.diverged]
         key = next((k for k in _QUALITY if any(r.final(k) is not None for g in groups.values() for r in g)), None)
         if not base or key is None or len(groups) < 2:
@@ -79,6 +80,9 @@ def findings_section(runs: Sequence["Run"]) -> list[str]:
             out.append(f"- **The residual baseline did not learn this task at this budget** (its {what} "
                        f"stayed within 0.05 of chance, or fell by less than 0.2 bits per byte): the "
                        f"comparisons below say nothing about the variants.")
+        sweep = by_group.get(f"{name}-sweep")
+        if sweep:
+            out.append(_sweep_line(name, groups, sweep, key))
         by_seed = {r.seed: r.final(key) for r in base}
         better, worse, tied, single = [], [], [], []
         for label, group in sorted(groups.items()):
@@ -131,7 +135,7 @@ def findings_section(runs: Sequence["Run"]) -> list[str]:
             costs = [(lab, statistics.fmean(t)) for lab, g in sorted(groups.items()) if lab != "residual"
                      and (t := [v for r in g if (v := ms_per_step(r)) is not None])]
             if costs:
-                out.append("- Cost per training step (× residual; runs timed one after another): "
+                out.append("- Cost per training step (× residual, wall time per step as the runs ran): "
                            + ", ".join(f"`{lab}` {t / ref:.2f}" for lab, t in costs) + ".")
         lines += out + [""]
     if not lines:
@@ -139,3 +143,18 @@ def findings_section(runs: Sequence["Run"]) -> list[str]:
     return ["## What this comparison shows", "",
             "Computed from the runs below: a variant is better or worse than the residual only when the 95 % "
             "interval of its per-seed difference excludes 0.", ""] + lines
+
+
+def _sweep_line(name: str, groups: dict, sweep: dict, key: str) -> str:
+    """Which lr each variant of ``name`` runs at, and the sweep's spread of the metric."""
+    parts = []
+    for label, group in sorted(groups.items()):
+        lrs = sorted({r.config.get("lr") for r in group if isinstance(r.config.get("lr"), (int, float))})
+        tried = sorted((r.config.get("lr"), r.final(key)) for lab, g in sweep.items()
+                       if lab == label or lab.startswith(f"{label}-lr") for r in g
+                       if isinstance(r.config.get("lr"), (int, float)))
+        if len(lrs) == 1 and tried:
+            shown = ", ".join(f"{lr:g}: {'diverged' if v is None else f'{v:.3f}'}" for lr, v in tried)
+            parts.append(f"`{label}` at {lrs[0]:g} (sweep {shown})")
+    return (f"- Each variant at its best learning rate of the sweep in `{name}-sweep` (one seed, "
+            f"{_QUALITY[key][1]} per lr): " + "; ".join(parts) + ".")
