@@ -19,16 +19,32 @@ def test_every_claim_has_a_laptop_and_a_paper_preset_with_the_same_variants():
         assert all(j.config.device == "auto" and j.config.threads == 1 for j in expand(laptop, "/tmp/x"))
 
 
+def test_every_claim_has_a_gpu_preset_and_the_script_runs_them_all():
+    from pathlib import Path
+    script = (Path(__file__).parents[1] / "benchmarks" / "gpu" / "presets.sh").read_text()
+    for name in CLAIMS:
+        gpu = PRESETS[f"{name}-gpu"]
+        assert {g.variants for g in gpu.groups[:1]} == {g.variants for g in PRESETS[name].groups[:1]}
+        assert all(j.config.device == "cuda" for j in expand(gpu, "/tmp/x"))
+        assert f"{name}-gpu" in script
+
+
 def test_claim_specific_settings():
     six = {"residual", "hc", "mhc", "isohc", "hybrid", "harmonized"}
     exact = {"mhc-lite", "kromhc", "orthostochastic", "circulant"}
     # The laptop gain and lm presets run the 2026 exact maps beside the six, same budget.
     assert set(PRESETS["gain"].groups[0].variants) == set(PRESETS["lm"].groups[0].variants) == six | exact
     assert set(PRESETS["overhead"].groups[0].variants) == six
-    for name in ("gain", "lm"):
-        budgets = {(j.config.steps, j.config.batch_size, j.config.lr) for j in expand(PRESETS[name], "/tmp/x")
-                   if j.group == name}
-        assert len(budgets) == 1, name
+    budgets = {(j.config.steps, j.config.batch_size, j.config.lr) for j in expand(PRESETS["gain"], "/tmp/x")}
+    assert len(budgets) == 1
+    # lm is fair: every variant gets the same budget and the same sweep of >= 3 lrs over 10x
+    # on seed 0 (then its best lr on 3 seeds, compare's second stage).
+    sweep = [j for j in expand(PRESETS["lm"], "/tmp/x") if j.group == "lm-sweep"]
+    assert {j.seed for j in sweep} == {0} and len({(j.config.steps, j.config.batch_size) for j in sweep}) == 1
+    lrs = {v: sorted(j.config.lr for j in sweep if j.variant == v) for v in six | exact}
+    assert len({tuple(v) for v in lrs.values()}) == 1
+    one = next(iter(lrs.values()))
+    assert len(one) >= 3 and one[-1] / one[0] >= 10 and len(PRESETS["lm"].seeds) >= 3
     depth = [(j.config.lr, j.config.model.n_layer) for j in expand(PRESETS["depth"], "/tmp/x")
              if j.variant == "isohc"]
     assert depth == [(1e-2, 12), (1e-2, 24), (1e-2, 48), (3e-2, 12), (3e-2, 24), (3e-2, 48)]
@@ -44,9 +60,9 @@ def test_claim_specific_settings():
 
 def test_lm_matched_residual_has_the_parameters_of_the_hyper_connected_models():
     jobs = expand(PRESETS["lm"], "/tmp/x")
-    wide = next(j for j in jobs if j.group == "lm-matched")
-    narrow = next(j for j in jobs if j.group == "lm" and j.variant == "residual")
-    mhc = next(j for j in jobs if j.group == "lm" and j.variant == "mhc")
+    wide = next(j for j in jobs if j.group == "lm-matched-sweep")
+    narrow = next(j for j in jobs if j.group == "lm-sweep" and j.variant == "residual")
+    mhc = next(j for j in jobs if j.group == "lm-sweep" and j.variant == "mhc")
     with torch.device("meta"):
         p_wide, p_narrow, p_mhc = (GPT(j.config.model).num_params() for j in (wide, narrow, mhc))
     assert p_narrow < 0.85 * p_mhc                       # the gap being corrected

@@ -63,6 +63,8 @@ class RunGroup:
         variant_overrides: extra overrides for one variant (``{"hc": {"lr": 1e-3}}``).
         lrs: learning rates to sweep per variant (None: the ``lr`` override only); see the
             module docstring for the two stages.
+        seeds: this group's seeds, replacing the preset's (None: the preset's); seeds
+            given to :func:`expand` replace both.
 
     Raises:
         ConfigError: (field ``name``, ``variants`` or ``lrs``) for an empty or path-like
@@ -75,8 +77,14 @@ class RunGroup:
     variants: Optional[tuple[str, ...]] = None
     variant_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     lrs: Optional[tuple[float, ...]] = None
+    seeds: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
+        if self.seeds is not None:
+            seeds = tuple(self.seeds)
+            if not seeds or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds):
+                raise ConfigError("seeds", f"group {self.name!r}: expected non-negative integers, got {self.seeds!r}")
+            object.__setattr__(self, "seeds", seeds)
         if self.lrs is not None:
             lrs = tuple(self.lrs)
             if not lrs or len(set(lrs)) != len(lrs) or any(
@@ -179,15 +187,16 @@ def expand(preset: Preset, out_dir, seeds: Optional[Sequence[int]] = None,
         ConfigError: if ``extra`` makes a run's configuration invalid.
     """
     out_dir = Path(out_dir)
-    seeds = list(preset.seeds if seeds is None else seeds)
     jobs = []
     for group in preset.groups:
+        group_seeds = _seeds(preset, group, seeds)
         for variant in group.variants:
             if group.lrs is None:
-                jobs += [Job(group.name, variant, int(s), _config(group, variant, s, out_dir, extra)) for s in seeds]
+                jobs += [Job(group.name, variant, int(s), _config(group, variant, s, out_dir, extra))
+                         for s in group_seeds]
             else:
-                jobs += [Job(f"{group.name}-sweep", variant, int(seeds[0]),
-                             _config(group, variant, seeds[0], out_dir, extra, lr, sweep=True), lr=lr)
+                jobs += [Job(f"{group.name}-sweep", variant, int(group_seeds[0]),
+                             _config(group, variant, group_seeds[0], out_dir, extra, lr, sweep=True), lr=lr)
                          for lr in group.lrs]
     return jobs
 
@@ -197,8 +206,12 @@ def expand_best(preset: Preset, out_dir, best_lr: Mapping[tuple[str, str], float
     """The second stage of every sweep: each (group, variant) of ``best_lr`` at its lr on
     every seed, in ``<out>/<g>/<v>/seed<k>/`` (the first seed is the sweep's run)."""
     out_dir = Path(out_dir)
-    seeds = list(preset.seeds if seeds is None else seeds)
     return [Job(group.name, variant, int(s), _config(group, variant, s, out_dir, extra, best_lr[group.name, variant]))
             for group in preset.groups if group.lrs is not None
             for variant in group.variants if (group.name, variant) in best_lr
-            for s in seeds]
+            for s in _seeds(preset, group, seeds)]
+
+
+def _seeds(preset: Preset, group: RunGroup, seeds: Optional[Sequence[int]]) -> list[int]:
+    """The seeds a group runs: the caller's, else the group's, else the preset's."""
+    return list(seeds if seeds is not None else group.seeds if group.seeds is not None else preset.seeds)

@@ -4,7 +4,7 @@ Read top to bottom: RoPE → attention → SwiGLU → PreNorm → Block → GPT.
 
     tokens (B, T)
       → wte                                   (B, T, C)
-      → expand_streams(·, n)                  (B, T, n, C)   every stream a copy
+      → expand_streams(·, n, offset)          (B, T, n, C)   copies + the init's zero-mean offset
       → for each block:  x = attn(x); x = mlp(x)            each a HyperConnection:
                          x ← H_res x + H_postᵀ F(H_pre x),  F = RMSNorm → attention / SwiGLU
       → reduce_streams                        (B, T, C)      mean over streams
