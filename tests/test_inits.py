@@ -110,3 +110,28 @@ def test_default_init_gives_every_constrained_h_res_a_gradient(variant):
     in a 2-block GPT, where exact copies give ≤ 1e-4 (docs/results/init.md)."""
     assert _ratio_at_init(variant, "hyperconn", seed=0) >= 3e-3
     assert _ratio_at_init(variant, "copies", seed=0) < 3e-3
+
+
+def test_stability_hook_reports_the_coefficient_gradient_ratio(tmp_path):
+    """diag/coef_grad_ratio equals ‖∂b_res‖/‖∂b_post‖ computed by a plain backward, and
+    tells copies (starved) from the default init."""
+    from hyperconn.diagnostics import StabilityHook
+
+    def lm_loss(logits, targets):
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    got = {}
+    for init in ("copies", "hyperconn"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, seq_len=32, n_layer=2, n_head=2, n_embd=32,
+                              connection={"variant": "mhc", "streams": 4, "init": init}))
+        first = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+        seq = torch.cat([first, first], 1)
+        x, y = seq[:, :-1], seq[:, 1:]
+        got[init] = StabilityHook()(model, x, y, lm_loss, step=0)["coef_grad_ratio"]
+        assert all(c.b_res.grad is None for c in model.connections())  # .grad left alone
+        lm_loss(model(x), y).backward()
+        res = sum(float(c.b_res.grad.norm()) ** 2 for c in model.connections()) ** 0.5
+        post = sum(float(c.b_post.grad.norm()) ** 2 for c in model.connections()) ** 0.5
+        assert got[init] == pytest.approx(res / post, rel=1e-4)
+    assert got["copies"] < 1e-3 < 3e-3 < got["hyperconn"]

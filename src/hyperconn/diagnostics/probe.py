@@ -40,11 +40,11 @@ SCALAR_KEYS = (
     "stream_similarity", "stream_similarity_last",
 ) + MANIFOLD_ERROR_NAMES + (
     "transport_grad_ratio",
-    "energy_retention", "energy_retention_min", "stream_rank", "stream_rank_last",
+    "energy_retention", "energy_retention_min", "stream_rank", "stream_rank_last", "coef_grad_ratio",
 )
 # The scalars that need n ≥ 2 streams (absent for n = 1).
 MULTI_STREAM_KEYS = ("stream_similarity", "stream_similarity_last", "energy_retention", "energy_retention_min",
-                     "stream_rank", "stream_rank_last")
+                     "stream_rank", "stream_rank_last", "coef_grad_ratio")
 
 
 @dataclass
@@ -185,7 +185,10 @@ class StabilityHook:
     - ``energy_retention`` / ``energy_retention_min``: mean squared / smallest singular value
       of P on the mean-zero subspace 1^⊥ (1 for isometries, 0 for uniform averaging);
     - ``stream_rank`` / ``stream_rank_last``: effective rank of the (n, C) streams, mean over
-      x_1 … x_L and of x_L (the n ≥ 2 scalars are :data:`MULTI_STREAM_KEYS`);
+      x_1 … x_L and of x_L;
+    - ``coef_grad_ratio``: ‖∂L/∂b_res‖ / ‖∂L/∂b_post‖ over all layers (static logits): does
+      H_res learn at all? (≈ 0 when the streams are copies and H_res is constrained; the
+      n ≥ 2 scalars are :data:`MULTI_STREAM_KEYS`);
     - harmonized: ``harm_scale`` (controller scale s), ``harm_gain_applied_{mean,max}``
       (forward Amax gain of the applied composite) and ``harm_gain_raw_{mean,max}``
       (of the composite of ``H_raw = I + εΘ``, i.e. without the controller).
@@ -216,8 +219,14 @@ class StabilityHook:
         if not records:
             raise RuntimeError("StabilityHook: no HyperConnection ran in model(inputs)")
         states = probe.stream_states
-        grad_norms, top_grad = self._stream_grad_norms(loss, states)
+        layers = list(dict.fromkeys(r.layer for r in records))
+        coefs = [(l.b_res, l.b_post) for l in layers
+                 if isinstance(l.b_res, nn.Parameter) and l.b_res.requires_grad and l.b_post.requires_grad]
+        grad_norms, top_grad, coef_norms = self._stream_grad_norms(loss, states, coefs)
         payload = self._measure(records, states, grad_norms, top_grad)
+        if coef_norms is not None and records[0].x.shape[-2] > 1:
+            res, post = coef_norms
+            payload["scalars"]["coef_grad_ratio"] = res / post if post > 0 else math.nan
         payload = {"step": int(step), "loss": float(loss.detach()), **payload}
         self.last = payload
         if self.run_dir is not None:
@@ -227,18 +236,23 @@ class StabilityHook:
         return dict(payload["scalars"])
 
     @staticmethod
-    def _stream_grad_norms(loss: torch.Tensor, states: list[torch.Tensor]):
-        """(‖∂L/∂x_l‖ for every state, ∂L/∂x_L or None)."""
+    def _stream_grad_norms(loss: torch.Tensor, states: list[torch.Tensor], coefs=()):
+        """(‖∂L/∂x_l‖ for every state, ∂L/∂x_L or None, (‖∂L/∂b_res‖, ‖∂L/∂b_post‖) over
+        ``coefs`` or None), from one ``autograd.grad`` (parameters' ``.grad`` untouched)."""
         wanted = [i for i, s in enumerate(states) if s.requires_grad]
         norms = [math.nan] * len(states)
-        top = None
-        if wanted and loss.requires_grad:
-            grads = torch.autograd.grad(loss, [states[i] for i in wanted], allow_unused=True)
+        top, coef_norms = None, None
+        params = [p for pair in coefs for p in pair]
+        if (wanted or params) and loss.requires_grad:
+            grads = torch.autograd.grad(loss, [states[i] for i in wanted] + params, allow_unused=True)
             for i, g in zip(wanted, grads):
                 norms[i] = 0.0 if g is None else float(g.detach().double().norm())
                 if i == len(states) - 1:
                     top = g
-        return norms, top
+            if params:
+                sq = [0.0 if g is None else float(g.detach().double().square().sum()) for g in grads[len(wanted):]]
+                coef_norms = (math.sqrt(sum(sq[0::2])), math.sqrt(sum(sq[1::2])))
+        return norms, top, coef_norms
 
     @torch.no_grad()
     def _measure(self, records: list[LayerRecord], states, grad_norms, top_grad=None) -> dict:

@@ -138,11 +138,12 @@ def mechanism_section(runs: Sequence["Run"]) -> list[str]:
              "(row/column sums, negative entries) of any layer at any evaluation; at the last evaluation the "
              "energy the whole composite keeps on the mean-zero subspace (mean squared singular value on 1^⊥: "
              "1 for isometries, 0 for uniform averaging), the transport-only gradient ratio ‖Pᵀg‖/‖g‖ of the "
-             "top stream gradient (1 for isometries), and the streams' effective rank (1 = copies, n = "
-             f"independent) and similarity. ⚠ marks an isometry variant whose orthogonality error exceeded "
+             "top stream gradient (1 for isometries), the streams' effective rank (1 = copies, n = "
+             "independent) and similarity; and ‖∂b_res‖/‖∂b_post‖, the gradient the static H_res logits get "
+             "relative to H_post's, at the first and last evaluation (≈ 0: H_res does not learn). ⚠ marks an isometry variant whose orthogonality error exceeded "
              f"{ORTH_FLAG:g}: it did not test an isometry.", ""]
     head = ["variant", "orth err (max)", "row/col err (max)", "min entry", "energy on 1^⊥", "‖Pᵀg‖/‖g‖",
-            "stream rank", "similarity"]
+            "stream rank", "similarity", "‖∂b_res‖/‖∂b_post‖ first → last"]
     for name, groups in group_by_label(runs).items():
         lines += [f"### `{name}`", "", "| " + " | ".join(head) + " |",
                   "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -159,9 +160,18 @@ def mechanism_section(runs: Sequence["Run"]) -> list[str]:
                 _g(_mean(_last(r, "diag/transport_grad_ratio") for r in group), 4),
                 _g(_mean(_last(r, "diag/stream_rank_last") for r in group), 3),
                 _g(_mean(_last(r, "diag/stream_similarity_last") for r in group), 4),
+                _first_to_last(group, "diag/coef_grad_ratio"),
             ]) + " |")
         lines.append("")
     return lines
+
+
+def _first_to_last(group, key: str) -> str:
+    firsts = [v[0] for r in group if (v := [x for x in r.series(key)[1] if _finite(x)])]
+    lasts = [_last(r, key) for r in group]
+    if not firsts:
+        return "–"
+    return f"{_g(_mean(firsts), 2)} → {_g(_mean(lasts), 2)}"
 
 
 # ----------------------------------------------------------------------------- depth figure
