@@ -225,6 +225,13 @@ class GPTConfig:
             stay copies is exactly its residual twin) or ``"learned"``
             (:class:`hyperconn.LearnedReduce`: per-token sigmoid gates from the
             RMS-normalised streams, as DeepSeek V4's head; starts exactly at the mean).
+        recompute_blocks: block recompute as the mHC paper does it: 0 (default) off; k ≥ 1
+            keeps the (B, T, n, C) stream state only at the input of every k-th block in
+            training and recomputes each segment of k blocks in backward; ``"auto"`` takes
+            the paper's L_r ≈ √(nL/(n+2)) layers (L = 2·n_layer), in blocks
+            (:attr:`recompute_interval`). Not with a variant that has a controller
+            (harmonized: it changes the layers' scale between forward and backward); use
+            ``connection.recompute`` (per layer, which freezes that state) there.
 
     Raises:
         ConfigError: naming the field, for non-positive sizes, ``n_embd % n_head != 0``,
@@ -243,6 +250,7 @@ class GPTConfig:
     connection: ConnectionConfig = field(default_factory=ConnectionConfig)
     stream_dtype: Optional[str] = None
     reduce: str = "mean"
+    recompute_blocks: Union[int, str] = 0
 
     def __post_init__(self):
         if isinstance(self.connection, dict):
@@ -264,6 +272,13 @@ class GPTConfig:
             raise ConfigError("reduce", f"expected one of {REDUCTIONS}, got {self.reduce!r}")
         if self.stream_dtype is not None and self.stream_dtype not in STREAM_DTYPES:
             raise ConfigError("stream_dtype", f"expected None or one of {STREAM_DTYPES}, got {self.stream_dtype!r}")
+        rb = self.recompute_blocks
+        if rb != "auto" and (not _is_int(rb) or rb < 0):
+            raise ConfigError("recompute_blocks", f"expected 'auto' or an integer >= 0, got {rb!r}")
+        if rb and get_variant(self.connection.variant).controller is not None:
+            raise ConfigError("recompute_blocks", f"not supported with variant {self.connection.variant!r}, whose "
+                                                  f"controller changes the layers between forward and backward "
+                                                  f"(use connection.recompute)")
         for name in ("rope_base", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
@@ -272,6 +287,16 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def recompute_interval(self) -> int:
+        """Blocks per recompute segment: ``recompute_blocks``, or for ``"auto"`` the mHC
+        paper's L_r = √(nL/(n+2)) layers (L = 2·n_layer hyper-connected layers) rounded to
+        whole blocks (≥ 1); 0 when off."""
+        if self.recompute_blocks != "auto":
+            return int(self.recompute_blocks)
+        n, layers = self.connection.streams, 2 * self.n_layer
+        return max(1, round(math.sqrt(n * layers / (n + 2)) / 2))
 
     @property
     def mlp_hidden_dim(self) -> int:
@@ -285,6 +310,7 @@ class GPTConfig:
         """One line: sizes and the connection, e.g. for logs."""
         streams = f" streams={self.stream_dtype}" if self.stream_dtype else ""
         streams += f" reduce={self.reduce}" if self.reduce != "mean" else ""
+        streams += f" recompute_blocks={self.recompute_interval}" if self.recompute_blocks else ""
         return (f"GPT L={self.n_layer} C={self.n_embd} H={self.n_head} T={self.seq_len} "
                 f"V={self.vocab_size}{streams} | {self.connection.describe()}")
 

@@ -33,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..connection import HyperConnection, expand_streams, reduce_streams, stream_offsets
 from ..reduction import LearnedReduce
@@ -222,8 +223,15 @@ class GPT(nn.Module):
             h = h.to(getattr(torch, self.config.stream_dtype))
         conn = self.config.connection
         x = expand_streams(h, conn.streams, offset=conn.offset, pattern=self.stream_pattern)  # (B, T, n, C)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        k = self.config.recompute_interval
+        if k and self.training and torch.is_grad_enabled():
+            # Block recompute: only each segment's input state is stored; its k blocks run
+            # again in backward (the RNG state is restored, so dropout-free or not, the
+            # recompute equals the forward).
+            for start in range(0, len(self.blocks), k):
+                x = checkpoint(self._run_blocks, x, cos, sin, start, start + k, use_reentrant=False)
+        else:
+            x = self._run_blocks(x, cos, sin, 0, len(self.blocks))
         if isinstance(x, tuple):
             # Single-pass layers carry (streams, next read): the last layer's predicted read is
             # the n → 1 contraction (as DeepSeek V4.1 / Megatron-LM), unless reduce="learned".
@@ -232,6 +240,11 @@ class GPT(nn.Module):
             x = self.reduce(x) if self.reduce is not None else reduce_streams(x)
         x = x.to(self.norm.weight.dtype)  # (B, T, C)
         return self.head(self.norm(x))
+
+    def _run_blocks(self, x, cos, sin, start: int, stop: int):
+        for block in self.blocks[start:stop]:
+            x = block(x, cos, sin)
+        return x
 
     def connections(self) -> list[HyperConnection]:
         """The 2·n_layer HyperConnections in forward order: block0.attn, block0.mlp, …"""
