@@ -4,9 +4,10 @@
     python scripts/publish_results.py runs/gain --verdict verdict.md
 
 Regenerates the comparison's report, copies its figures to ``docs/results/<preset>/`` and
-writes the page: the claim, the exact command, the machine, the settings of every group,
-the report's summary and stability tables, the figures, and the verdict (a markdown file
-written by a person after reading the numbers: this script never decides a verdict).
+writes the page: the claim, the exact command, the machine, the commit the runs ran at
+(from compare.json), the settings of every group, the report's computed findings, summary,
+stability and mechanism tables, the figures, and the verdict (a markdown file written by a
+person after reading the numbers: this script never decides a verdict).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def _settings(preset) -> list[str]:
     lines = ["| group | variants | settings |", "|---|---|---|"]
     for g in preset.groups:
         kv = ", ".join(f"`{k}={v}`" for k, v in g.overrides.items() if k not in ("threads", "device"))
+        if g.lrs:
+            kv += f"; lr sweep {', '.join(f'{v:g}' for v in g.lrs)} (each variant at its best)"
+        if g.seeds:
+            kv += f"; seeds {', '.join(map(str, g.seeds))}"
         lines.append(f"| `{g.name}` | {', '.join(g.variants)} | {kv} |")
     return lines
 
@@ -85,6 +90,12 @@ def main(argv=None) -> int:
     cmd = f"hyperconn compare --preset {preset.name} --out runs/{preset.name}"
     if seeds != default_seeds:
         cmd += f" --seeds {seeds}"
+    if info.get("jobs", 1) > 1:
+        cmd += f" --jobs {info['jobs']}"
+    code = info.get("code") or {}
+    commit = code.get("commit") or "unknown"
+    if code.get("dirty"):
+        commit += " (with uncommitted changes)"
     when = datetime.fromtimestamp((args.compare_dir / "summary.json").stat().st_mtime, timezone.utc)
     stab = _section(report, "Stability and cost").replace("](figures/", f"]({preset.name}/")
     page = [
@@ -94,13 +105,17 @@ def main(argv=None) -> int:
         f"    {cmd}", "",
         f"- Machine: {_machine()}.",
         f"- Finished {when:%Y-%m-%d %H:%M} UTC; {len(summary['runs'])} runs, "
-        f"{sum(r.get('wall_time_s') or 0 for r in summary['runs']) / 60:.1f} min of wall time in all "
-        f"(sum over runs, evaluations included).",
+        f"{summary.get('wall_time_s', 0) / 60:.1f} min wall for the comparison, "
+        f"{sum(r.get('wall_time_s') or 0 for r in summary['runs']) / 60:.1f} min summed over runs "
+        f"(evaluations included).",
+        f"- Code: hyperconn {code.get('version', '?')}, commit {commit}.",
         "- Seeds: " + ", ".join(map(str, info["seeds"])) + ".", "",
         *_settings(preset), "",
         "## Verdict", "", args.verdict.read_text().strip(), "",
+        "## What this comparison shows (computed)", "", _section(report, "What this comparison shows"), "",
         "## Summary", "", _section(report, "Summary"), "",
         "## Stability and cost", "", stab, "",
+        "## What the transport did", "", _section(report, "What the transport did"), "",
         "## Figures", "",
     ]
     for key in figs:

@@ -262,10 +262,29 @@ def _copy_sweep_run(first: Sequence[Job], job: Job) -> None:
     os.replace(tmp, dst)
 
 
+def code_version() -> dict:
+    """``{"version": hyperconn.__version__, "commit": short hash or None, "dirty": bool or None}``
+    of the library that runs (git, when it is a checkout), recorded in compare.json."""
+    import subprocess
+
+    from .. import __version__
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"version": __version__, "commit": commit, "dirty": dirty}
+
+
 def _run_stages(p: Preset, first: list, out_dir: Path, seeds, overrides, quiet: bool, console, jobs: int) -> dict:
     used_seeds = list(p.seeds if seeds is None else seeds)
     start = time.perf_counter()
+    code = code_version()
     write_json(out_dir / "compare.json", {"preset": p.name, "description": p.description, "seeds": used_seeds,
+                                          "code": code, "jobs": jobs,
                                           "runs": [{"label": j.label, "config": j.config.to_dict()}
                                                    for j in first]})
     failures = _execute(first, quiet, jobs, start, console)
@@ -283,6 +302,7 @@ def _run_stages(p: Preset, first: list, out_dir: Path, seeds, overrides, quiet: 
         failures.update(_execute(second, quiet, jobs, start, console))
         all_jobs += second
         write_json(out_dir / "compare.json", {"preset": p.name, "description": p.description, "seeds": used_seeds,
+                                              "code": code, "jobs": jobs,
                                               "runs": [{"label": j.label, "config": j.config.to_dict()}
                                                        for j in all_jobs]})
     summary = {"preset": p.name, "description": p.description, "seeds": used_seeds,
