@@ -1,6 +1,6 @@
 """Tables of the init study from its comparison directory (scripts/init_study.py).
 
-    python scripts/init_table.py runs/init-bytes
+    python scripts/init_table.py runs/init-bytes [--figures DIR] [--ratios ratios.md]
 
 Per (group, variant): held-out bits per byte per seed, the mean, the paired (same seed)
 difference to the same variant with exact copies (``bytes-copies``; hc and the residual:
@@ -78,5 +78,68 @@ def _mean(values, digits: int) -> str:
     return f"{statistics.fmean(values):.{digits}f}" if values else "–"
 
 
+def figures(root: Path, out: Path, ratios: Path | None) -> None:
+    """init_bpb.png: bpb per seed and mean per (group, variant); init_grad_ratio.png: the
+    median ‖∂b_res‖/‖∂b_post‖ at init / 20 / 100 steps per init (from res_gradient_ratio.py's
+    table), log scale, with the 3e-3 line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = json.loads((root / "summary.json").read_text())
+    rows = {}
+    for r in summary["runs"]:
+        if r["status"] == "finished" and not (r["variant"] == "residual" and r["group"] != "bytes-hyperconn"):
+            rows.setdefault(f"{r['group'].removeprefix('bytes-')} / {r['variant']}", []).append(r["metric_value"])
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(labels) + 1.2))
+    for i, lab in enumerate(labels):
+        ax.scatter(rows[lab], [i] * len(rows[lab]), s=14, color="0.55")
+        ax.scatter([statistics.fmean(rows[lab])], [i], marker="|", s=200, color="C3")
+    ref = statistics.fmean(rows["hyperconn / residual"])
+    ax.axvline(ref, color="C0", lw=0.8, ls="--", label=f"residual mean {ref:.3f}")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out bits per byte (lower is better): seeds (grey), mean (red)")
+    ax.set_title("Init study, quick's bytes setting (2 blocks, C=64, n=4, 400 steps)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "init_bpb.png", dpi=120)
+    plt.close(fig)
+    if ratios is None:
+        return
+    table = [line.strip("|").split("|") for line in ratios.read_text().splitlines() if line.startswith("| ")][1:]
+    table = [[c.strip() for c in row] for row in table if len(row) == 5]
+    variants = list(dict.fromkeys(r[0] for r in table if r[0] != "hc"))
+    inits = list(dict.fromkeys(r[1] for r in table))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, col, title in zip(axes, (2, 3), ("at init", "after 20 steps")):
+        width = 0.8 / len(inits)
+        for k, init in enumerate(inits):
+            vals = [float(next(r[col] for r in table if r[0] == v and r[1] == init)) for v in variants]
+            ax.bar([i + k * width for i in range(len(variants))], [max(v, 1e-9) for v in vals], width,
+                   label=init.split(" (")[0])
+        ax.axhline(3e-3, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants, rotation=30, fontsize=8)
+        ax.set_title(f"‖∂b_res‖ / ‖∂b_post‖ {title} (median of 3 seeds; dashed: 3e-3)", fontsize=9)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(inits), fontsize=8)
+    fig.text(0.99, 0.01, "exactly 0 is drawn at 1e-9", ha="right", fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(out / "init_grad_ratio.png", dpi=120)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/init-bytes"))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", type=Path, nargs="?", default=Path("runs/init-bytes"))
+    ap.add_argument("--figures", type=Path)
+    ap.add_argument("--ratios", type=Path, help="the markdown table res_gradient_ratio.py printed")
+    a = ap.parse_args()
+    main(a.root)
+    if a.figures:
+        figures(a.root, a.figures, a.ratios)
