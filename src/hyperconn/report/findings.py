@@ -118,17 +118,25 @@ def findings_section(runs: Sequence["Run"]) -> list[str]:
         if grew:
             out.append("- **Composite gain grew** (peak forward Amax gain, token max): "
                        + ", ".join(f"`{lab}` {v:.3g}" for v, lab in grew) + "; every other variant stayed ≤ 2.")
-        copies = sorted(lab for lab, g in groups.items()
-                        if (s := [v for r in g if (v := r.final("diag/stream_similarity_last")) is not None])
-                        and statistics.fmean(s) >= 0.999)
-        apart = sorted(lab for lab, g in groups.items()
-                       if (s := [v for r in g if (v := r.final("diag/stream_similarity_last")) is not None])
-                       and statistics.fmean(s) < 0.99)
+        usage = []
+        for lab, g in sorted(groups.items()):
+            sim = [v for r in g if (v := r.final("diag/stream_similarity_last")) is not None]
+            if not sim:
+                continue
+            rank = [v for r in g if (v := r.final("diag/stream_rank_last")) is not None]
+            usage.append((statistics.fmean(sim), lab, statistics.fmean(rank) if rank else None))
+        copies = [lab for s_, lab, _ in usage if s_ >= 0.999]
+        apart = [lab for s_, lab, _ in usage if s_ < 0.99]
         if copies:
             out.append("- Streams stayed near-copies (final similarity ≥ 0.999): " + ", ".join(f"`{v}`" for v in copies)
                        + ".")
         if apart:
             out.append("- Streams separated (final similarity < 0.99): " + ", ".join(f"`{v}`" for v in apart) + ".")
+        if usage:
+            out.append("- Stream usage at the end (similarity of the top stream state, 1 = copies; effective "
+                       "rank, 1 = copies, n = independent): "
+                       + ", ".join(f"`{lab}` {s_:.4f}" + (f" / {r:.2f}" if r is not None else "")
+                                   for s_, lab, r in sorted(usage)) + ".")
         base_ms = [t for r in base if (t := ms_per_step(r)) is not None]
         if base_ms:
             ref = statistics.fmean(base_ms)
