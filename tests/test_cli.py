@@ -137,10 +137,14 @@ def test_presets_expand():
         for job in jobs:
             if job.variant == "residual":
                 assert job.config.model.connection.streams == 1
-            assert job.config.out_dir.endswith(f"{job.group}/{job.variant}/seed{job.seed}")
+            want = f"{job.group}/{job.variant}-lr{job.lr:g}" if job.lr is not None else f"{job.group}/{job.variant}"
+            assert job.config.out_dir.endswith(f"{want}/seed{job.seed}")
     quick = expand(PRESETS["quick"], "/tmp/x")
     assert {j.variant for j in quick} == {"residual", "hc", "mhc", "isohc", "hybrid", "harmonized"}
-    assert {j.config.task for j in quick} == {"kv", "bytes"}
+    # the main job: quality on 3 seeds at 2 blocks, gain at depth on one seed
+    assert {j.config.task for j in quick} == {"bytes"}
+    assert {j.seed for j in quick if j.group == "bytes"} == {0, 1, 2}
+    assert {j.config.model.n_layer for j in quick if j.group == "deep"} == {12}
 
 
 def test_compare_smoke_end_to_end_and_restart(tmp_path, capsys):

@@ -17,7 +17,10 @@ def test_every_preset_builds_valid_configs():
     for name, preset in PRESETS.items():
         assert preset.name == name
         jobs = expand(preset, "/tmp/x")
-        assert len(jobs) == sum(len(g.variants) for g in preset.groups) * len(preset.seeds)
+        # a group runs every variant on its seeds; a sweep group every lr on the first seed
+        # only (the best lr on the other seeds comes from expand_best, after the sweep)
+        want = sum(len(g.variants) * (len(g.lrs) if g.lrs else len(g.seeds or preset.seeds)) for g in preset.groups)
+        assert len(jobs) == want, name
         for job in jobs:
             assert isinstance(job.config, TrainConfig)
             assert job.config.model.connection.variant == job.variant
