@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from hyperconn import HarmonizedController, HyperConnection, composite_gain, expand_streams
+from hyperconn import errors as hyperconn_errors
 
 
 def test_gain_of_identity_chain_is_one():
@@ -139,3 +140,31 @@ def test_controller_scale_has_no_gradient_and_errors():
         HarmonizedController(model, min_scale=0)
     with pytest.raises(RuntimeError, match="forward"):
         HarmonizedController(grown_stack()).update()
+
+
+def test_controller_max_gain_feeds_back_the_larger_of_row_and_column_amax():
+    """gain="max" (the Harmonized HC source): a transport whose column sums exceed its row
+    sums feeds back the column (backward) gain; "forward" the row one."""
+    model = grown_stack(scale=0.0)
+    with torch.no_grad():
+        for layer in model.layers:  # H_raw = I + Θ with one heavy column: column sums > row sums
+            layer.b_res.zero_()
+            layer.b_res[:, 0] = 0.5
+    x = torch.randn(5, 8)
+    by_kind = {}
+    for kind in ("forward", "max"):
+        ctrl = HarmonizedController(model, target_gain=2.0, gain=kind)
+        model(x)
+        by_kind[kind] = ctrl.measured_gain()
+        ctrl.close()
+    with torch.no_grad():
+        mats, h = [], expand_streams(x, 4)
+        for layer in model.layers:
+            mats.append(layer.coefficients(h)[2])
+            h = layer(h)
+    g = composite_gain(mats)
+    assert by_kind["forward"] == pytest.approx(g.forward_amax.mean().item(), rel=1e-5)
+    assert by_kind["max"] == pytest.approx(torch.maximum(g.forward_amax, g.backward_amax).mean().item(), rel=1e-5)
+    assert by_kind["max"] > 1.2 * by_kind["forward"]
+    with pytest.raises(hyperconn_errors.ConfigError, match="^gain"):
+        HarmonizedController(model, gain="spectral")

@@ -146,12 +146,18 @@ CLAIM_PRESETS: dict[str, Preset] = {
         "kv", "Harmonized HC's claim: on kv retrieval HC's gain varies across seeds, mHC is stable "
               "but loses accuracy, Harmonized keeps gain bounded and accuracy near HC's. 4 blocks, "
               "C=64, n=4, 4 pairs, 800 steps, 3 seeds; group kv-onehot repeats mhc and harmonized with "
-              "hc's one-stream H_pre read (pre_init=onehot).",
+              "hc's one-stream H_pre read (pre_init=onehot); group kv-harmonized-source runs harmonized "
+              "as its source does (static H_res, max of row and column gain).",
         _groups("kv", _KV, ("residual", "hc", "mhc", "harmonized"),
                 # Ablation: hc reads one stream per layer (one-hot H_pre), the others read the
                 # mean; give mhc and harmonized hc's read to separate the read from H_res.
                 extra_groups=(RunGroup("kv-onehot", {**_KV, "model.connection.pre_init": "onehot"},
-                                       ("mhc", "harmonized")),)),
+                                       ("mhc", "harmonized")),
+                              # Harmonized as its source runs it: static H_res and the larger of
+                              # the composite's row and column Amax fed back (deviations: n = 4,
+                              # 4 blocks, target 12 kept from the published 96-layer, n = 16 run).
+                              RunGroup("kv-harmonized-source", {**_KV, "model.connection.dynamic": False,
+                                                                "harmonized.gain": "max"}, ("harmonized",)))),
         seeds=(0, 1, 2)),
     "kv-paper": Preset(
         "kv-paper", "GPU scale of `kv`: 48 blocks (96 layers, the published controller's depth), "

@@ -72,12 +72,17 @@ class HarmonizedConfig:
     """controller exponent k: s <- s * (target / ema)^k"""
     min_scale: float = 0.02
     """lower clip of the scale s, in (0, 1]; hits are counted as floor_hits"""
+    gain: str = "forward"
+    """gain fed back: "forward" (max row sum of the composite) or "max" (the larger of its
+    row and column Amax, as the Harmonized HC source does)"""
 
     def __post_init__(self):
         _num_in("harmonized.target_gain", self.target_gain, 0.0, math.inf, lo_open=True, hi_open=True)
         _num_in("harmonized.beta", self.beta, 0.0, 1.0, hi_open=True)
         _num_in("harmonized.exponent", self.exponent, 0.0, math.inf, lo_open=True, hi_open=True)
         _num_in("harmonized.min_scale", self.min_scale, 0.0, 1.0, lo_open=True)
+        if self.gain not in ("forward", "max"):
+            raise ConfigError("harmonized.gain", f"expected 'forward' or 'max', got {self.gain!r}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from .base import Options, Variant
 __all__ = ["Harmonized", "HarmonizedController", "HarmonizedOptions", "HARMONIZED_KEYS"]
 
 # Extra scalars the stability diagnostics report for models with harmonized layers.
+GAINS = ("forward", "max")  # what HarmonizedController feeds back
 HARMONIZED_KEYS = ("harm_scale", "harm_gain_applied_mean", "harm_gain_applied_max",
                    "harm_gain_raw_mean", "harm_gain_raw_max")
 
@@ -37,7 +38,10 @@ class HarmonizedController(Controller):
 
     After each training forward, under ``no_grad``::
 
-        G = forward Amax gain of the applied composite transport (token mean)
+        G = Amax gain of the applied composite transport (token mean): its forward gain
+            (max row sum, ``gain="forward"``, the default) or, as the Harmonized HC source
+            runs it, the larger of the forward and backward gains (max row and column sum,
+            ``gain="max"``)
         e ← β e + (1 − β) G                         (e starts at 1)
         s ← clip(s · (target / max(1e-6, e))^k, min_scale, 1)
 
@@ -54,6 +58,7 @@ class HarmonizedController(Controller):
         beta: EMA factor of the measured gain (0.95).
         exponent: controller exponent k (0.5).
         min_scale: lower clip of s (0.02); hitting it is counted in ``floor_hits``.
+        gain: ``"forward"`` or ``"max"`` (see above).
 
     Call :meth:`update` (or :meth:`step`) after each training forward (before or after backward).
 
@@ -64,7 +69,7 @@ class HarmonizedController(Controller):
     name = "harmonized"
 
     def __init__(self, model: nn.Module, target_gain: float = 12.0, beta: float = 0.95,
-                 exponent: float = 0.5, min_scale: float = 0.02):
+                 exponent: float = 0.5, min_scale: float = 0.02, gain: str = "forward"):
         from ..connection import HyperConnection  # the layer imports the variants
 
         self.layers = [m for m in model.modules()
@@ -79,6 +84,9 @@ class HarmonizedController(Controller):
             raise ConfigError("exponent", f"expected a positive number, got {exponent}")
         if not 0.0 < min_scale <= 1.0:
             raise ConfigError("min_scale", f"expected a value in (0, 1], got {min_scale}")
+        if gain not in GAINS:
+            raise ConfigError("gain", f"expected one of {GAINS}, got {gain!r}")
+        self.gain = gain
         self.target_gain, self.beta, self.exponent, self.min_scale = target_gain, beta, exponent, min_scale
         self.ema = 1.0
         self.scale = 1.0
@@ -93,13 +101,16 @@ class HarmonizedController(Controller):
 
     @torch.no_grad()
     def measured_gain(self) -> float:
-        """Token-mean forward Amax gain of the applied transport in the last forward."""
+        """Token-mean Amax gain of the applied transport in the last forward: forward, or
+        the larger of forward and backward per token (``gain="max"``)."""
         from ..diagnostics.gain import composite_product, gains_of
 
         mats = [self._captured[id(m)] for m in self.layers if id(m) in self._captured]
         if len(mats) != len(self.layers):
             raise RuntimeError("HarmonizedController.update() called before a forward pass of the model")
-        return float(gains_of(composite_product(mats)).forward_amax.float().mean())
+        g = gains_of(composite_product(mats))
+        per_token = g.forward_amax if self.gain == "forward" else torch.maximum(g.forward_amax, g.backward_amax)
+        return float(per_token.float().mean())
 
     @torch.no_grad()
     def update(self, gain: Optional[float] = None) -> float:
