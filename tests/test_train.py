@@ -279,4 +279,7 @@ def test_nested_config_errors_name_the_dotted_field(tmp_path):
 def test_controller_settings(tmp_path):
     cfg = tiny(tmp_path, harmonized={"target_gain": 3.0})
     assert cfg.controller_settings() == {"harmonized": {"target_gain": 3.0, "beta": 0.95, "exponent": 0.5,
-                                                       "min_scale": 0.02}}
+                                                       "min_scale": 0.02, "gain": "forward"}}
+    with pytest.raises(ConfigError) as e:
+        tiny(tmp_path, harmonized={"gain": "spectral"})
+    assert e.value.field == "harmonized.gain"
