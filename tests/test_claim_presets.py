@@ -35,16 +35,15 @@ def test_claim_specific_settings():
     # The laptop gain and lm presets run the 2026 exact maps beside the six, same budget.
     assert set(PRESETS["gain"].groups[0].variants) == set(PRESETS["lm"].groups[0].variants) == six | exact
     assert set(PRESETS["overhead"].groups[0].variants) == six
-    budgets = {(j.config.steps, j.config.batch_size, j.config.lr) for j in expand(PRESETS["gain"], "/tmp/x")}
-    assert len(budgets) == 1
-    # lm is fair: every variant gets the same budget and the same sweep of >= 3 lrs over 10x
-    # on seed 0 (then its best lr on 3 seeds, compare's second stage).
-    sweep = [j for j in expand(PRESETS["lm"], "/tmp/x") if j.group == "lm-sweep"]
-    assert {j.seed for j in sweep} == {0} and len({(j.config.steps, j.config.batch_size) for j in sweep}) == 1
-    lrs = {v: sorted(j.config.lr for j in sweep if j.variant == v) for v in six | exact}
-    assert len({tuple(v) for v in lrs.values()}) == 1
-    one = next(iter(lrs.values()))
-    assert len(one) >= 3 and one[-1] / one[0] >= 10 and len(PRESETS["lm"].seeds) >= 3
+    # gain, kv and lm are fair: every variant gets the same budget and the same sweep of >= 3
+    # lrs over 10x on seed 0 (then its best lr on 3 seeds, compare's second stage).
+    for name, variants in (("gain", six | exact), ("lm", six | exact), ("kv", {"residual", "hc", "mhc", "harmonized"})):
+        sweep = [j for j in expand(PRESETS[name], "/tmp/x") if j.group == f"{name}-sweep"]
+        assert {j.seed for j in sweep} == {0} and len({(j.config.steps, j.config.batch_size) for j in sweep}) == 1
+        lrs = {v: sorted(j.config.lr for j in sweep if j.variant == v) for v in variants}
+        assert len({tuple(v) for v in lrs.values()}) == 1, name
+        one = next(iter(lrs.values()))
+        assert len(one) >= 3 and one[-1] / one[0] >= 10 and len(PRESETS[name].seeds) >= 3, name
     depth = [(j.config.lr, j.config.model.n_layer) for j in expand(PRESETS["depth"], "/tmp/x")
              if j.variant == "isohc"]
     assert depth == [(1e-2, 12), (1e-2, 24), (1e-2, 48), (3e-2, 12), (3e-2, 24), (3e-2, 48)]

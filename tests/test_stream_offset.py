@@ -76,3 +76,14 @@ def test_gpt_with_offset_compiles_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(idx), model(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_building_a_model_on_the_meta_device_leaves_later_models_alone():
+    """The pattern and its cached basis are built on the CPU: a GPT made under
+    ``torch.device("meta")`` (to count parameters) must not poison them for the next."""
+    with torch.device("meta"):
+        meta = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=8, connection={"variant": "mhc", "streams": 3}))
+    assert meta.stream_pattern.is_meta
+    model = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=8, connection={"variant": "mhc", "streams": 3}))
+    assert model.stream_pattern.device.type == "cpu"
+    assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all()

@@ -50,9 +50,11 @@ def stream_offsets(streams: int, dim: int, dtype: torch.dtype = torch.float32, d
 
     if streams == 1:
         return torch.zeros(1, dim, dtype=dtype, device=device)
-    r = torch.randn(streams - 1, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    e = helmert_basis(streams, torch.float64) @ r
-    return (e / e.square().mean().sqrt()).to(dtype=dtype, device=device)
+    # Drawn on the CPU with a private generator (the same pattern on every device), then moved.
+    r = torch.randn(streams - 1, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
+    e = helmert_basis(streams, torch.float64, "cpu") @ r
+    return (e / e.square().mean().sqrt()).to(dtype=dtype, device=device if device is not None
+                                              else torch.get_default_device())
 
 
 def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False, offset: float = 0.0,

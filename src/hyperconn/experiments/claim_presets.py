@@ -107,11 +107,12 @@ CLAIM_PRESETS: dict[str, Preset] = {
     # unconstrained transport drift. Gain is read at every evaluation (every 25 steps).
     "gain": Preset(
         "gain", "mHC's claim: trained HC's composite Amax gain grows far above 1 while mHC stays "
-                "near 1. Byte LM, 12 blocks (24 layers), C=64, n=4, 300 steps, 1 seed.",
-        _groups("gain", _gain(_CPU, **{"model.n_layer": 12, "model.n_embd": 64, "model.seq_len": 64,
-                                       "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
-                                       "eval_every": 25}), WITH_EXACT),
-        seeds=(0,)),
+                "near 1. Byte LM, 12 blocks (24 layers), C=64, n=4, 300 steps, each variant at its best "
+                "lr of 1e-3, 3e-3, 1e-2 (seed 0), then 3 seeds.",
+        (RunGroup("gain", _gain(_CPU, **{"model.n_layer": 12, "model.n_embd": 64, "model.seq_len": 64,
+                                         "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
+                                         "eval_every": 25}), WITH_EXACT, lrs=(1e-3, 3e-3, 1e-2)),),
+        seeds=(0, 1, 2)),
     "gain-paper": Preset(
         "gain-paper", "GPU scale of `gain`: 30 blocks (60 layers, the depth of mHC's gain figure), "
                       "d=512, n=4, T=512, 64k tokens/step, 5000 steps.",
@@ -145,19 +146,19 @@ CLAIM_PRESETS: dict[str, Preset] = {
     "kv": Preset(
         "kv", "Harmonized HC's claim: on kv retrieval HC's gain varies across seeds, mHC is stable "
               "but loses accuracy, Harmonized keeps gain bounded and accuracy near HC's. 4 blocks, "
-              "C=64, n=4, 4 pairs, 800 steps, 3 seeds; group kv-onehot repeats mhc and harmonized with "
+              "C=64, n=4, 4 pairs, 800 steps, each variant at its best lr of 3e-3, 1e-2, 3e-2 (seed 0), "
+              "then 3 seeds; group kv-onehot repeats mhc and harmonized with "
               "hc's one-stream H_pre read (pre_init=onehot); group kv-harmonized-source runs harmonized "
               "as its source does (static H_res, max of row and column gain).",
-        _groups("kv", _KV, ("residual", "hc", "mhc", "harmonized"),
-                # Ablation: hc reads one stream per layer (one-hot H_pre), the others read the
-                # mean; give mhc and harmonized hc's read to separate the read from H_res.
-                extra_groups=(RunGroup("kv-onehot", {**_KV, "model.connection.pre_init": "onehot"},
-                                       ("mhc", "harmonized")),
-                              # Harmonized as its source runs it: static H_res and the larger of
-                              # the composite's row and column Amax fed back (deviations: n = 4,
-                              # 4 blocks, target 12 kept from the published 96-layer, n = 16 run).
-                              RunGroup("kv-harmonized-source", {**_KV, "model.connection.dynamic": False,
-                                                                "harmonized.gain": "max"}, ("harmonized",)))),
+        (RunGroup("kv", _KV, ("residual", "hc", "mhc", "harmonized"), lrs=(3e-3, 1e-2, 3e-2)),
+         # Ablation: hc reads one stream per layer (one-hot H_pre), the others read the
+         # mean; give mhc and harmonized hc's read to separate the read from H_res.
+         RunGroup("kv-onehot", {**_KV, "model.connection.pre_init": "onehot"}, ("mhc", "harmonized")),
+         # Harmonized as its source runs it: static H_res and the larger of the composite's
+         # row and column Amax fed back (deviations: n = 4, 4 blocks, target 12 kept from the
+         # published 96-layer, n = 16 run).
+         RunGroup("kv-harmonized-source", {**_KV, "model.connection.dynamic": False, "harmonized.gain": "max"},
+                  ("harmonized",))),
         seeds=(0, 1, 2)),
     "kv-paper": Preset(
         "kv-paper", "GPU scale of `kv`: 48 blocks (96 layers, the published controller's depth), "

@@ -91,7 +91,9 @@ _POLAR_FLOOR = 1e-3  # relative floor of the polar backward's σ_i + σ_j
 
 @functools.lru_cache(maxsize=64)
 def _helmert_cpu(n: int, dtype: torch.dtype) -> torch.Tensor:
-    u = torch.zeros(n, n - 1, dtype=torch.float64)
+    # device="cpu" explicitly: this is cached, so it must never be built on a default
+    # device set by a `with torch.device(...)` block (a meta tensor here would poison the cache).
+    u = torch.zeros(n, n - 1, dtype=torch.float64, device="cpu")
     for k in range(1, n):
         u[:k, k - 1] = 1.0
         u[k, k - 1] = -float(k)
