@@ -16,6 +16,11 @@ lm         bits per byte of every variant vs the residual baseline at           
 overhead   Iso-NS costs ~1.5 %, Sinkhorn ~2 % training time over HC (IsoHC)     all six
 =========  ===================================================================  ============
 
+Fairness: ``gain``, ``kv`` and ``lm`` give every variant the same budget and the same
+learning-rate sweep (``RunGroup.lrs``: every lr on seed 0, then each variant at its own
+best lr on every seed); ``depth`` stresses every variant at two fixed aggressive lrs, and
+``overhead`` times steps only.
+
 Laptop scale is sized for a 2-core CPU (each preset ≈ 5–40 min with ``threads=1``);
 ``-gpu`` scale is what one current GPU should run in ≤ 8 minutes per preset (sized by
 estimate from the laptop and earlier H100 timings; ``benchmarks/gpu/presets.sh`` runs them
