@@ -87,3 +87,14 @@ def test_building_a_model_on_the_meta_device_leaves_later_models_alone():
     model = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=8, connection={"variant": "mhc", "streams": 3}))
     assert model.stream_pattern.device.type == "cpu"
     assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all()
+
+
+def test_expand_streams_module_takes_the_offset():
+    x = torch.randn(2, 5, 16)
+    m = hyperconn.ExpandStreams(4, offset=0.1)
+    torch.testing.assert_close(m(x), expand_streams(x, 4, offset=0.1))
+    assert "offset=0.1" in repr(m)
+    with pytest.raises(ValueError, match="^offset"):
+        hyperconn.ExpandStreams(4, offset=-1)
+    with pytest.raises(ValueError, match="^offset"):
+        hyperconn.ExpandStreams(4, channel_first=True, offset=0.1)

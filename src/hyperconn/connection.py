@@ -128,19 +128,29 @@ def reduce_streams(x: torch.Tensor, streams: Optional[int] = None, channel_first
 
 
 class ExpandStreams(nn.Module):
-    """Module form of :func:`expand_streams`, for ``nn.Sequential`` stacks."""
+    """Module form of :func:`expand_streams`, for ``nn.Sequential`` stacks.
 
-    def __init__(self, streams: int, channel_first: bool = False):
+    ``offset``: the zero-mean stream offset (0: exact copies); pass
+    ``hyperconn.get_init(init).stream_offset`` (0.1 for the default init) to match the
+    layers' init. Channel-last only when > 0.
+    """
+
+    def __init__(self, streams: int, channel_first: bool = False, offset: float = 0.0):
         super().__init__()
         if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
             raise ValueError(f"streams: expected a positive integer, got {streams!r}")
-        self.streams, self.channel_first = streams, channel_first
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0 <= offset < float("inf"):
+            raise ValueError(f"offset: expected a finite number >= 0, got {offset!r}")
+        if offset and channel_first:
+            raise ValueError("offset: not supported with channel_first=True")
+        self.streams, self.channel_first, self.offset = streams, channel_first, float(offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return expand_streams(x, self.streams, self.channel_first)
+        return expand_streams(x, self.streams, self.channel_first, offset=self.offset)
 
     def extra_repr(self) -> str:
-        return f"streams={self.streams}" + (", channel_first=True" if self.channel_first else "")
+        return (f"streams={self.streams}" + (", channel_first=True" if self.channel_first else "")
+                + (f", offset={self.offset:g}" if self.offset else ""))
 
 
 class ReduceStreams(nn.Module):
