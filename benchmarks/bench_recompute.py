@@ -25,10 +25,8 @@ import torch
 from hyperconn.models import GPT, GPTConfig
 
 
-def build(args, mode: str) -> GPT:
-    conn = {"variant": args.variant, "streams": args.streams, "recompute": mode == "per-layer"}
-    blocks = {"none": 0, "per-layer": 0}.get(mode, mode.split(" ")[-1])
-    blocks = int(blocks) if str(blocks).isdigit() else blocks
+def build(args, per_layer: bool, blocks: int) -> GPT:
+    conn = {"variant": args.variant, "streams": args.streams, "recompute": per_layer}
     cfg = GPTConfig(vocab_size=256, seq_len=args.seq, n_layer=args.layers, n_head=max(2, args.dim // 64),
                     n_embd=args.dim, connection=conn, recompute_blocks=blocks)
     torch.manual_seed(0)
@@ -80,9 +78,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     auto = GPTConfig(n_layer=a.layers, n_embd=a.dim, connection={"streams": a.streams},
                      recompute_blocks="auto").recompute_interval
-    modes = ["none", "per-layer", f"block {auto}", "block 1"]
-    modes = list(dict.fromkeys(modes))
-    models = {m: build(a, m) for m in modes}
+    settings = {"none": (False, 0), "per-layer": (True, 0), f"block {auto}": (False, auto), "block 1": (False, 1)}
+    modes = list(settings)  # "block auto" and "block 1" are one entry when auto == 1
+    models = {m: build(a, *settings[m]) for m in modes}
     idx = torch.randint(0, 256, (a.batch, a.seq), device=a.device)
     memory = {m: saved_bytes(models[m], idx) for m in modes}
     steps = {m: step_fn(models[m], idx) for m in modes}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_floating", "check_square"]
+__all__ = ["check_floating", "check_square", "is_offset"]
 
 
 def check_floating(name: str, x) -> None:
@@ -13,6 +13,11 @@ def check_floating(name: str, x) -> None:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got {got}")
+
+
+def is_offset(value) -> bool:
+    """Whether ``value`` is a valid stream offset: a finite number ≥ 0 (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < float("inf")
 
 
 def check_square(name: str, x: torch.Tensor) -> None:

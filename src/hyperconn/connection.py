@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
 from . import ops
-from ._checks import check_floating
+from ._checks import check_floating, is_offset
 from ._dtypes import compute_dtype
 from .errors import ConfigError
 from .inits import DEFAULT_INIT, get_init
@@ -79,7 +79,7 @@ def expand_streams(x: torch.Tensor, streams: int, channel_first: bool = False, o
     check_floating("x", x)
     if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
         raise ValueError(f"streams: expected a positive integer, got {streams!r}")
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not offset >= 0 or offset == float("inf"):
+    if not is_offset(offset):
         raise ValueError(f"offset: expected a finite number >= 0, got {offset!r}")
     if offset and channel_first:
         raise ValueError("offset: not supported with channel_first=True")
@@ -139,7 +139,7 @@ class ExpandStreams(nn.Module):
         super().__init__()
         if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
             raise ValueError(f"streams: expected a positive integer, got {streams!r}")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0 <= offset < float("inf"):
+        if not is_offset(offset):
             raise ValueError(f"offset: expected a finite number >= 0, got {offset!r}")
         if offset and channel_first:
             raise ValueError("offset: not supported with channel_first=True")

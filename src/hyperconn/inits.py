@@ -42,7 +42,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["InitScheme", "INITS", "DEFAULT_INIT", "get_init", "init_names"]
+__all__ = ["InitScheme", "INITS", "DEFAULT_INIT", "get_init", "init_names", "expansion_offset"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,18 @@ DEFAULT_INIT = "hyperconn"
 
 def init_names() -> tuple[str, ...]:
     return tuple(INITS)
+
+
+def expansion_offset(init: str, variant: str) -> float:
+    """The stream offset a model of ``variant`` under ``init`` expands with: the scheme's,
+    or 0 for a variant without coefficients (its single stream has nothing to break).
+
+    Raises:
+        ConfigError: (field ``init`` or ``variant``) for an unknown name.
+    """
+    from .variants import get_variant  # the variants import the layer's modules, not this one
+
+    return get_init(init).stream_offset if get_variant(variant).has_coefficients else 0.0
 
 
 def get_init(name: str) -> InitScheme:

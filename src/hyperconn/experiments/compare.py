@@ -283,11 +283,14 @@ def _run_stages(p: Preset, first: list, out_dir: Path, seeds, overrides, quiet: 
     used_seeds = list(p.seeds if seeds is None else seeds)
     start = time.perf_counter()
     code = code_version()
-    write_json(out_dir / "compare.json", {"preset": p.name, "description": p.description, "seeds": used_seeds,
-                                          "code": code, "jobs": jobs,
-                                          "runs": [{"label": j.label, "config": j.config.to_dict()}
-                                                   for j in first]})
-    failures = _execute(first, quiet, jobs, start, console)
+
+    def record(runs: Sequence[Job]) -> None:  # compare.json: written first, again once the sweep has chosen
+        write_json(out_dir / "compare.json", {"preset": p.name, "description": p.description, "seeds": used_seeds,
+                                              "code": code, "jobs": jobs,
+                                              "runs": [{"label": j.label, "config": j.config.to_dict()} for j in runs]})
+
+    record(first)
+    failures = _execute(first, quiet, jobs, start)
     all_jobs = list(first)
     swept = [j for j in first if j.lr is not None]
     if swept:
@@ -299,12 +302,9 @@ def _run_stages(p: Preset, first: list, out_dir: Path, seeds, overrides, quiet: 
             _copy_sweep_run(first, job)
         if best:
             print("best lr: " + ", ".join(f"{g}/{v} {lr:g}" for (g, v), lr in best.items()), flush=True)
-        failures.update(_execute(second, quiet, jobs, start, console))
+        failures.update(_execute(second, quiet, jobs, start))
         all_jobs += second
-        write_json(out_dir / "compare.json", {"preset": p.name, "description": p.description, "seeds": used_seeds,
-                                              "code": code, "jobs": jobs,
-                                              "runs": [{"label": j.label, "config": j.config.to_dict()}
-                                                       for j in all_jobs]})
+        record(all_jobs)
     summary = {"preset": p.name, "description": p.description, "seeds": used_seeds,
                "out_dir": str(out_dir), **summarize(all_jobs, out_dir, failures),
                "failed": len(failures), "wall_time_s": time.perf_counter() - start}
@@ -347,7 +347,7 @@ def _train_one(config: dict, label: str, quiet: bool) -> tuple[str, Optional[str
     return label, None
 
 
-def _execute(jobs: Sequence[Job], quiet: bool, workers: int, start: float, console) -> dict[str, str]:
+def _execute(jobs: Sequence[Job], quiet: bool, workers: int, start: float) -> dict[str, str]:
     todo = _pending(jobs)
     failures: dict[str, str] = {}
     n = len(todo)

@@ -39,8 +39,8 @@ from torch import nn
 
 from .._dtypes import compute_dtype
 from ..connection import HyperConnection, expand_streams, reduce_streams
-from ..inits import DEFAULT_INIT, get_init
-from ..variants import get_variant
+from .._checks import is_offset
+from ..inits import DEFAULT_INIT, expansion_offset
 
 __all__ = ["hyperconnect", "from_pretrained", "SUPPORTED"]
 
@@ -126,9 +126,9 @@ def hyperconnect(model: nn.Module, streams: int = 4, variant: str = "mhc", **opt
     last = len(layers) - 1
     options = dict(options)
     offset = options.pop("stream_offset", None)
-    if offset is None:  # the init scheme's expansion (0.1 for the default), none without coefficients
-        offset = get_init(options.get("init", DEFAULT_INIT)).stream_offset if get_variant(variant).has_coefficients else 0.0
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0 <= offset < float("inf"):
+    if offset is None:  # the init scheme's expansion (0.1 for the default)
+        offset = expansion_offset(options.get("init", DEFAULT_INIT), variant)
+    if not is_offset(offset):
         raise ValueError(f"stream_offset: expected None or a finite number >= 0, got {offset!r}")
     for i, layer in enumerate(layers):
         if getattr(layer, "_hc_layout", None):

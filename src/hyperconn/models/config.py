@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..errors import ConfigError
-from ..inits import get_init
+from .._checks import is_offset
+from ..inits import expansion_offset, get_init
 from ..reduction import REDUCTIONS
 from ..variants import get_variant, make_variant
 
@@ -114,9 +115,7 @@ class ConnectionConfig:
     def __post_init__(self):
         get_variant(self.variant)  # ConfigError("variant", ...) naming the registered ones
         get_init(self.init)  # ConfigError("init", ...) naming the schemes
-        if self.stream_offset is not None and (
-                isinstance(self.stream_offset, bool) or not isinstance(self.stream_offset, (int, float))
-                or not 0 <= self.stream_offset < float("inf")):
+        if self.stream_offset is not None and not is_offset(self.stream_offset):
             raise ConfigError("stream_offset", f"expected None or a finite number >= 0, got {self.stream_offset!r}")
         if self.alpha_init is not None and (isinstance(self.alpha_init, bool) or not isinstance(
                 self.alpha_init, (int, float)) or not math.isfinite(self.alpha_init)):
@@ -141,7 +140,7 @@ class ConnectionConfig:
         (0 for a variant without coefficients, whose single stream has nothing to break)."""
         if self.stream_offset is not None:
             return float(self.stream_offset)
-        return get_init(self.init).stream_offset if get_variant(self.variant).has_coefficients else 0.0
+        return expansion_offset(self.init, self.variant)
 
     def _lambda(self) -> Union[str, float]:
         value = self.hybrid_lambda
