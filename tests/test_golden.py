@@ -1,12 +1,15 @@
 """Behaviour preserved across restructurings: the layer's outputs and gradients and a
 short training run per variant reproduce the golden file recorded before the change
-(scripts/record_golden.py), bit for bit on this CPU."""
+(scripts/record_golden.py), bit for bit on this CPU, on the torch path of the CPU ops;
+with the native CPU kernels (a different summation order) to float rounding."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+from hyperconn.ops import cpu_native
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = torch.load(ROOT / "tests" / "golden" / "golden.pt")
@@ -20,7 +23,8 @@ _spec.loader.exec_module(record_golden)
 def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with cpu_native.force(False):  # the golden numbers were recorded on the torch path
+        yield
     torch.set_num_threads(threads)
 
 
@@ -35,6 +39,19 @@ def test_layer_matches_golden(name, variant, kwargs, dtype):
             assert got[key] is None, key
         else:
             assert torch.equal(got[key], ref), f"{key}: max diff {(got[key] - ref).abs().max().item():.3g}"
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason=cpu_native.status())
+@pytest.mark.parametrize("name,variant,kwargs", record_golden.LAYER_CASES, ids=[c[0] for c in record_golden.LAYER_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_layer_matches_golden_with_native_kernels(name, variant, kwargs, dtype):
+    want = GOLDEN["layer"][f"{name}/{dtype}".replace("torch.", "")]
+    with cpu_native.force(True):
+        got = record_golden.layer_case(variant, kwargs, dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)  # Iso-NS amplifies rounding
+    for key, ref in want.items():
+        if ref is not None:
+            torch.testing.assert_close(got[key], ref, **tol, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("variant", sorted(GOLDEN["train"]))

@@ -56,3 +56,17 @@ def test_import_hyperconn_does_not_load_dynamo():
     or when it first probes for Triton on CUDA, never at ``import hyperconn``."""
     code = "import sys, hyperconn; assert 'torch._dynamo' not in sys.modules, 'dynamo imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_wheel_ships_the_native_kernel_source(tmp_path):
+    """The CPU kernels are compiled from ops/cpu_native.cpp on the user's machine: the
+    built wheel must carry it."""
+    import zipfile
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(root)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {proc.stderr.strip()[-300:]}")
+    (wheel,) = tmp_path.glob("hyperconn-*.whl")
+    assert "hyperconn/ops/cpu_native.cpp" in zipfile.ZipFile(wheel).namelist()

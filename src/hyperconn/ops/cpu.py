@@ -24,7 +24,18 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_native
+
 __all__ = ["stream_pre", "rms_projection", "merge_streams", "StreamGradSlot"]
+
+
+def _native(x: torch.Tensor) -> bool:
+    """Whether this call runs the native kernels of :mod:`.cpu_native` (fp32/fp64 CPU
+    tensors, outside a ``torch.compile`` trace, the library built on this machine);
+    otherwise the torch ops below, which are also the reference the kernels are tested
+    against (tests/test_cpu_native.py)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling() and cpu_native.available())
 
 
 class StreamGradSlot:
@@ -79,8 +90,12 @@ class _StreamPre(torch.autograd.Function):
     def forward(ctx, x, h_pre, slot):
         ctx.slot = slot
         ctx.save_for_backward(x, h_pre)
-        with _no_autocast(x):
-            u = torch.bmm(h_pre.reshape(-1, 1, x.shape[-2]), _tokens(x))        # (M, 1, C)
+        n = x.shape[-2]
+        if _native(x):
+            u = cpu_native.pre_fwd(_tokens(x).contiguous(), h_pre.reshape(-1, n).contiguous())
+        else:
+            with _no_autocast(x):
+                u = torch.bmm(h_pre.reshape(-1, 1, n), _tokens(x))                # (M, 1, C)
         return u.view(*x.shape[:-2], x.shape[-1])
 
     @staticmethod
@@ -88,6 +103,19 @@ class _StreamPre(torch.autograd.Function):
         x, h_pre = ctx.saved_tensors
         grad = grad.to(x.dtype)
         grad_x = grad_h = None
+        if _native(x) and not torch.is_grad_enabled():
+            # One pass: h ⊗ g into the merge's ∂x (or a fresh one) and ⟨x[j], g⟩.
+            n, C = x.shape[-2:]
+            pending = _pending(ctx.slot) if ctx.needs_input_grad[0] else None
+            target = pending if pending is not None else (
+                torch.empty_like(x, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None)
+            grad_h = cpu_native.pre_bwd(_tokens(x).contiguous(), h_pre.reshape(-1, n).contiguous(),
+                                        grad.reshape(-1, C).contiguous(),
+                                        None if target is None else target.view(-1, n, C),
+                                        pending is not None, ctx.needs_input_grad[1])
+            if grad_h is not None:
+                grad_h = grad_h.view(h_pre.shape)
+            return (target if pending is None else None), grad_h, None
         if ctx.needs_input_grad[0]:
             pending = _pending(ctx.slot)
             if pending is not None:
@@ -179,6 +207,10 @@ class _MergeStreams(torch.autograd.Function):
         n, C = x.shape[-2:]
         # bmm then one in-place addcmul_: the output is written once and updated once,
         # with no materialised (M, n, C) copy of h_post ⊗ y.
+        if _native(x):
+            out = cpu_native.merge_fwd(_tokens(x).contiguous(), h_res.reshape(-1, n, n).contiguous(),
+                                       h_post.reshape(-1, n).contiguous(), y.reshape(-1, C).contiguous())
+            return out.view(x.shape)
         with _no_autocast(x):
             out = torch.bmm(h_res.reshape(-1, n, n), _tokens(x))
             out.addcmul_(h_post.reshape(-1, n, 1), y.reshape(-1, 1, C))
@@ -191,6 +223,18 @@ class _MergeStreams(torch.autograd.Function):
         g = _tokens(grad.to(x.dtype).contiguous())                                   # (M, n, C)
         needs = ctx.needs_input_grad
         grad_x = grad_res = grad_post = grad_y = None
+        if _native(x) and not torch.is_grad_enabled():
+            # All four gradients in one pass over the token's rows.
+            if needs[0]:
+                grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+            grad_res, grad_post, grad_y = cpu_native.merge_bwd(
+                g, _tokens(x).contiguous(), h_res.reshape(-1, n, n).contiguous(), h_post.reshape(-1, n).contiguous(),
+                y.reshape(-1, C).contiguous(), None if grad_x is None else grad_x.view(-1, n, C), needs[1:4])
+            if grad_x is not None and _deferring(ctx.slot):
+                ctx.slot.grad, ctx.slot.task, grad_x = grad_x, _graph_task_id(), None
+            return (grad_x, None if grad_res is None else grad_res.view(h_res.shape),
+                    None if grad_post is None else grad_post.view(h_post.shape),
+                    None if grad_y is None else grad_y.view(y.shape), None)
         if needs[0]:                                                                 # Σ_i h[i,j] g[i]
             h_t = h_res.reshape(-1, n, n).mT.contiguous()  # (M, n, n): tiny; bmm prefers it
             if torch.is_grad_enabled():  # create_graph=True: differentiable, no out=

@@ -1,0 +1,222 @@
+"""Native CPU kernels for the per-token stream ops, built once per machine and loaded with ctypes.
+
+The kernels (``cpu_native.cpp``, plain C ABI, no torch headers) do in one pass over a
+token's rows what the torch path does with one ``torch.bmm`` per contraction:
+
+    pre_fwd(x, h)                        → u                  (H_pre x)
+    pre_bwd(x, h, gu, gx, accumulate)    → gx (+)=, gh        (its backward, into ∂x in place)
+    merge_fwd(x, h_res, h_post, y)       → out                (H_res x + H_postᵀ y)
+    merge_bwd(g, x, h_res, h_post, y)    → gx, ∂h_res, ∂h_post, ∂y   (one pass, not four)
+
+Shapes: x, g, gx, out (M, n, C); y, u, gu (M, C); h, h_post (M, n); h_res (M, n, n);
+float32 or float64, contiguous, on the CPU (the wrappers check and raise ``ValueError``).
+
+Backend decision, made once per process at first use (:func:`library`): the library is
+compiled with the C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++`` on ``PATH``)
+with ``-O3 -march=native -fopenmp`` into a per-user cache (``$HYPERCONN_CACHE``, else
+``~/.cache/hyperconn``), keyed by the source, the flags, the compiler and the CPU, and
+reused by later processes. Without a compiler, or if the build fails, the ops in
+:mod:`.cpu` keep to their torch path and a single warning says why
+(:func:`status`). The environment variable ``HYPERCONN_CPU_NATIVE=0`` turns the kernels
+off; :func:`force` is the override for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["library", "available", "status", "force", "pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "ENV_VAR"]
+
+ENV_VAR = "HYPERCONN_CPU_NATIVE"
+_SOURCE = Path(__file__).with_name("cpu_native.cpp")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_ABI = 1
+
+_state: dict = {}   # "lib": CDLL | None, "why": str
+_forced: list = []  # stack of force() overrides (True / False)
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HYPERCONN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hyperconn")
+    return Path(root) / "native"
+
+
+def _build(cxx: str) -> Path:
+    """Compile (or find) the library for this machine; returns its path. Raises on failure."""
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(source + repr(_FLAGS).encode() + version.encode() + _cpu_id().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"stream_ops-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a private temporary file, then rename: concurrent processes (compare
+    # workers, pytest-xdist) never load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cxx).name} failed: {proc.stderr.strip()[-800:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for s in ("f32", "f64"):
+        getattr(lib, f"hc_pre_fwd_{s}").argtypes = [p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"hc_pre_bwd_{s}").argtypes = [p, p, p, p, i32, p, i64, i64, i64, i32]
+        getattr(lib, f"hc_merge_fwd_{s}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"hc_merge_bwd_{s}").argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
+        for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd"):
+            getattr(lib, f"hc_{name}_{s}").restype = None
+
+
+def _load() -> None:
+    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no"):
+        _state.update(lib=None, why=f"turned off by {ENV_VAR}")
+        return
+    cxx = _compiler()
+    if cxx is None:
+        _state.update(lib=None, why="no C++ compiler found (set CXX or install g++)")
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(cxx)))
+            if lib.hc_abi_version() != _ABI:
+                raise RuntimeError(f"stale library (ABI {lib.hc_abi_version()}, expected {_ABI})")
+            _declare(lib)
+            _state.update(lib=lib, why=f"built with {Path(cxx).name} into {_cache_dir()}")
+            return
+        except Exception as exc:  # compiler error, timeout, unloadable library
+            _state.update(lib=None, why=f"build failed: {type(exc).__name__}: {exc}")
+    warnings.warn(f"hyperconn: native CPU stream kernels unavailable ({_state['why']}); "
+                  "using the slower torch ops", RuntimeWarning, stacklevel=3)
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded library, or None when the torch path is to be used (decided once)."""
+    if _forced:
+        if not _forced[-1]:
+            return None
+    if "lib" not in _state:
+        _load()
+    if _forced and _forced[-1] and _state["lib"] is None:
+        raise RuntimeError(f"native CPU kernels forced on but unavailable: {_state['why']}")
+    return _state["lib"]
+
+
+def available() -> bool:
+    """Whether the ops of :mod:`.cpu` run the native kernels in this process."""
+    return library() is not None
+
+
+def status() -> str:
+    """One line: whether the native kernels are in use, and why (or why not)."""
+    library()
+    return ("native CPU kernels: on, " if _state.get("lib") is not None else "native CPU kernels: off, ") \
+        + _state.get("why", "")
+
+
+@contextlib.contextmanager
+def force(enabled: bool):
+    """Tests: run the ops of :mod:`.cpu` with the native kernels (``True``; raises
+    ``RuntimeError`` at first use if they cannot be built) or with torch (``False``)."""
+    _forced.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+# ---------------------------------------------------------------------- wrappers
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def _suffix(x: torch.Tensor, *others: Optional[torch.Tensor]) -> str:
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu":
+        raise ValueError(f"x: expected a float32 or float64 CPU tensor, got {x.dtype} on {x.device}")
+    for t in (x, *others):
+        if t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"expected contiguous {x.dtype} CPU tensors, got {t.dtype}, "
+                             f"contiguous={t.is_contiguous()}, {t.device}")
+    return "f32" if x.dtype == torch.float32 else "f64"
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def pre_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x (M, n, C), h (M, n) → u (M, C) = Σ_j h[:, j] x[:, j]."""
+    M, n, C = x.shape
+    u = torch.empty(M, C, dtype=x.dtype)
+    getattr(library(), f"hc_pre_fwd_{_suffix(x, h, u)}")(_ptr(x), _ptr(h), _ptr(u), M, n, C, _threads())
+    return u
+
+
+def pre_bwd(x: torch.Tensor, h: torch.Tensor, gu: torch.Tensor, gx: Optional[torch.Tensor],
+            accumulate: bool, need_gh: bool) -> Optional[torch.Tensor]:
+    """Writes (or, with ``accumulate``, adds) h ⊗ gu into ``gx`` (M, n, C) when given;
+    returns ∂h (M, n) when ``need_gh``, else None."""
+    M, n, C = x.shape
+    gh = torch.empty(M, n, dtype=x.dtype) if need_gh else None
+    getattr(library(), f"hc_pre_bwd_{_suffix(x, h, gu, gx, gh)}")(
+        _ptr(x), _ptr(h), _ptr(gu), _ptr(gx), int(accumulate), _ptr(gh), M, n, C, _threads())
+    return gh
+
+
+def merge_fwd(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x (M, n, C), h_res (M, n, n), h_post (M, n), y (M, C) → H_res x + h_post ⊗ y (M, n, C)."""
+    M, n, C = x.shape
+    out = torch.empty_like(x)
+    getattr(library(), f"hc_merge_fwd_{_suffix(x, h_res, h_post, y, out)}")(
+        _ptr(x), _ptr(h_res), _ptr(h_post), _ptr(y), _ptr(out), M, n, C, _threads())
+    return out
+
+
+def merge_bwd(g: torch.Tensor, x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor,
+              gx: Optional[torch.Tensor], need: tuple[bool, bool, bool]):
+    """One pass: writes ∂x into ``gx`` (M, n, C) when given; returns (∂h_res (M, n, n),
+    ∂h_post (M, n), ∂y (M, C)), each None where ``need`` says so."""
+    M, n, C = x.shape
+    ghr = torch.empty(M, n, n, dtype=x.dtype) if need[0] else None
+    ghp = torch.empty(M, n, dtype=x.dtype) if need[1] else None
+    gy = torch.empty(M, C, dtype=x.dtype) if need[2] else None
+    getattr(library(), f"hc_merge_bwd_{_suffix(x, g, h_res, h_post, y, gx, ghr, ghp, gy)}")(
+        _ptr(g), _ptr(x), _ptr(h_res), _ptr(h_post), _ptr(y), _ptr(gx), _ptr(ghr), _ptr(ghp), _ptr(gy),
+        M, n, C, _threads())
+    return ghr, ghp, gy

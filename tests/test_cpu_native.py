@@ -1,0 +1,170 @@
+"""The native CPU stream kernels (hyperconn.ops.cpu_native) against independent torch
+computations, their gradients by gradcheck in float64 through the ops of
+hyperconn.ops.cpu, threads, and the fallback when the library cannot be built."""
+
+import warnings
+
+import pytest
+import torch
+
+from hyperconn import HyperConnection
+from hyperconn.ops import cpu, cpu_native
+
+needs_native = pytest.mark.skipif(not cpu_native.available(), reason=cpu_native.status())
+DTYPES = [torch.float32, torch.float64]
+
+
+def _tol(dtype, C=1):
+    # float32: a length-C dot product rounds by up to ~C·eps·|terms|; the references are
+    # computed in float64 from the same inputs.
+    return dict(rtol=1e-5, atol=1e-6 * C) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+def _ein(spec, *ts):
+    """The reference: einsum in float64, cast to the inputs' dtype."""
+    return torch.einsum(spec, *(t.double() for t in ts)).to(ts[0].dtype)
+
+
+def _operands(M, n, C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(x=r(M, n, C), h=r(M, n), hr=r(M, n, n), y=r(M, C), g=r(M, n, C), gu=r(M, C))
+
+
+SHAPES = [(1, 1, 1), (7, 4, 33), (64, 4, 512), (5, 3, 17), (9, 8, 64)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,n,C", SHAPES)
+def test_forward_kernels_match_einsum(M, n, C, dtype):
+    o = _operands(M, n, C, dtype)
+    torch.testing.assert_close(cpu_native.pre_fwd(o["x"], o["h"]), _ein("mj,mjc->mc", o["h"], o["x"]),
+                               **_tol(dtype, C))
+    want = _ein("mij,mjc->mic", o["hr"], o["x"]) + _ein("mi,mc->mic", o["h"], o["y"])
+    torch.testing.assert_close(cpu_native.merge_fwd(o["x"], o["hr"], o["h"], o["y"]), want, **_tol(dtype, C))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,n,C", SHAPES)
+def test_backward_kernels_match_einsum(M, n, C, dtype):
+    o = _operands(M, n, C, dtype, seed=1)
+    gx = torch.full_like(o["x"], float("nan"))  # every element must be written
+    ghr, ghp, gy = cpu_native.merge_bwd(o["g"], o["x"], o["hr"], o["h"], o["y"], gx, (True, True, True))
+    torch.testing.assert_close(gx, _ein("mij,mic->mjc", o["hr"], o["g"]), **_tol(dtype, C))
+    torch.testing.assert_close(ghr, _ein("mic,mjc->mij", o["g"], o["x"]), **_tol(dtype, C))
+    torch.testing.assert_close(ghp, _ein("mic,mc->mi", o["g"], o["y"]), **_tol(dtype, C))
+    torch.testing.assert_close(gy, _ein("mi,mic->mc", o["h"], o["g"]), **_tol(dtype, C))
+    # Only what is asked for is computed; a missing ∂x buffer is skipped.
+    assert cpu_native.merge_bwd(o["g"], o["x"], o["hr"], o["h"], o["y"], None, (False, True, False))[0::2] == (None, None)
+    # pre backward: writes, or adds into, ∂x.
+    base = torch.randn_like(o["x"])
+    acc = base.clone()
+    gh = cpu_native.pre_bwd(o["x"], o["h"], o["gu"], acc, True, True)
+    outer = o["h"][..., None] * o["gu"][:, None]
+    torch.testing.assert_close(acc, base + outer, **_tol(dtype, C))
+    torch.testing.assert_close(gh, _ein("mjc,mc->mj", o["x"], o["gu"]), **_tol(dtype, C))
+    fresh = torch.full_like(o["x"], float("nan"))
+    assert cpu_native.pre_bwd(o["x"], o["h"], o["gu"], fresh, False, False) is None
+    torch.testing.assert_close(fresh, outer, **_tol(dtype, C))
+
+
+@needs_native
+def test_threads_split_tokens_without_changing_results():
+    o = _operands(301, 4, 96, torch.float64, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_native.merge_bwd(o["g"], o["x"], o["hr"], o["h"], o["y"], None, (True, True, True))
+        torch.set_num_threads(2)
+        two = cpu_native.merge_bwd(o["g"], o["x"], o["hr"], o["h"], o["y"], None, (True, True, True))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_wrappers_refuse_bad_tensors():
+    o = _operands(4, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_native.pre_fwd(o["x"].transpose(0, 1).contiguous().transpose(0, 1), o["h"])
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cpu_native.pre_fwd(o["x"].half(), o["h"].half())
+    with pytest.raises(ValueError, match="float32"):
+        cpu_native.merge_fwd(o["x"], o["hr"].double(), o["h"], o["y"])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_ops_gradcheck_float64_on_both_paths(native):
+    if native and not cpu_native.available():
+        pytest.skip(cpu_native.status())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    hr = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    hp = torch.randn(2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    with cpu_native.force(native):
+        assert torch.autograd.gradcheck(lambda *a: cpu.merge_streams(*a), (x, hr, hp, y))
+        assert torch.autograd.gradcheck(lambda a, b: cpu.stream_pre(a, b), (x, hp))
+        assert torch.autograd.gradgradcheck(lambda *a: cpu.merge_streams(*a), (x, hr, hp, y))
+
+
+@needs_native
+@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc"])
+def test_layer_gradients_agree_between_paths(variant):
+    """A whole dynamic layer (shared ∂x slot, static and per-token coefficients): the
+    native path gives the torch path's loss and gradients."""
+    torch.manual_seed(0)
+    layer = HyperConnection(32, 4, torch.nn.Linear(32, 32), variant=variant).double()
+    x = torch.randn(3, 5, 4, 32, dtype=torch.float64)
+    grads = []
+    for native in (True, False):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        with cpu_native.force(native):
+            layer(xi).square().sum().backward()
+        grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_forced_off_never_calls_the_kernels(monkeypatch):
+    def boom(*_):
+        raise AssertionError("native kernel called")
+    for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd"):
+        monkeypatch.setattr(cpu_native, name, boom)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    with cpu_native.force(False):
+        cpu.merge_streams(x, torch.eye(4).expand(2, 4, 4), torch.ones(2, 4), torch.randn(2, 8)).sum().backward()
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    """No usable compiler: one RuntimeWarning naming the reason, then the torch path; a
+    forced-on run then raises instead of silently falling back."""
+    monkeypatch.setattr(cpu_native, "_state", {})
+    monkeypatch.setenv("CXX", "false")          # a 'compiler' that always fails
+    monkeypatch.setenv("HYPERCONN_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_native, "_compiler", lambda: "/bin/false")
+    with pytest.warns(RuntimeWarning, match="native CPU stream kernels unavailable"):
+        assert not cpu_native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_native.available()        # decided once: no second warning
+    assert "build failed" in cpu_native.status()
+    x = torch.randn(2, 4, 8)
+    out = cpu.merge_streams(x, torch.eye(4).expand(2, 4, 4).contiguous(), torch.ones(2, 4), torch.zeros(2, 8))
+    torch.testing.assert_close(out, x)
+    with cpu_native.force(True), pytest.raises(RuntimeError, match="forced on but unavailable"):
+        cpu_native.library()
+    assert not list(tmp_path.rglob("*.so"))      # nothing half-built left behind
+
+
+def test_environment_variable_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_state", {})
+    monkeypatch.setenv(cpu_native.ENV_VAR, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # turning them off is not a failure: no warning
+        assert not cpu_native.available()
+    assert cpu_native.ENV_VAR in cpu_native.status()
