@@ -44,9 +44,14 @@ def test_claim_specific_settings():
         assert len({tuple(v) for v in lrs.values()}) == 1, name
         one = next(iter(lrs.values()))
         assert len(one) >= 3 and one[-1] / one[0] >= 10 and len(PRESETS[name].seeds) >= 3, name
-    depth = [(j.config.lr, j.config.model.n_layer) for j in expand(PRESETS["depth"], "/tmp/x")
-             if j.variant == "isohc"]
-    assert depth == [(1e-2, 12), (1e-2, 24), (1e-2, 48), (3e-2, 12), (3e-2, 24), (3e-2, 48)]
+    # depth: every depth has its own sweep over the same lrs, each depth one model size.
+    depth = expand(PRESETS["depth"], "/tmp/x")
+    for d in (6, 12, 24):
+        sweep = [j for j in depth if j.group == f"depth{d}-sweep"]
+        assert {j.config.model.n_layer for j in sweep} == {d}
+        assert sorted(j.config.lr for j in sweep if j.variant == "isohc") == [3e-3, 1e-2, 3e-2]
+        assert {j.variant for j in sweep} == {"residual", "hc", "mhc", "isohc"}
+    assert len(PRESETS["depth"].seeds) >= 3
     kv = expand(PRESETS["kv"], "/tmp/x")
     assert len(PRESETS["kv"].seeds) >= 3 and {j.variant for j in kv} >= {"hc", "mhc", "harmonized"}
     assert all(j.config.task == "kv" for j in kv)
