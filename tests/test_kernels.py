@@ -339,6 +339,47 @@ def test_interp_gradcheck_float64(tops):
                                     (x, h_post), fast_mode=True, **tight)
 
 
+# (M tokens, n, C, N coefficients): K = n·C below, at and above one BK tile; M across a
+# partial token tile; N = n² + 2n (24 for n = 4), and a small N padded to 16.
+RMS_CASES = [(5, 4, 13, 24), (37, 4, 16, 24), (70, 2, 40, 8), (3, 1, 7, 3)]
+
+
+@needs_interp
+@pytest.mark.parametrize("M,n,C,N", RMS_CASES)
+def test_interp_rms_projection_fp32(tops, M, n, C, N):
+    from hyperconn.ops.torch_backend import plain_rms_projection
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, n, C, generator=g) * 3
+    phi = torch.randn(n * C, N, generator=g) / (n * C) ** 0.5
+    out, grads = _grads(lambda a, b: tops.rms_projection(a, b, 1e-6, torch.float32), [x, phi])
+    want, want_grads = _grads(lambda a, b: plain_rms_projection(a, b, 1e-6, torch.float32), [x, phi])
+    for a, b in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # ∂φ summed from several token groups gives the same as from one.
+    from hyperconn.ops import triton_kernels as tk
+    o, r = tk.rms_projection_forward(x, phi, 1e-6)
+    go = torch.randn(o.shape, generator=g)
+    one = tk.rms_projection_backward(x, phi, o, r, go, groups=1)
+    many = tk.rms_projection_backward(x, phi, o, r, go, groups=3)
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_interp
+def test_interp_rms_projection_half_streams_and_gradcheck(tops):
+    from hyperconn.ops.torch_backend import plain_rms_projection
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 4, 16, generator=g).to(torch.bfloat16)
+    phi = torch.randn(64, 24, generator=g) / 8
+    out = tops.rms_projection(x, phi, 1e-6, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 24)
+    torch.testing.assert_close(out, plain_rms_projection(x, phi, 1e-6, torch.float32), rtol=2e-2, atol=2e-2)
+    x64 = torch.randn(3, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    phi64 = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: tops.rms_projection(a, b, 1e-6, torch.float64), (x64, phi64),
+                                    fast_mode=True, rtol=1e-6, atol=1e-9)
+
+
 @needs_interp
 def test_interp_dispatch_selects_triton(tops, monkeypatch):
     x, h_pre, h_res, h_post, y = _inputs(4, (2,), False)
@@ -376,6 +417,13 @@ def test_cuda_triton_matches_reference(case, dtype):
         for a, b in zip((out, *grads), (want, *want_grads)):
             _close(a, b, a.dtype)
     n = case[0]
+    from hyperconn.ops.torch_backend import plain_rms_projection
+    phi = torch.randn(n * x.shape[-1], n * n + 2 * n, device=dev) / (n * x.shape[-1]) ** 0.5
+    out, grads = _grads(lambda a, b: triton_ops.rms_projection(a, b, 1e-6, torch.float32), [x, phi])
+    want, want_grads = _grads(lambda a, b: plain_rms_projection(a.float(), b, 1e-6, torch.float32), [x, phi])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for a, b in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
     z = torch.randn(257, n, n, device=dev) * 4
     p, (gp,) = _grads(lambda t: triton_ops.sinkhorn_tokens(t, 20), [z])
     q, (gq,) = _grads(lambda t: sinkhorn(t, 20, backward="unrolled"), [z])

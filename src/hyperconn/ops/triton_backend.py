@@ -6,8 +6,12 @@ handle them. Imported only when Triton is selected.
     hyperconn::stream_pre(x, h, block_c)                     → out       (+ _backward)
     hyperconn::stream_merge(x, h_res, h_post, y, block_c)    → out       (+ _backward)
     hyperconn::sinkhorn_tokens(logits, iters)                → P         (+ _backward)
+    hyperconn::rms_projection(x, phi, eps)                   → out, r    (+ _backward)
 
-The coefficient projection has no kernel yet: it runs the torch backend's plain ops.
+The RMS projection kernel reads the streams once forward (the GEMM and the sum of squares
+together) and once backward (∂x and ∂φ together); the plain ops it replaces read them
+twice forward and three times backward (the GEMM, the norm, then the two backward GEMMs
+and the RMS term).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from torch import Tensor
 
 from .._dtypes import compute_dtype
 from . import triton_kernels as tk
-from .torch_backend import plain_rms_projection
 
 __all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "NAME", "INTERPRETED"]
 
@@ -134,6 +137,44 @@ def _sinkhorn_grad(ctx, grad):
 _sinkhorn.register_autograd(_sinkhorn_grad, setup_context=_sinkhorn_setup)
 
 
+# ---------------------------------------------------------------------- rms projection
+@torch.library.custom_op("hyperconn::rms_projection", mutates_args=())
+def _rms_projection(x: Tensor, phi: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return tk.rms_projection_forward(x, phi, eps)
+
+
+@_rms_projection.register_fake
+def _(x, phi, eps):
+    acc = compute_dtype(x, phi)
+    m = x.numel() // (x.shape[-2] * x.shape[-1]) if x.dim() >= 2 else 0
+    return x.new_empty(x.shape[:-2] + phi.shape[-1:], dtype=acc), x.new_empty((m,), dtype=acc)
+
+
+@torch.library.custom_op("hyperconn::rms_projection_backward", mutates_args=())
+def _rms_projection_backward(x: Tensor, phi: Tensor, out: Tensor, rinv: Tensor,
+                             grad: Tensor) -> tuple[Tensor, Tensor]:
+    return tk.rms_projection_backward(x, phi, out, rinv, grad)
+
+
+@_rms_projection_backward.register_fake
+def _(x, phi, out, rinv, grad):
+    return x.new_empty(x.shape), phi.new_empty(phi.shape)
+
+
+def _rms_projection_setup(ctx, inputs, output):
+    x, phi, _ = inputs
+    ctx.save_for_backward(x, phi, *output)
+
+
+def _rms_projection_grad(ctx, grad_out, _grad_rinv):
+    x, phi, out, rinv = ctx.saved_tensors
+    dx, dphi = _rms_projection_backward(x, phi, out, rinv, grad_out)
+    return dx, dphi, None
+
+
+_rms_projection.register_autograd(_rms_projection_grad, setup_context=_rms_projection_setup)
+
+
 # ---------------------------------------------------------------------- backend API
 def stream_pre(x: Tensor, h_pre: Tensor, slot=None, *, block_c: Optional[int] = None) -> Tensor:
     """Triton ``Σ_j h_pre[j] x[j]``; shapes as :func:`hyperconn.ops.stream_pre`. ``slot``
@@ -156,6 +197,10 @@ def sinkhorn_tokens(logits: Tensor, iters: int = 20) -> Tensor:
 
 
 def rms_projection(x: Tensor, phi: Tensor, eps: float, cdtype: torch.dtype, slot=None) -> Tensor:
-    """The torch backend's plain-ops projection (no fused kernel yet)."""
-    return plain_rms_projection(x, phi, eps, cdtype)
+    """Triton ``(vec(x) φ) · rsqrt(mean(x²) + ε)``: x (..., n, C), φ (n·C, N) → (..., N) in
+    ``cdtype``. Half-precision streams are read as they are (no fp32 copy) and multiplied
+    in fp32; fp32/fp64 streams are computed in ``cdtype``."""
+    xc = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(cdtype)
+    out, _ = _rms_projection(xc, phi.to(cdtype), float(eps))
+    return out.to(cdtype)
 

@@ -18,6 +18,10 @@ Work split:
   * backward stream ops: one program per token looping over C, so the coefficient
     gradients (reductions over C) stay in registers; they are written per token in the
     compute dtype and summed over tokens on the host when the coefficients are shared.
+  * RMS projection: ``BM`` tokens per program, the (BM, n·C) rows streamed in ``BK``
+    chunks through one ``tl.dot`` with φ and one sum of squares (one read of the streams);
+    backward: one program per (K-chunk, token group) writes ∂x for its chunk and keeps
+    its part of ∂φ in registers (one more read of the streams; partials summed on the host).
   * Sinkhorn: ``BM`` tokens per program, (BM, NP, NP) tiles, -inf padding. Backward
     stores nothing from the forward: it recomputes the iterations keeping only the
     per-iteration log-scalings (2·iters·n values per token, in a scratch buffer) and then runs
@@ -38,6 +42,7 @@ except ImportError:  # pragma: no cover - very old or very new Triton
     _Interpreted = ()
 
 __all__ = ["stream_pre_forward", "stream_pre_backward", "stream_merge_forward", "stream_merge_backward",
+           "rms_projection_forward", "rms_projection_backward",
            "sinkhorn_forward", "sinkhorn_backward", "INTERPRETED", "MAX_SINKHORN_N"]
 
 MAX_SINKHORN_N = 8
@@ -155,6 +160,65 @@ def _merge_bwd_kernel(x_ptr, hr_ptr, hp_ptr, y_ptr, g_ptr,
     tl.store(dhp_ptr + m * N + rows, dhp, mask=rmask)
     tl.store(dhr_ptr + m * N * N + rows[:, None] * N + jcols, dhr,
              mask=rmask[:, None] & (jcols < N))
+
+
+# ====================================================================== rms projection
+@triton.jit
+def _dot(a, b):
+    """a @ b of fp32 (or fp64) tiles, IEEE products (no TF32 rounding). This GEMM has only
+    N = n² + 2n columns: it is bound by reading the streams, not by the multiply, so
+    tensor-core precision would buy nothing here."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _rms_proj_fwd_kernel(x_ptr, phi_ptr, out_ptr, rinv_ptr, M, K, eps,
+                         N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                         F64: tl.constexpr):
+    tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = tl.arange(0, NP)
+    tmask, nmask = tok < M, cols < N
+    acc = _acc(tl.zeros((BM, NP), tl.float32), F64)
+    ss = _acc(tl.zeros((BM,), tl.float32), F64)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K
+        x = _acc(tl.load(x_ptr + tok[:, None] * K + ks[None, :], mask=tmask[:, None] & kmask[None, :],
+                         other=0.0), F64)
+        phi = _acc(tl.load(phi_ptr + ks[:, None] * N + cols[None, :], mask=kmask[:, None] & nmask[None, :],
+                           other=0.0), F64)
+        acc += _dot(x, phi)
+        ss += tl.sum(x * x, axis=1)
+    rinv = 1.0 / tl.sqrt(ss / K + eps)
+    tl.store(out_ptr + tok[:, None] * N + cols[None, :], acc * rinv[:, None], mask=tmask[:, None] & nmask[None, :])
+    tl.store(rinv_ptr + tok, rinv, mask=tmask)
+
+
+@triton.jit
+def _rms_proj_bwd_kernel(x_ptr, phi_ptr, gp_ptr, rs_ptr, dx_ptr, dphi_ptr, M, K, GROUPS,
+                         N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                         F64: tl.constexpr):
+    # dx = gp φᵀ + x·rs (per token), dφ = xᵀ gp; gp = ∂out · r (M, N), rs the RMS term (M,).
+    kb, grp = tl.program_id(0), tl.program_id(1)
+    ks = kb * BK + tl.arange(0, BK)
+    cols = tl.arange(0, NP)
+    kmask, nmask = ks < K, cols < N
+    phi = _acc(tl.load(phi_ptr + ks[:, None] * N + cols[None, :], mask=kmask[:, None] & nmask[None, :],
+                       other=0.0), F64)
+    dphi = _acc(tl.zeros((BK, NP), tl.float32), F64)
+    for tb in range(grp, tl.cdiv(M, BM), GROUPS):
+        tok = (tb * BM + tl.arange(0, BM)).to(tl.int64)
+        tmask = tok < M
+        xmask = tmask[:, None] & kmask[None, :]
+        x = _acc(tl.load(x_ptr + tok[:, None] * K + ks[None, :], mask=xmask, other=0.0), F64)
+        gp = _acc(tl.load(gp_ptr + tok[:, None] * N + cols[None, :], mask=tmask[:, None] & nmask[None, :],
+                          other=0.0), F64)
+        rs = _acc(tl.load(rs_ptr + tok, mask=tmask, other=0.0), F64)
+        dx = _dot(gp, tl.trans(phi)) + x * rs[:, None]
+        tl.store(dx_ptr + tok[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xmask)
+        dphi += _dot(tl.trans(x), gp)
+    tl.store(dphi_ptr + grp.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :], dphi,
+             mask=kmask[:, None] & nmask[None, :])
 
 
 # ====================================================================== sinkhorn
@@ -305,6 +369,55 @@ def stream_merge_backward(x, h_res, h_post, y, grad_out, block_c=None):
     dhr = dhr.view(*lead, n, n) if hr_stride else dhr
     dhp = dhp.view(*lead, n) if hp_stride else dhp
     return dx.view(*lead, n, C), _sum_to(dhr, h_res), _sum_to(dhp, h_post), dy.view(*lead, C)
+
+
+def _rms_tiles(K: int, N: int, dtype: torch.dtype):
+    NP = max(16, triton.next_power_of_2(N))            # tl.dot needs every tile side >= 16
+    BK = 32 if dtype == torch.float64 else 64
+    return NP, 32, min(BK, max(16, triton.next_power_of_2(K)))
+
+
+def rms_projection_forward(x, phi, eps):
+    """``(vec(x) φ) · rsqrt(mean(x²) + ε)`` and the per-token ``rsqrt`` factor: x (..., n, C),
+    φ (n·C, N) → (out (..., N), r (M,)) in the compute dtype (fp32, fp64 for fp64 input).
+    Every dtype of streams is read as it is stored and multiplied in the compute dtype
+    (IEEE products): no fp32 copy of half-precision streams is made."""
+    K, N = phi.shape
+    lead = x.shape[:-2]
+    x2 = x.contiguous().view(-1, K)
+    M = x2.shape[0]
+    acc = _acc_dtype(x, phi)
+    out = torch.empty((M, N), dtype=acc, device=x.device)
+    rinv = torch.empty((M,), dtype=acc, device=x.device)
+    NP, BM, BK = _rms_tiles(K, N, acc)
+    _rms_proj_fwd_kernel[(triton.cdiv(M, BM),)](
+        x2, phi.contiguous(), out, rinv, M, K, float(eps), N=N, NP=NP, BM=BM, BK=BK,
+        F64=acc == torch.float64)
+    return out.view(*lead, N), rinv
+
+
+def rms_projection_backward(x, phi, out, rinv, grad_out, groups=None):
+    """(∂x, ∂φ) of :func:`rms_projection_forward` from its outputs (nothing recomputed
+    but the two GEMM-shaped passes). ∂x in ``x.dtype``, ∂φ in ``phi.dtype``."""
+    K, N = phi.shape
+    x2 = x.contiguous().view(-1, K)
+    M = x2.shape[0]
+    acc = _acc_dtype(x, phi)
+    g = grad_out.reshape(M, N).to(acc)
+    o = out.reshape(M, N)
+    # out = p·r with p = vec(x) φ, r = (mean(x²) + ε)^(-1/2): ∂p = g·r, and the RMS part
+    # of ∂x is x · (−r³/K · ⟨g, p⟩) = x · (−r²/K · ⟨g, out⟩): (M, N)-sized work, in torch.
+    gp = (g * rinv[:, None]).contiguous()
+    rs = ((g * o).sum(-1) * rinv.square() * (-1.0 / K)).contiguous()
+    NP, BM, BK = _rms_tiles(K, N, acc)
+    n_tb = triton.cdiv(M, BM)
+    groups = max(1, min(n_tb, groups or 16))
+    dx = torch.empty_like(x2)
+    dphi = torch.empty((groups, K, N), dtype=acc, device=x.device)
+    _rms_proj_bwd_kernel[(triton.cdiv(K, BK), groups)](
+        x2, phi.contiguous(), gp, rs, dx, dphi, M, K, groups, N=N, NP=NP, BM=BM, BK=BK,
+        F64=acc == torch.float64)
+    return dx.view(x.shape), dphi.sum(0).to(phi.dtype)
 
 
 def _sinkhorn_bm(NP: int) -> int:
