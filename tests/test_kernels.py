@@ -380,6 +380,60 @@ def test_interp_rms_projection_half_streams_and_gradcheck(tops):
                                     fast_mode=True, rtol=1e-6, atol=1e-9)
 
 
+def _poly_input(M, m, dtype, seed, well_conditioned=False):
+    """Blocks scaled as Iso-NS scales them (‖XᵀX‖_F^½ = 1), so σ ≤ 1; random ones (some
+    nearly singular) or near-identity ones (condition number ≲ 3)."""
+    x = torch.randn(M, m, m, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    if well_conditioned:
+        x = torch.eye(m, dtype=dtype) + 0.3 * x / m ** 0.5
+    return x / torch.linalg.matrix_norm(x.mT @ x).sqrt()[:, None, None]
+
+
+@needs_interp
+@pytest.mark.parametrize("m", [1, 3, 5, 8])
+@pytest.mark.parametrize("method", ["ns", "ns-cubic"])
+def test_interp_newton_schulz_matches_torch(tops, m, method):
+    """The Triton Newton-Schulz kernel = the torch op, values and gradient, on the whole
+    default schedule of each method (fp64, as Iso-NS runs its blocks; fp32 too)."""
+    from hyperconn.ops.newton_schulz import odd_polynomial_iteration
+    from hyperconn.projections.iso import _DEFAULT_STEPS, _schedule
+    schedule = _schedule(method, _DEFAULT_STEPS[method])
+    x = _poly_input(37, m, torch.float64, seed=m)
+    out, grads = _grads(lambda t: tops.odd_polynomial_iteration(t, schedule), [x])
+    want, want_grads = _grads(lambda t: odd_polynomial_iteration(t, schedule, backend="torch"), [x])
+    for a, b in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, b.abs().max().item()))
+    # fp32 (Iso-NS itself runs its blocks in fp64): the steps amplify rounding, so two
+    # correct fp32 implementations part ways; the kernel must be as close to the fp64
+    # result as the torch op in fp32 is.
+    x32 = _poly_input(37, m, torch.float32, seed=m, well_conditioned=True)
+    truth = _grads(lambda t: odd_polynomial_iteration(t, schedule, backend="torch"), [x32.double()])
+    kern = _grads(lambda t: tops.odd_polynomial_iteration(t, schedule), [x32])
+    ref = _grads(lambda t: odd_polynomial_iteration(t, schedule, backend="torch"), [x32])
+    for k, r, t in zip((kern[0], *kern[1]), (ref[0], *ref[1]), (truth[0], *truth[1])):
+        scale = max(1.0, t.abs().max().item())
+        assert (k.double() - t).abs().max() <= 10 * (r.double() - t).abs().max() + 1e-5 * scale
+    # The result is orthogonal: the kernel ran the whole schedule.
+    q = tops.odd_polynomial_iteration(_poly_input(5, m, torch.float64, seed=0, well_conditioned=True), schedule)
+    assert (q.mT @ q - torch.eye(m, dtype=q.dtype)).abs().max() < (1e-6 if method == "ns" else 1e-2)
+
+
+@needs_interp
+def test_interp_newton_schulz_gradcheck_and_dispatch(tops):
+    from hyperconn.ops.newton_schulz import odd_polynomial_iteration
+    from hyperconn import iso_project
+    x = _poly_input(3, 3, torch.float64, seed=4).requires_grad_()
+    schedule = ((1.5, -0.5, 0.0), (3.4445, -4.775, 2.0315), (1.875, -1.25, 0.375))
+    assert torch.autograd.gradcheck(lambda t: tops.odd_polynomial_iteration(t, schedule), (x,),
+                                    rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="m ≤ 8"):
+        odd_polynomial_iteration(torch.eye(9).expand(2, 9, 9), schedule, backend="triton")
+    # iso_project threads its backend down to the kernel: same projection as torch.
+    raw = torch.randn(4, 5, 5, generator=torch.Generator().manual_seed(1)) + 2 * torch.eye(5)
+    torch.testing.assert_close(iso_project(raw, backend="triton"), iso_project(raw, backend="torch"),
+                               rtol=1e-6, atol=1e-6)
+
+
 @needs_interp
 def test_interp_dispatch_selects_triton(tops, monkeypatch):
     x, h_pre, h_res, h_post, y = _inputs(4, (2,), False)
@@ -464,7 +518,7 @@ def _check_layer_backends(variant, device, dtype, tol):
 
 
 @needs_interp
-@pytest.mark.parametrize("variant", ["hc", "mhc", "hybrid"])
+@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid"])
 def test_interp_layer_triton_matches_torch(tops, variant):
     """HyperConnection(kernels="triton") = kernels="torch": output and every gradient."""
     _check_layer_backends(variant, torch.device("cpu"), torch.float32, 2e-5)

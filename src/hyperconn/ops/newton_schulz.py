@@ -6,8 +6,9 @@ Each step is ``X ← a X + b X (XᵀX) + c X (XᵀX)²`` with ``(a, b, c)`` from
 coefficient schedules themselves live in :mod:`hyperconn.projections.iso`). One
 ``torch.autograd.Function`` with a hand-written backward that stores only X0 and
 recomputes the iterates; on a CPU, matrices up to 8×8 are iterated with the tokens
-innermost (:class:`_TokensInner`). Torch only: the Triton backend has no kernel for it
-yet, so every backend runs this one (see docs/design.md).
+innermost (:class:`_TokensInner`). On CUDA (or with ``backend="triton"`` in Triton's
+interpreter), matrices up to 8×8 run the Triton kernel of :mod:`.triton_kernels` instead
+(the same map and gradient, one program per block of tokens, the matrices in registers).
 """
 
 from __future__ import annotations
@@ -120,8 +121,25 @@ class _OddPolynomialIteration(torch.autograd.Function):
         return L.unpack(g, grad.shape), None
 
 
-def odd_polynomial_iteration(x0: torch.Tensor, schedule: tuple) -> torch.Tensor:
+def odd_polynomial_iteration(x0: torch.Tensor, schedule: tuple, backend=None) -> torch.Tensor:
     """Apply the steps of ``schedule`` (a tuple of ``(a, b, c)`` floats) to ``x0`` (..., m, m).
 
-    Returns the last iterate in ``x0.dtype``; differentiable (memory: X0 only)."""
+    ``backend``: as :func:`hyperconn.ops.resolve_backend` (None: ``HYPERCONN_KERNELS``, else
+    ``"auto"``: the Triton kernel for CUDA tensors with m ≤ 8 when Triton imports).
+    Returns the last iterate in ``x0.dtype``; differentiable (memory: X0 only).
+
+    Raises:
+        ValueError, RuntimeError: as :func:`hyperconn.ops.resolve_backend`; ValueError for an
+            explicit ``"triton"`` with m > 8.
+    """
+    from . import dispatch  # imported here: dispatch imports this package's torch backend
+
+    if x0.numel() and x0.dtype in (torch.float32, torch.float64) \
+            and dispatch.resolve_backend(backend, x0) == "triton":
+        triton_ops = dispatch._triton_ops()
+        if x0.shape[-1] <= triton_ops.MAX_POLY_M:
+            return triton_ops.odd_polynomial_iteration(x0, tuple(schedule))
+        if (backend or "").strip().lower() == "triton":
+            raise ValueError(f"x0: the Triton Newton-Schulz kernel supports m ≤ {triton_ops.MAX_POLY_M}, "
+                             f"got m = {x0.shape[-1]}")
     return _OddPolynomialIteration.apply(x0, tuple(schedule))

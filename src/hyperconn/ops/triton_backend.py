@@ -7,6 +7,7 @@ handle them. Imported only when Triton is selected.
     hyperconn::stream_merge(x, h_res, h_post, y, block_c)    → out       (+ _backward)
     hyperconn::sinkhorn_tokens(logits, iters)                → P         (+ _backward)
     hyperconn::rms_projection(x, phi, eps)                   → out, r    (+ _backward)
+    hyperconn::odd_polynomial(x0, schedule)                  → X_S       (+ _backward)
 
 The RMS projection kernel reads the streams once forward (the GEMM and the sum of squares
 together) and once backward (∂x and ∂φ together); the plain ops it replaces read them
@@ -24,10 +25,12 @@ from torch import Tensor
 from .._dtypes import compute_dtype
 from . import triton_kernels as tk
 
-__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "NAME", "INTERPRETED"]
+__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "NAME",
+           "INTERPRETED", "MAX_POLY_M"]
 
 NAME = "triton"
 INTERPRETED = tk.INTERPRETED
+MAX_POLY_M = tk.MAX_POLY_M
 
 
 # ---------------------------------------------------------------------- stream_pre
@@ -173,6 +176,48 @@ def _rms_projection_grad(ctx, grad_out, _grad_rinv):
 
 
 _rms_projection.register_autograd(_rms_projection_grad, setup_context=_rms_projection_setup)
+
+
+# ---------------------------------------------------------------------- odd polynomial (Iso-NS)
+@torch.library.custom_op("hyperconn::odd_polynomial", mutates_args=())
+def _odd_polynomial(x0: Tensor, schedule: list[float]) -> Tensor:
+    return tk.odd_polynomial_forward(x0, schedule)
+
+
+@_odd_polynomial.register_fake
+def _(x0, schedule):
+    return x0.new_empty(x0.shape)
+
+
+@torch.library.custom_op("hyperconn::odd_polynomial_backward", mutates_args=())
+def _odd_polynomial_backward(x0: Tensor, schedule: list[float], grad: Tensor) -> Tensor:
+    return tk.odd_polynomial_backward(x0, schedule, grad)
+
+
+@_odd_polynomial_backward.register_fake
+def _(x0, schedule, grad):
+    return x0.new_empty(x0.shape)
+
+
+def _odd_polynomial_setup(ctx, inputs, output):
+    x0, schedule = inputs
+    ctx.save_for_backward(x0)  # only X0: backward recomputes the iterates
+    ctx.schedule = schedule
+
+
+def _odd_polynomial_grad(ctx, grad):
+    (x0,) = ctx.saved_tensors
+    return _odd_polynomial_backward(x0, ctx.schedule, grad), None
+
+
+_odd_polynomial.register_autograd(_odd_polynomial_grad, setup_context=_odd_polynomial_setup)
+
+
+def odd_polynomial_iteration(x0: Tensor, schedule: tuple) -> Tensor:
+    """Triton Newton-Schulz steps on (..., m, m), m ≤ ``MAX_POLY_M``: the same map and
+    gradient as :func:`hyperconn.ops.newton_schulz.odd_polynomial_iteration`."""
+    flat = [float(v) for step in schedule for v in step]
+    return _odd_polynomial(x0.contiguous(), flat)
 
 
 # ---------------------------------------------------------------------- backend API

@@ -22,6 +22,10 @@ Work split:
     chunks through one ``tl.dot`` with φ and one sum of squares (one read of the streams);
     backward: one program per (K-chunk, token group) writes ∂x for its chunk and keeps
     its part of ∂φ in registers (one more read of the streams; partials summed on the host).
+  * Odd-polynomial (Newton-Schulz) iterations of Iso-NS: ``BM`` tokens per program,
+    (BM, MP, MP) tiles, zero padding (which the polynomial keeps at zero); products as
+    broadcast-and-sum in registers. Backward recomputes the iterates into a scratch
+    buffer (S·m² values per token), then runs the reverse sweep.
   * Sinkhorn: ``BM`` tokens per program, (BM, NP, NP) tiles, -inf padding. Backward
     stores nothing from the forward: it recomputes the iterations keeping only the
     per-iteration log-scalings (2·iters·n values per token, in a scratch buffer) and then runs
@@ -42,10 +46,12 @@ except ImportError:  # pragma: no cover - very old or very new Triton
     _Interpreted = ()
 
 __all__ = ["stream_pre_forward", "stream_pre_backward", "stream_merge_forward", "stream_merge_backward",
-           "rms_projection_forward", "rms_projection_backward",
+           "rms_projection_forward", "rms_projection_backward", "odd_polynomial_forward",
+           "odd_polynomial_backward", "MAX_POLY_M",
            "sinkhorn_forward", "sinkhorn_backward", "INTERPRETED", "MAX_SINKHORN_N"]
 
 MAX_SINKHORN_N = 8
+MAX_POLY_M = 8
 
 
 def _np2(v: int) -> int:
@@ -219,6 +225,79 @@ def _rms_proj_bwd_kernel(x_ptr, phi_ptr, gp_ptr, rs_ptr, dx_ptr, dphi_ptr, M, K,
         dphi += _dot(tl.trans(x), gp)
     tl.store(dphi_ptr + grp.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :], dphi,
              mask=kmask[:, None] & nmask[None, :])
+
+
+# ====================================================================== odd polynomial (Iso-NS)
+@triton.jit
+def _bmm(a, b):
+    """Per-token products of (BM, P, P) tiles: out[t] = a[t] @ b[t]."""
+    return tl.sum(tl.expand_dims(a, 3) * tl.expand_dims(b, 1), axis=2)
+
+
+@triton.jit
+def _bmm_tn(a, b):
+    """out[t] = a[t]ᵀ @ b[t]."""
+    return tl.sum(tl.expand_dims(a, 3) * tl.expand_dims(b, 2), axis=1)
+
+
+@triton.jit
+def _poly_tile(M, MM: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr):
+    tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    i = tl.arange(0, MP)[None, :, None]
+    j = tl.arange(0, MP)[None, None, :]
+    valid = (tok[:, None, None] < M) & (i < MM) & (j < MM)
+    return tok, tok[:, None, None] * (MM * MM) + i * MM + j, valid, i * MP + j
+
+
+@triton.jit
+def _poly_step(x, a, b, c):
+    gram = _bmm_tn(x, x)
+    m = b * gram + c * _bmm(gram, gram)
+    return a * x + _bmm(x, m)
+
+
+@triton.jit
+def _poly_fwd_kernel(x_ptr, coef_ptr, y_ptr, M, S,
+                     MM: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
+    tok, offs, valid, _ = _poly_tile(M, MM, MP, BM)
+    x = _acc(tl.load(x_ptr + offs, mask=valid, other=0.0), F64)
+    for s in range(S):
+        a = _acc(tl.load(coef_ptr + 3 * s), F64)
+        b = _acc(tl.load(coef_ptr + 3 * s + 1), F64)
+        c = _acc(tl.load(coef_ptr + 3 * s + 2), F64)
+        x = _poly_step(x, a, b, c)
+    tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _poly_bwd_kernel(x_ptr, coef_ptr, g_ptr, dx_ptr, hist_ptr, M, S,
+                     MM: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
+    # With A = XᵀX, Mx = aI + bA + cA², W = XᵀG, Z = bW + c(WA + AW):
+    # ∂X = G Mx + X (Z + Zᵀ), step by step from the last iterate back to X0.
+    tok, offs, valid, tile = _poly_tile(M, MM, MP, BM)
+    h_base = tok[:, None, None] * (S * MP * MP) + tile
+    h_mask = (tok < M)[:, None, None] & (tile >= 0)
+    x = _acc(tl.load(x_ptr + offs, mask=valid, other=0.0), F64)
+    for s in range(S):  # recompute the iterates X_0 … X_{S-1} into the scratch buffer
+        tl.store(hist_ptr + h_base + s * (MP * MP), x, mask=h_mask)
+        a = _acc(tl.load(coef_ptr + 3 * s), F64)
+        b = _acc(tl.load(coef_ptr + 3 * s + 1), F64)
+        c = _acc(tl.load(coef_ptr + 3 * s + 2), F64)
+        x = _poly_step(x, a, b, c)
+    tl.debug_barrier()  # the reverse sweep reads what this block wrote
+    g = _acc(tl.load(g_ptr + offs, mask=valid, other=0.0), F64)
+    for r in range(S):
+        s = S - 1 - r
+        x = tl.load(hist_ptr + h_base + s * (MP * MP), mask=h_mask, other=0.0)
+        a = _acc(tl.load(coef_ptr + 3 * s), F64)
+        b = _acc(tl.load(coef_ptr + 3 * s + 1), F64)
+        c = _acc(tl.load(coef_ptr + 3 * s + 2), F64)
+        gram = _bmm_tn(x, x)
+        w = _bmm_tn(x, g)
+        mx = b * gram + c * _bmm(gram, gram)
+        z = b * w + c * (_bmm(w, gram) + _bmm(gram, w))
+        g = a * g + _bmm(g, mx) + _bmm(x, z + tl.permute(z, 0, 2, 1))
+    tl.store(dx_ptr + offs, g.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
 # ====================================================================== sinkhorn
@@ -418,6 +497,40 @@ def rms_projection_backward(x, phi, out, rinv, grad_out, groups=None):
         x2, phi.contiguous(), gp, rs, dx, dphi, M, K, groups, N=N, NP=NP, BM=BM, BK=BK,
         F64=acc == torch.float64)
     return dx.view(x.shape), dphi.sum(0).to(phi.dtype)
+
+
+def _poly_layout(x, schedule):
+    m = x.shape[-1]
+    if m > MAX_POLY_M or x.shape[-2] != m:
+        raise ValueError(f"x0: expected (..., m, m) with m ≤ {MAX_POLY_M}, got {tuple(x.shape)}")
+    x3 = x.contiguous().view(-1, m, m)
+    MP = _np2(m)
+    BM = max(1, min(32, 256 // (MP * MP)))  # a (BM, MP, MP, MP) product tile of ≤ 2048 values
+    coef = torch.tensor(schedule, dtype=_acc_dtype(x), device=x.device).reshape(-1, 3)
+    return m, x3, MP, BM, coef
+
+
+def odd_polynomial_forward(x0, schedule):
+    """The Newton-Schulz steps ``X ← aX + bX(XᵀX) + cX(XᵀX)²`` of ``schedule`` ((a, b, c)
+    per step) on (..., m, m), m ≤ MAX_POLY_M; in ``x0.dtype`` (fp32 or fp64 arithmetic)."""
+    m, x3, MP, BM, coef = _poly_layout(x0, schedule)
+    M = x3.shape[0]
+    y = torch.empty_like(x3)
+    _poly_fwd_kernel[(triton.cdiv(M, BM),)](x3, coef, y, M, coef.shape[0], MM=m, MP=MP, BM=BM,
+                                            F64=_is_f64(x0))
+    return y.view(x0.shape)
+
+
+def odd_polynomial_backward(x0, schedule, grad):
+    """∂x0 of :func:`odd_polynomial_forward`: recomputes the iterates (only x0 is kept)."""
+    m, x3, MP, BM, coef = _poly_layout(x0, schedule)
+    M = x3.shape[0]
+    g = grad.contiguous().view(M, m, m)
+    dx = torch.empty_like(x3)
+    hist = torch.empty(M, max(1, coef.shape[0]), MP, MP, dtype=_acc_dtype(x0, grad), device=x0.device)
+    _poly_bwd_kernel[(triton.cdiv(M, BM),)](x3, coef, g, dx, hist, M, coef.shape[0], MM=m, MP=MP, BM=BM,
+                                            F64=_is_f64(x0, grad))
+    return dx.view(x0.shape)
 
 
 def _sinkhorn_bm(NP: int) -> int:

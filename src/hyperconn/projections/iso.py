@@ -134,7 +134,7 @@ def _schedule(method: str, steps: int) -> tuple:
     return NS_COEFFICIENTS[:steps] + (_NS_TAIL,) * max(0, steps - len(NS_COEFFICIENTS))
 
 
-def _newton_schulz(a: torch.Tensor, method: str, steps: int, tol) -> torch.Tensor:
+def _newton_schulz(a: torch.Tensor, method: str, steps: int, tol, backend=None) -> torch.Tensor:
     """Orthogonal factor of A (…, m, m) by the chosen Newton-Schulz schedule."""
     if method == "ns-cubic":
         scale = _ns_scale(a)
@@ -146,7 +146,7 @@ def _newton_schulz(a: torch.Tensor, method: str, steps: int, tol) -> torch.Tenso
     x0 = a / scale.clamp_min(1e-12)[..., None, None]
     # The scale stays under autograd (cheap); the iterations use the custom backward.
     schedule = _schedule(method, steps)
-    q = odd_polynomial_iteration(x0, schedule)
+    q = odd_polynomial_iteration(x0, schedule, backend)
     if tol is None:
         return q
     tail = _CUBIC if method == "ns-cubic" else _NS_TAIL
@@ -158,7 +158,7 @@ def _newton_schulz(a: torch.Tensor, method: str, steps: int, tol) -> torch.Tenso
             probe, extra = poly_step(probe, tail, L), extra + 1
             err = _orthogonality_error(L.unpack(probe, q.shape))
     if extra:
-        q = odd_polynomial_iteration(x0, schedule + (tail,) * extra)
+        q = odd_polynomial_iteration(x0, schedule + (tail,) * extra, backend)
     if bool((err > tol).any()):
         bad = int((err > tol).sum())
         warnings.warn(f"iso_project: {bad} block(s) did not reach ‖QᵀQ − I‖_F ≤ {tol} in "
@@ -224,7 +224,7 @@ def orthogonal_factor(a: torch.Tensor, method: str = "polar", steps: Optional[in
     return _orthogonal_factor(a.to(compute_dtype(a)), method, steps, tol).to(a.dtype)
 
 
-def _orthogonal_factor(a: torch.Tensor, method: str, steps: int, tol) -> torch.Tensor:
+def _orthogonal_factor(a: torch.Tensor, method: str, steps: int, tol, backend=None) -> torch.Tensor:
     if method == "cayley":
         return cayley(a)  # 1×1: K = 0, Q = 1 (SO(1)); graph kept through the solve
     if a.shape[-1] == 1:
@@ -241,11 +241,11 @@ def _orthogonal_factor(a: torch.Tensor, method: str, steps: int, tol) -> torch.T
     # float64 for the tiny blocks: the early steps of the wide-range schedule push some
     # singular values down to ~1e-2 on their way to 1, where float32 rounding would move
     # the polar factor by ~1e-5; in float64 the result is the polar factor to ~1e-7.
-    return _newton_schulz(a.double(), method, steps, tol).to(a.dtype)
+    return _newton_schulz(a.double(), method, steps, tol, backend).to(a.dtype)
 
 
 def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = None,
-                tol: Optional[float] = None) -> torch.Tensor:
+                tol: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Map raw (..., n, n) matrices into M_iso = {H : HᵀH = I, H1 = 1}.
 
     Args:
@@ -262,6 +262,9 @@ def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = No
             step, at most 64 steps in all) until every block has ‖QᵀQ − I‖_F ≤ ``tol``;
             a ``RuntimeWarning`` names the blocks that cannot get there (rank-deficient
             ones never do). Ignored by ``"polar"``.
+        backend: where the Newton-Schulz steps run (``"torch"``, ``"triton"``, ``"auto"``;
+            None: ``HYPERCONN_KERNELS``, else auto: Triton on CUDA); see
+            :func:`hyperconn.ops.newton_schulz.odd_polynomial_iteration`.
 
     Returns:
         (..., n, n) tensor in the input dtype (fp16/bf16 are computed in fp32) with
@@ -295,7 +298,7 @@ def iso_project(raw: torch.Tensor, method: str = "ns", steps: Optional[int] = No
     # gradient through the ``where``; the other branch sees a finite stand-in).
     zero = torch.linalg.matrix_norm(a) <= _ZERO_BLOCK * (1 + torch.linalg.matrix_norm(h))
     zero = zero[..., None, None]
-    q = _orthogonal_factor(torch.where(zero, eye, a), method, steps, tol)
+    q = _orthogonal_factor(torch.where(zero, eye, a), method, steps, tol, backend)
     q = torch.where(zero, eye, q)
     mean_part = torch.full((n, n), 1.0 / n, dtype=dtype, device=h.device)
     return (mean_part + u @ q @ u.mT).to(raw.dtype)

@@ -50,7 +50,7 @@ class Hybrid(Variant):
         return torch.sigmoid(self.lambda_logit) if self.lambda_logit is not None else self.fixed_lambda
 
     def map_res(self, raw_res, state):
-        h_iso = iso_project(raw_res, self.options.iso_method, self.options.iso_steps)
+        h_iso = iso_project(raw_res, self.options.iso_method, self.options.iso_steps, backend=self.kernels)
         h_birk = sinkhorn_map(raw_res, self.options, self.kernels)
         return hybrid_mix(h_iso, h_birk, self.lam)
 

@@ -25,7 +25,7 @@ class IsoHC(Variant):
     style = {"color": "#2ca02c", "marker": "D"}
 
     def map_res(self, raw_res, state):
-        return iso_project(raw_res, self.options.iso_method, self.options.iso_steps)
+        return iso_project(raw_res, self.options.iso_method, self.options.iso_steps, backend=self.kernels)
 
     @classmethod
     def describe_options(cls, options):
