@@ -156,13 +156,12 @@ CLAIM_PRESETS: dict[str, Preset] = {
         "kv", "Harmonized HC's claim: on kv retrieval HC's gain varies across seeds, mHC is stable "
               "but loses accuracy, Harmonized keeps gain bounded and accuracy near HC's. 4 blocks, "
               "C=64, 2 heads, n=4, 4 pairs, 800 steps, each variant at its best lr of 1e-3, 3e-3, 1e-2 "
-              "(seed 0), then 3 seeds; group kv-onehot repeats mhc and harmonized with "
-              "hc's one-stream H_pre read (pre_init=onehot); group kv-harmonized-source runs harmonized "
+              "(seed 0), then 3 seeds; group kv-harmonized-source runs harmonized "
               "as its source does (static H_res, max of row and column gain).",
         (RunGroup("kv", _KV, ("residual", "hc", "mhc", "harmonized"), lrs=_KV_LRS),
-         # Ablation: hc reads one stream per layer (one-hot H_pre), the others read the
-         # mean; give mhc and harmonized hc's read to separate the read from H_res.
-         RunGroup("kv-onehot", {**_KV, "model.connection.pre_init": "onehot"}, ("mhc", "harmonized"), lrs=_KV_LRS),
+         # (The first release's kv-onehot ablation, mhc and harmonized with hc's one-hot
+         # read, is gone: the default init reads one-hot for every variant now, so it ran
+         # bit-identical to `kv` on 2026-12-02.)
          # Harmonized as its source runs it: static H_res and the larger of the composite's
          # row and column Amax fed back (deviations: n = 4, 4 blocks, target 12 kept from the
          # published 96-layer, n = 16 run).
