@@ -168,3 +168,32 @@ def test_environment_variable_turns_the_kernels_off(monkeypatch):
         warnings.simplefilter("error")           # turning them off is not a failure: no warning
         assert not cpu_native.available()
     assert cpu_native.ENV_VAR in cpu_native.status()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,scale", [(1, 1.0), (4, 1.0), (4, 25.0), (3, 400.0), (8, 2.0)])
+def test_sinkhorn_matches_the_reference_map_and_gradient(n, scale, dtype):
+    """Small and large logit ranges (exp and log domain), against
+    projections.sinkhorn(backward="unrolled"): P and ∂logits."""
+    from hyperconn.projections import sinkhorn
+    z = torch.randn(33, n, n, generator=torch.Generator().manual_seed(n), dtype=dtype) * scale
+    g = torch.randn(33, n, n, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    zr = z.clone().requires_grad_()
+    want = sinkhorn(zr, 7, backward="unrolled")
+    (want_grad,) = torch.autograd.grad(want, zr, g)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(cpu_native.sinkhorn_fwd(z, 7), want, **tol)
+    torch.testing.assert_close(cpu_native.sinkhorn_bwd(z, g, 7), want_grad, **tol)
+
+
+@needs_native
+def test_sinkhorn_op_gradcheck_nonfinite_and_double_backward():
+    z = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with cpu_native.force(True):
+        assert torch.autograd.gradcheck(lambda t: cpu.sinkhorn_tokens(t, 5), (z,))
+        assert torch.autograd.gradgradcheck(lambda t: cpu.sinkhorn_tokens(t, 5), (z,))
+        bad = torch.zeros(2, 3, 3)
+        bad[1, 0, 0] = float("inf")
+        out = cpu.sinkhorn_tokens(bad, 5)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()   # NaN for that matrix only

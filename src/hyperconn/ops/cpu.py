@@ -26,7 +26,7 @@ import torch
 
 from . import cpu_native
 
-__all__ = ["stream_pre", "rms_projection", "merge_streams", "StreamGradSlot"]
+__all__ = ["stream_pre", "rms_projection", "merge_streams", "sinkhorn_tokens", "StreamGradSlot"]
 
 
 def _native(x: torch.Tensor) -> bool:
@@ -263,3 +263,37 @@ def merge_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
         raise ValueError(f"merge_streams: expected h_res {lead + (n, n)}, h_post {lead + (n,)}, y {lead + (C,)}; "
                          f"got {tuple(h_res.shape)}, {tuple(h_post.shape)}, {tuple(y.shape)}")
     return _MergeStreams.apply(x, h_res, h_post, y, slot)
+
+
+class _NativeSinkhorn(torch.autograd.Function):
+    """Per-token Sinkhorn in the native kernels: only the logits are kept; backward
+    recomputes the iterates per token. Double backward (``create_graph=True``) goes
+    through the torch reference instead, which is differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits, iters):
+        ctx.iters = iters
+        ctx.save_for_backward(logits)
+        return cpu_native.sinkhorn_fwd(logits.reshape(-1, *logits.shape[-2:]).contiguous(), iters).view(logits.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            from ..projections import sinkhorn
+            # The saved logits are the input itself here, so dz stays connected to it.
+            (dz,) = torch.autograd.grad(sinkhorn(logits, ctx.iters, "unrolled"), logits, grad, create_graph=True)
+            return dz, None
+        n = logits.shape[-1]
+        g = grad.to(logits.dtype).reshape(-1, n, n).contiguous()
+        return cpu_native.sinkhorn_bwd(logits.reshape(-1, n, n).contiguous(), g, ctx.iters).view(logits.shape), None
+
+
+def sinkhorn_tokens(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Per-token log-domain Sinkhorn (columns then rows, ``iters`` rounds) of (..., n, n)
+    fp32/fp64 logits with the unrolled map's exact gradient: the native kernels when
+    available (:func:`_native`), else :func:`hyperconn.projections.sinkhorn`."""
+    if logits.numel() and _native(logits):
+        return _NativeSinkhorn.apply(logits, int(iters))
+    from ..projections import sinkhorn
+    return sinkhorn(logits, iters, backward="unrolled")

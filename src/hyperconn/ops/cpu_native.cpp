@@ -4,6 +4,10 @@
 // it compiles in about a second) and called through ctypes from the autograd Functions
 // of hyperconn/ops/cpu.py; the torch ops there are the fallback and the reference.
 //
+// Also the per-token Sinkhorn of mhc/hybrid (sinkhorn_fwd / sinkhorn_bwd): z, p, g, dz
+// (M, n, n); the torch path runs ~8 tiny ops per half-step over all tokens, here one
+// token's n×n iteration stays in registers/L1.
+//
 // Layout: every array is contiguous; a token's n streams are adjacent rows of C values.
 //   x, g, gx, out : (M, n, C)      y, u, gu, gy : (M, C)
 //   h_pre, h_post : (M, n)         h_res        : (M, n, n), h_res[m, i, j] row i
@@ -14,8 +18,11 @@
 // ~3 GB/s on one core (per-batch overhead of a tiny GEMM), and the merge backward took
 // four of them; here one pass over a token's rows, which sit in L1, does all four.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -160,6 +167,126 @@ void merge_bwd(const T* __restrict g, const T* __restrict x, const T* __restrict
   }
 }
 
+
+// ---------------------------------------------------------------------------- Sinkhorn
+// Iterates of the truncated map, columns then rows, `iters` times, into trace
+// (2·iters matrices of n×n: trace[2t] after the t-th column step, trace[2t+1] after the
+// row step). Exp domain (P ← P / Σ_d P after a max shift) when the logit range allows it
+// without underflow (same rule as projections/sinkhorn.py), log domain otherwise.
+// Returns false for a matrix with a non-finite logit (the caller writes NaN).
+template <typename T>
+bool sinkhorn_trace(const T* z, T* trace, int64_t n, int iters) {
+  const int64_t nn = n * n;
+  T lo = z[0], hi = z[0];
+  for (int64_t k = 0; k < nn; ++k) {
+    if (!std::isfinite(z[k])) return false;
+    lo = z[k] < lo ? z[k] : lo;
+    hi = z[k] > hi ? z[k] : hi;
+  }
+  const T limit = sizeof(T) == 4 ? T(30) : T(300);
+  if (hi - lo <= limit) {
+    T* p = trace;
+    for (int64_t k = 0; k < nn; ++k) p[k] = std::exp(z[k] - hi);
+    const T* prev = p;
+    for (int t = 0; t < iters; ++t) {
+      T* col = trace + (2 * t) * nn;
+      T* row = col + nn;
+      for (int64_t j = 0; j < n; ++j) {
+        T s = 0;
+        for (int64_t i = 0; i < n; ++i) s += prev[i * n + j];
+        const T inv = T(1) / s;
+        for (int64_t i = 0; i < n; ++i) col[i * n + j] = prev[i * n + j] * inv;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        T s = 0;
+        for (int64_t j = 0; j < n; ++j) s += col[i * n + j];
+        const T inv = T(1) / s;
+        for (int64_t j = 0; j < n; ++j) row[i * n + j] = col[i * n + j] * inv;
+      }
+      prev = row;
+    }
+    return true;
+  }
+  // Log domain: y = z − LSE_d(z) per half-step, exp(y) into the trace.
+  std::vector<T> cur(z, z + nn);
+  for (int t = 0; t < iters; ++t) {
+    for (int half = 0; half < 2; ++half) {
+      T* out = trace + (2 * t + half) * nn;
+      for (int64_t a = 0; a < n; ++a) {  // a: the column (half 0) or the row (half 1)
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t b = 0; b < n; ++b) {
+          const T v = half ? cur[a * n + b] : cur[b * n + a];
+          m = v > m ? v : m;
+        }
+        T s = 0;
+        for (int64_t b = 0; b < n; ++b) s += std::exp((half ? cur[a * n + b] : cur[b * n + a]) - m);
+        const T lse = m + std::log(s);
+        for (int64_t b = 0; b < n; ++b) {
+          T& v = half ? cur[a * n + b] : cur[b * n + a];
+          v -= lse;
+          (half ? out[a * n + b] : out[b * n + a]) = std::exp(v);
+        }
+      }
+    }
+  }
+  return true;
+}
+
+template <typename T>
+void sinkhorn_fwd(const T* z, T* p, int64_t M, int64_t n, int iters, int threads) {
+  const int64_t nn = n * n;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<T> trace(2 * iters * nn);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      T* pm = p + m * nn;
+      if (sinkhorn_trace(z + m * nn, trace.data(), n, iters)) {
+        std::memcpy(pm, trace.data() + (2 * iters - 1) * nn, nn * sizeof(T));
+      } else {
+        for (int64_t k = 0; k < nn; ++k) pm[k] = std::numeric_limits<T>::quiet_NaN();
+      }
+    }
+  }
+}
+
+// The unrolled map's exact gradient: g ← G ⊙ P_T, then for every half-step in reverse
+// g ← g − P_t ⊙ Σ_d g (d the dimension that step normalised).
+template <typename T>
+void sinkhorn_bwd(const T* z, const T* g, T* dz, int64_t M, int64_t n, int iters, int threads) {
+  const int64_t nn = n * n;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<T> trace(2 * iters * nn);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      T* d = dz + m * nn;
+      if (!sinkhorn_trace(z + m * nn, trace.data(), n, iters)) {
+        for (int64_t k = 0; k < nn; ++k) d[k] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
+      const T* last = trace.data() + (2 * iters - 1) * nn;
+      for (int64_t k = 0; k < nn; ++k) d[k] = g[m * nn + k] * last[k];
+      for (int step = 2 * iters - 1; step >= 0; --step) {
+        const T* pt = trace.data() + step * nn;
+        if (step % 2) {  // a row step: sums over j
+          for (int64_t i = 0; i < n; ++i) {
+            T s = 0;
+            for (int64_t j = 0; j < n; ++j) s += d[i * n + j];
+            for (int64_t j = 0; j < n; ++j) d[i * n + j] -= pt[i * n + j] * s;
+          }
+        } else {          // a column step: sums over i
+          for (int64_t j = 0; j < n; ++j) {
+            T s = 0;
+            for (int64_t i = 0; i < n; ++i) s += d[i * n + j];
+            for (int64_t i = 0; i < n; ++i) d[i * n + j] -= pt[i * n + j] * s;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 #define HC_EXPORT(T, S)                                                                  \
@@ -181,9 +308,17 @@ void merge_bwd(const T* __restrict g, const T* __restrict x, const T* __restrict
                                    const T* y, T* gx, T* ghr, T* ghp, T* gy, int64_t M,  \
                                    int64_t n, int64_t C, int threads) {                  \
     merge_bwd<T>(g, x, hr, hp, y, gx, ghr, ghp, gy, M, n, C, threads);                   \
+  }                                                                                      \
+  extern "C" void hc_sinkhorn_fwd_##S(const T* z, T* p, int64_t M, int64_t n, int iters, \
+                                      int threads) {                                     \
+    sinkhorn_fwd<T>(z, p, M, n, iters, threads);                                         \
+  }                                                                                      \
+  extern "C" void hc_sinkhorn_bwd_##S(const T* z, const T* g, T* dz, int64_t M,         \
+                                      int64_t n, int iters, int threads) {               \
+    sinkhorn_bwd<T>(z, g, dz, M, n, iters, threads);                                     \
   }
 
 HC_EXPORT(float, f32)
 HC_EXPORT(double, f64)
 
-extern "C" int hc_abi_version() { return 1; }
+extern "C" int hc_abi_version() { return 2; }

@@ -7,8 +7,10 @@ token's rows what the torch path does with one ``torch.bmm`` per contraction:
     pre_bwd(x, h, gu, gx, accumulate)    → gx (+)=, gh        (its backward, into ∂x in place)
     merge_fwd(x, h_res, h_post, y)       → out                (H_res x + H_postᵀ y)
     merge_bwd(g, x, h_res, h_post, y)    → gx, ∂h_res, ∂h_post, ∂y   (one pass, not four)
+    sinkhorn_fwd(z, iters)               → P                  (per-token Sinkhorn, unrolled map)
+    sinkhorn_bwd(z, g, iters)            → ∂z                 (recomputes the iterates)
 
-Shapes: x, g, gx, out (M, n, C); y, u, gu (M, C); h, h_post (M, n); h_res (M, n, n);
+Shapes: x, g, gx, out (M, n, C); y, u, gu (M, C); h, h_post (M, n); h_res, z, P (M, n, n);
 float32 or float64, contiguous, on the CPU (the wrappers check and raise ``ValueError``).
 
 Backend decision, made once per process at first use (:func:`library`): the library is
@@ -37,12 +39,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["library", "available", "status", "force", "pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "ENV_VAR"]
+__all__ = ["library", "available", "status", "force", "pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd",
+           "sinkhorn_fwd", "sinkhorn_bwd", "ENV_VAR"]
 
 ENV_VAR = "HYPERCONN_CPU_NATIVE"
 _SOURCE = Path(__file__).with_name("cpu_native.cpp")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-_ABI = 1
+_ABI = 2
 
 _state: dict = {}   # "lib": CDLL | None, "why": str
 _forced: list = []  # stack of force() overrides (True / False)
@@ -101,7 +104,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"hc_pre_bwd_{s}").argtypes = [p, p, p, p, i32, p, i64, i64, i64, i32]
         getattr(lib, f"hc_merge_fwd_{s}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"hc_merge_bwd_{s}").argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
-        for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd"):
+        getattr(lib, f"hc_sinkhorn_fwd_{s}").argtypes = [p, p, i64, i64, i32, i32]
+        getattr(lib, f"hc_sinkhorn_bwd_{s}").argtypes = [p, p, p, i64, i64, i32, i32]
+        for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "sinkhorn_fwd", "sinkhorn_bwd"):
             getattr(lib, f"hc_{name}_{s}").restype = None
 
 
@@ -220,3 +225,21 @@ def merge_bwd(g: torch.Tensor, x: torch.Tensor, h_res: torch.Tensor, h_post: tor
         _ptr(g), _ptr(x), _ptr(h_res), _ptr(h_post), _ptr(y), _ptr(gx), _ptr(ghr), _ptr(ghp), _ptr(gy),
         M, n, C, _threads())
     return ghr, ghp, gy
+
+
+def sinkhorn_fwd(z: torch.Tensor, iters: int) -> torch.Tensor:
+    """Per-token Sinkhorn of logits z (M, n, n), columns then rows, ``iters`` rounds → P;
+    a matrix with a non-finite logit gives NaN."""
+    M, n, _ = z.shape
+    p = torch.empty_like(z)
+    getattr(library(), f"hc_sinkhorn_fwd_{_suffix(z, p)}")(_ptr(z), _ptr(p), M, n, int(iters), _threads())
+    return p
+
+
+def sinkhorn_bwd(z: torch.Tensor, g: torch.Tensor, iters: int) -> torch.Tensor:
+    """∂z of :func:`sinkhorn_fwd` (the truncated map's exact gradient) given ∂P ``g``."""
+    M, n, _ = z.shape
+    dz = torch.empty_like(z)
+    getattr(library(), f"hc_sinkhorn_bwd_{_suffix(z, g, dz)}")(_ptr(z), _ptr(g), _ptr(dz), M, n, int(iters),
+                                                               _threads())
+    return dz

@@ -67,5 +67,8 @@ def stream_merge(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: 
 
 
 def sinkhorn_tokens(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """Per-token log-domain Sinkhorn, unrolled autograd (see :mod:`.reference`)."""
+    """Per-token log-domain Sinkhorn with the unrolled map's gradient: the native CPU
+    kernel for fp32/fp64 CPU logits (:func:`.cpu.sinkhorn_tokens`), else the reference."""
+    if logits.dtype in (torch.float32, torch.float64) and logits.device.type == "cpu":
+        return cpu.sinkhorn_tokens(logits, iters)
     return reference.sinkhorn_tokens(logits, iters)
