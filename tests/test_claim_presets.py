@@ -62,6 +62,19 @@ def test_claim_specific_settings():
     assert all(not j.config.diagnostics and j.config.eval_every == 0 for j in expand(PRESETS["overhead"], "/tmp/x"))
 
 
+def test_gain_deep_runs_at_the_depth_of_the_mhc_gain_figure():
+    jobs = expand(PRESETS["gain-deep"], "/tmp/x")
+    assert {j.config.model.n_layer for j in jobs} == {30}          # 60 hyper-connected layers
+    assert {j.variant for j in jobs} == {"residual", "hc", "mhc"}
+    sweep = [j for j in jobs if j.group == "gain60-sweep"]
+    assert sorted({j.config.lr for j in sweep}) == [1e-3, 3e-3, 1e-2] and len(PRESETS["gain-deep"].seeds) == 3
+    # everything but the depth (and the variants) as `gain`
+    gain = next(j for j in expand(PRESETS["gain"], "/tmp/x") if j.variant == "mhc").config
+    deep = next(j for j in jobs if j.variant == "mhc").config
+    assert (deep.steps, deep.batch_size, deep.model.n_embd, deep.model.seq_len) == \
+        (gain.steps, gain.batch_size, gain.model.n_embd, gain.model.seq_len)
+
+
 def test_lm_matched_residual_has_the_parameters_of_the_hyper_connected_models():
     jobs = expand(PRESETS["lm"], "/tmp/x")
     wide = next(j for j in jobs if j.group == "lm-matched-sweep")

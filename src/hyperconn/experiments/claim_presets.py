@@ -122,6 +122,17 @@ CLAIM_PRESETS: dict[str, Preset] = {
                                          "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
                                          "eval_every": 25}), WITH_EXACT, lrs=(1e-3, 3e-3, 1e-2)),),
         seeds=(0, 1, 2)),
+    # mHC's gain figure is at 60 layers; `gain` runs 24. This is the deepest the laptop
+    # runs in ~15 min with a sweep and 3 seeds: 30 blocks = 60 layers, hc and mhc (and the
+    # residual for the bits per byte), everything else as `gain`.
+    "gain-deep": Preset(
+        "gain-deep", "mHC's gain experiment at its own depth: 30 blocks (60 layers, as mHC's gain figure), "
+                     "C=64, n=4, 300 steps, hc, mhc and the residual, each at its best lr of 1e-3, 3e-3, 1e-2 "
+                     "(seed 0), then 3 seeds.",
+        (RunGroup("gain60", _gain(_CPU, **{"model.n_layer": 30, "model.n_embd": 64, "model.seq_len": 64,
+                                           "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
+                                           "eval_every": 25}), ("residual", "hc", "mhc"), lrs=(1e-3, 3e-3, 1e-2)),),
+        seeds=(0, 1, 2)),
     "gain-paper": Preset(
         "gain-paper", "GPU scale of `gain`: 30 blocks (60 layers, the depth of mHC's gain figure), "
                       "d=512, n=4, T=512, 64k tokens/step, 5000 steps.",
