@@ -435,6 +435,27 @@ def test_interp_newton_schulz_gradcheck_and_dispatch(tops):
 
 
 @needs_interp
+def test_interp_custom_ops_pass_opcheck(tops):
+    """Every registered Triton op: schema, autograd registration, fake (meta) implementation
+    and AOT dispatch with dynamic shapes, which is what torch.compile and CUDA graphs rely on."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, generator=g, requires_grad=True)
+    h = torch.randn(3, 4, generator=g, requires_grad=True)
+    hr = torch.randn(3, 4, 4, generator=g, requires_grad=True)
+    y = torch.randn(3, 8, generator=g, requires_grad=True)
+    phi = torch.randn(32, 24, generator=g, requires_grad=True)
+    z = _poly_input(5, 3, torch.float64, seed=1).requires_grad_()
+    cases = [(torch.ops.hyperconn.stream_pre.default, (x, h, 0)),
+             (torch.ops.hyperconn.stream_merge.default, (x, hr, h, y, 0)),
+             (torch.ops.hyperconn.sinkhorn_tokens.default, (torch.randn(3, 4, 4, generator=g, requires_grad=True), 5)),
+             (torch.ops.hyperconn.rms_projection.default, (x, phi, 1e-6)),
+             (torch.ops.hyperconn.odd_polynomial.default, (z, [1.5, -0.5, 0.0, 1.875, -1.25, 0.375]))]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+@needs_interp
 def test_interp_dispatch_selects_triton(tops, monkeypatch):
     x, h_pre, h_res, h_post, y = _inputs(4, (2,), False)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
