@@ -72,7 +72,7 @@ def test_backward_kernels_match_einsum(M, n, C, dtype):
 
 @needs_native
 def test_threads_split_tokens_without_changing_results():
-    o = _operands(301, 4, 96, torch.float64, seed=2)
+    o = _operands(1001, 4, 128, torch.float64, seed=2)   # enough work for 2 threads (≥ 2^16 values each)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -197,3 +197,34 @@ def test_sinkhorn_op_gradcheck_nonfinite_and_double_backward():
         bad[1, 0, 0] = float("inf")
         out = cpu.sinkhorn_tokens(bad, 5)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()   # NaN for that matrix only
+
+
+@needs_native
+@pytest.mark.parametrize("method", ["ns", "ns-cubic"])
+@pytest.mark.parametrize("m", [1, 3, 5, 8])
+def test_newton_schulz_matches_the_torch_op(method, m):
+    """The native Newton-Schulz steps = the torch op (values and ∂X0) on the methods'
+    whole schedules, in fp64 as Iso-NS runs its blocks."""
+    from hyperconn.ops.newton_schulz import _OddPolynomialIteration
+    from hyperconn.projections.iso import _DEFAULT_STEPS, _schedule
+    schedule = _schedule(method, _DEFAULT_STEPS[method])
+    x = torch.randn(37, m, m, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    x = x / torch.linalg.matrix_norm(x.mT @ x).sqrt()[:, None, None]
+    g = torch.randn(37, m, m, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    want = _OddPolynomialIteration.apply(xr, schedule)
+    (want_grad,) = torch.autograd.grad(want, xr, g)
+    torch.testing.assert_close(cpu_native.poly_fwd(x, schedule), want, rtol=1e-10, atol=1e-12)
+    scale = max(1.0, want_grad.abs().max().item())
+    torch.testing.assert_close(cpu_native.poly_bwd(x, schedule, g), want_grad, rtol=1e-8, atol=1e-10 * scale)
+
+
+@needs_native
+def test_newton_schulz_op_gradcheck_and_isohc_layer():
+    from hyperconn.ops.newton_schulz import odd_polynomial_iteration
+    schedule = ((1.5, -0.5, 0.0), (3.4445, -4.775, 2.0315), (1.875, -1.25, 0.375))
+    x = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) / 3
+    x.requires_grad_()
+    with cpu_native.force(True):
+        assert torch.autograd.gradcheck(lambda t: odd_polynomial_iteration(t, schedule), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: odd_polynomial_iteration(t, schedule), (x,))

@@ -26,7 +26,8 @@ import torch
 
 from . import cpu_native
 
-__all__ = ["stream_pre", "rms_projection", "merge_streams", "sinkhorn_tokens", "StreamGradSlot"]
+__all__ = ["stream_pre", "rms_projection", "merge_streams", "sinkhorn_tokens", "odd_polynomial_iteration",
+           "StreamGradSlot"]
 
 
 def _native(x: torch.Tensor) -> bool:
@@ -297,3 +298,34 @@ def sinkhorn_tokens(logits: torch.Tensor, iters: int) -> torch.Tensor:
         return _NativeSinkhorn.apply(logits, int(iters))
     from ..projections import sinkhorn
     return sinkhorn(logits, iters, backward="unrolled")
+
+
+class _NativeOddPolynomial(torch.autograd.Function):
+    """Iso-NS's Newton-Schulz steps in the native kernels: only X0 is kept, backward
+    recomputes the iterates per token. Double backward goes through the torch op."""
+
+    @staticmethod
+    def forward(ctx, x0, schedule):
+        ctx.schedule = schedule
+        ctx.save_for_backward(x0)
+        m = x0.shape[-1]
+        return cpu_native.poly_fwd(x0.reshape(-1, m, m).contiguous(), schedule).view(x0.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x0,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            from .newton_schulz import _OddPolynomialIteration
+            (dx,) = torch.autograd.grad(_OddPolynomialIteration.apply(x0, ctx.schedule), x0, grad, create_graph=True)
+            return dx, None
+        m = x0.shape[-1]
+        g = grad.to(x0.dtype).reshape(-1, m, m).contiguous()
+        return cpu_native.poly_bwd(x0.reshape(-1, m, m).contiguous(), ctx.schedule, g).view(x0.shape), None
+
+
+def odd_polynomial_iteration(x0: torch.Tensor, schedule: tuple):
+    """The native Newton-Schulz steps for fp32/fp64 CPU blocks (..., m, m), or None when
+    the native kernels do not apply (the caller then runs the torch op)."""
+    if x0.numel() and _native(x0):
+        return _NativeOddPolynomial.apply(x0, tuple(schedule))
+    return None

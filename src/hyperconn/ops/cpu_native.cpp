@@ -4,7 +4,7 @@
 // it compiles in about a second) and called through ctypes from the autograd Functions
 // of hyperconn/ops/cpu.py; the torch ops there are the fallback and the reference.
 //
-// Also the per-token Sinkhorn of mhc/hybrid (sinkhorn_fwd / sinkhorn_bwd): z, p, g, dz
+// Also Iso-NS's Newton-Schulz steps (poly_fwd / poly_bwd) on (M, m, m) blocks, and the per-token Sinkhorn of mhc/hybrid (sinkhorn_fwd / sinkhorn_bwd): z, p, g, dz
 // (M, n, n); the torch path runs ~8 tiny ops per half-step over all tokens, here one
 // token's n×n iteration stays in registers/L1.
 //
@@ -409,6 +409,135 @@ void sinkhorn_bwd(const T* z, const T* g, T* dz, int64_t M, int64_t n, int iters
   }
 }
 
+// ---------------------------------------------------------------------------- Newton-Schulz
+// Iso-NS's odd-polynomial steps X ← aX + bX(XᵀX) + cX(XᵀX)² on (M, m, m) blocks (m ≤ 8 in
+// practice), BT tokens at a time with the token index innermost, as the Sinkhorn above:
+// on a CPU the torch path is ~10 small ops per step over all tokens.
+// Lane arrays: A[(i·m + j)·BT + b] is entry (i, j) of token b's matrix.
+
+// C = op(A) B per lane, op(A) = A or Aᵀ.
+template <typename T>
+void lane_mm(const T* A, const T* B, T* C, int64_t m, bool trans_a) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < m; ++j) {
+      T* c = C + (i * m + j) * BT;
+#pragma omp simd
+      for (int64_t b = 0; b < BT; ++b) c[b] = 0;
+      for (int64_t k = 0; k < m; ++k) {
+        const T* a = A + (trans_a ? (k * m + i) : (i * m + k)) * BT;
+        const T* bb = B + (k * m + j) * BT;
+#pragma omp simd
+        for (int64_t b = 0; b < BT; ++b) c[b] += a[b] * bb[b];
+      }
+    }
+}
+
+// out = alpha·P + beta·Q (lane arrays of mm entries); out may alias P or Q.
+template <typename T>
+void lane_axpby(T alpha, const T* P, T beta, const T* Q, T* out, int64_t mm) {
+#pragma omp simd
+  for (int64_t k = 0; k < mm * BT; ++k) out[k] = alpha * P[k] + beta * Q[k];
+}
+
+// One step: x ← a x + x (b A + c A²), A = xᵀx. Scratch: 3 lane arrays.
+template <typename T>
+void lane_poly_step(T* x, const T* coef, int64_t m, T* gram, T* poly, T* tmp) {
+  const T a = coef[0], b = coef[1], c = coef[2];
+  const int64_t mm = m * m;
+  lane_mm(x, x, gram, m, true);
+  if (c != 0) {
+    lane_mm(gram, gram, poly, m, false);
+    lane_axpby(b, gram, c, poly, poly, mm);
+  } else {
+    lane_axpby(b, gram, T(0), gram, poly, mm);
+  }
+  lane_mm(x, poly, tmp, m, false);
+  lane_axpby(a, x, T(1), tmp, x, mm);
+}
+
+template <typename T>
+void lane_load(const T* src, int64_t m0, int64_t cnt, int64_t mm, T* dst) {
+  for (int64_t k = 0; k < mm; ++k)
+    for (int64_t b = 0; b < BT; ++b) dst[k * BT + b] = b < cnt ? src[(m0 + b) * mm + k] : T(0);
+}
+
+template <typename T>
+void lane_store(const T* src, int64_t m0, int64_t cnt, int64_t mm, T* dst) {
+  for (int64_t b = 0; b < cnt; ++b)
+    for (int64_t k = 0; k < mm; ++k) dst[(m0 + b) * mm + k] = src[k * BT + b];
+}
+
+template <typename T>
+void poly_fwd(const T* x0, const T* coef, int S, T* out, int64_t M, int64_t m, int threads) {
+  const int64_t mm = m * m, blocks = (M + BT - 1) / BT;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<T> buf(4 * mm * BT);
+    T *x = buf.data(), *gram = x + mm * BT, *poly = gram + mm * BT, *tmp = poly + mm * BT;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t m0 = blk * BT, cnt = M - m0 < BT ? M - m0 : BT;
+      lane_load(x0, m0, cnt, mm, x);
+      for (int s = 0; s < S; ++s) lane_poly_step(x, coef + 3 * s, m, gram, poly, tmp);
+      lane_store(x, m0, cnt, mm, out);
+    }
+  }
+}
+
+// ∂X0 given ∂X_S = g: with A = XᵀX, Mx = aI + bA + cA², W = XᵀG, Z = bW + c(WA + AW),
+// ∂X = G Mx + X (Z + Zᵀ), from the last step back (iterates recomputed, S+1 kept).
+template <typename T>
+void poly_bwd(const T* x0, const T* coef, int S, const T* g, T* dx, int64_t M, int64_t m, int threads) {
+  const int64_t mm = m * m, blocks = (M + BT - 1) / BT;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<T> trace((S + 1) * mm * BT), buf(8 * mm * BT);
+    T *gram = buf.data(), *poly = gram + mm * BT, *tmp = poly + mm * BT, *w = tmp + mm * BT;
+    T *z = w + mm * BT, *gv = z + mm * BT, *acc = gv + mm * BT, *tmp2 = acc + mm * BT;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t m0 = blk * BT, cnt = M - m0 < BT ? M - m0 : BT;
+      lane_load(x0, m0, cnt, mm, trace.data());
+      for (int s = 0; s < S; ++s) {
+        T* next = trace.data() + (s + 1) * mm * BT;
+        std::memcpy(next, next - mm * BT, sizeof(T) * mm * BT);
+        lane_poly_step(next, coef + 3 * s, m, gram, poly, tmp);
+      }
+      lane_load(g, m0, cnt, mm, gv);
+      for (int s = S - 1; s >= 0; --s) {
+        const T* x = trace.data() + s * mm * BT;
+        const T a = coef[3 * s], b = coef[3 * s + 1], c = coef[3 * s + 2];
+        lane_mm(x, x, gram, m, true);                   // A
+        lane_mm(x, gv, w, m, true);                     // W = XᵀG
+        if (c != 0) {
+          lane_mm(gram, gram, poly, m, false);          // A²
+          lane_axpby(b, gram, c, poly, poly, mm);       // bA + cA²
+          lane_mm(w, gram, tmp, m, false);              // WA
+          lane_mm(gram, w, tmp2, m, false);             // AW
+          lane_axpby(T(1), tmp, T(1), tmp2, tmp, mm);
+          lane_axpby(b, w, c, tmp, z, mm);              // Z = bW + c(WA + AW)
+        } else {
+          lane_axpby(b, gram, T(0), gram, poly, mm);
+          lane_axpby(b, w, T(0), w, z, mm);
+        }
+        for (int64_t i = 0; i < m; ++i)                 // tmp2 = Z + Zᵀ
+          for (int64_t j = 0; j < m; ++j) {
+            const T* zij = z + (i * m + j) * BT;
+            const T* zji = z + (j * m + i) * BT;
+            T* o = tmp2 + (i * m + j) * BT;
+#pragma omp simd
+            for (int64_t q = 0; q < BT; ++q) o[q] = zij[q] + zji[q];
+          }
+        lane_mm(gv, poly, tmp, m, false);               // G (bA + cA²)
+        lane_mm(x, tmp2, acc, m, false);                // X (Z + Zᵀ)
+        lane_axpby(T(1), tmp, T(1), acc, acc, mm);
+        lane_axpby(a, gv, T(1), acc, gv, mm);           // G ← aG + G(bA + cA²) + X(Z + Zᵀ)
+      }
+      lane_store(gv, m0, cnt, mm, dx);
+    }
+  }
+}
+
 }  // namespace
 
 #define HC_EXPORT(T, S)                                                                  \
@@ -440,7 +569,19 @@ void sinkhorn_bwd(const T* z, const T* g, T* dz, int64_t M, int64_t n, int iters
     sinkhorn_bwd<T>(z, g, dz, M, n, iters, threads);                                     \
   }
 
+#define HC_EXPORT_POLY(T, S)                                                             \
+  extern "C" void hc_poly_fwd_##S(const T* x0, const T* coef, int steps, T* out, int64_t M,\
+                                  int64_t m, int threads) {                              \
+    poly_fwd<T>(x0, coef, steps, out, M, m, threads);                                    \
+  }                                                                                      \
+  extern "C" void hc_poly_bwd_##S(const T* x0, const T* coef, int steps, const T* g, T* dx,\
+                                  int64_t M, int64_t m, int threads) {                   \
+    poly_bwd<T>(x0, coef, steps, g, dx, M, m, threads);                                  \
+  }
+
+HC_EXPORT_POLY(float, f32)
+HC_EXPORT_POLY(double, f64)
 HC_EXPORT(float, f32)
 HC_EXPORT(double, f64)
 
-extern "C" int hc_abi_version() { return 2; }
+extern "C" int hc_abi_version() { return 3; }

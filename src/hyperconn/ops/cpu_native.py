@@ -9,6 +9,8 @@ token's rows what the torch path does with one ``torch.bmm`` per contraction:
     merge_bwd(g, x, h_res, h_post, y)    → gx, ∂h_res, ∂h_post, ∂y   (one pass, not four)
     sinkhorn_fwd(z, iters)               → P                  (per-token Sinkhorn, unrolled map)
     sinkhorn_bwd(z, g, iters)            → ∂z                 (recomputes the iterates)
+    poly_fwd(x0, schedule)               → X_S                (Iso-NS's Newton-Schulz steps)
+    poly_bwd(x0, schedule, g)            → ∂x0                (recomputes the iterates)
 
 Shapes: x, g, gx, out (M, n, C); y, u, gu (M, C); h, h_post (M, n); h_res, z, P (M, n, n);
 float32 or float64, contiguous, on the CPU (the wrappers check and raise ``ValueError``).
@@ -40,12 +42,12 @@ from typing import Optional
 import torch
 
 __all__ = ["library", "available", "status", "force", "pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd",
-           "sinkhorn_fwd", "sinkhorn_bwd", "ENV_VAR"]
+           "sinkhorn_fwd", "sinkhorn_bwd", "poly_fwd", "poly_bwd", "ENV_VAR"]
 
 ENV_VAR = "HYPERCONN_CPU_NATIVE"
 _SOURCE = Path(__file__).with_name("cpu_native.cpp")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-_ABI = 2
+_ABI = 3
 
 _state: dict = {}   # "lib": CDLL | None, "why": str
 _forced: list = []  # stack of force() overrides (True / False)
@@ -106,7 +108,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"hc_merge_bwd_{s}").argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"hc_sinkhorn_fwd_{s}").argtypes = [p, p, i64, i64, i32, i32]
         getattr(lib, f"hc_sinkhorn_bwd_{s}").argtypes = [p, p, p, i64, i64, i32, i32]
-        for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "sinkhorn_fwd", "sinkhorn_bwd"):
+        getattr(lib, f"hc_poly_fwd_{s}").argtypes = [p, p, i32, p, i64, i64, i32]
+        getattr(lib, f"hc_poly_bwd_{s}").argtypes = [p, p, i32, p, p, i64, i64, i32]
+        for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "sinkhorn_fwd", "sinkhorn_bwd",
+                     "poly_fwd", "poly_bwd"):
             getattr(lib, f"hc_{name}_{s}").restype = None
 
 
@@ -181,15 +186,18 @@ def _suffix(x: torch.Tensor, *others: Optional[torch.Tensor]) -> str:
     return "f32" if x.dtype == torch.float32 else "f64"
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+def _threads(work: int = 1 << 30) -> int:
+    """OpenMP threads for a kernel touching ``work`` values: torch's thread count, but one
+    thread per ≥ 2^16 values at most (a parallel region costs more than small kernels do,
+    and on a loaded machine an idle-spinning team stalls the whole call)."""
+    return max(1, min(torch.get_num_threads(), work >> 16))
 
 
 def pre_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """x (M, n, C), h (M, n) → u (M, C) = Σ_j h[:, j] x[:, j]."""
     M, n, C = x.shape
     u = torch.empty(M, C, dtype=x.dtype)
-    getattr(library(), f"hc_pre_fwd_{_suffix(x, h, u)}")(_ptr(x), _ptr(h), _ptr(u), M, n, C, _threads())
+    getattr(library(), f"hc_pre_fwd_{_suffix(x, h, u)}")(_ptr(x), _ptr(h), _ptr(u), M, n, C, _threads(M * n * C))
     return u
 
 
@@ -200,7 +208,7 @@ def pre_bwd(x: torch.Tensor, h: torch.Tensor, gu: torch.Tensor, gx: Optional[tor
     M, n, C = x.shape
     gh = torch.empty(M, n, dtype=x.dtype) if need_gh else None
     getattr(library(), f"hc_pre_bwd_{_suffix(x, h, gu, gx, gh)}")(
-        _ptr(x), _ptr(h), _ptr(gu), _ptr(gx), int(accumulate), _ptr(gh), M, n, C, _threads())
+        _ptr(x), _ptr(h), _ptr(gu), _ptr(gx), int(accumulate), _ptr(gh), M, n, C, _threads(M * n * C))
     return gh
 
 
@@ -209,7 +217,7 @@ def merge_fwd(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: tor
     M, n, C = x.shape
     out = torch.empty_like(x)
     getattr(library(), f"hc_merge_fwd_{_suffix(x, h_res, h_post, y, out)}")(
-        _ptr(x), _ptr(h_res), _ptr(h_post), _ptr(y), _ptr(out), M, n, C, _threads())
+        _ptr(x), _ptr(h_res), _ptr(h_post), _ptr(y), _ptr(out), M, n, C, _threads(M * n * C))
     return out
 
 
@@ -223,7 +231,7 @@ def merge_bwd(g: torch.Tensor, x: torch.Tensor, h_res: torch.Tensor, h_post: tor
     gy = torch.empty(M, C, dtype=x.dtype) if need[2] else None
     getattr(library(), f"hc_merge_bwd_{_suffix(x, g, h_res, h_post, y, gx, ghr, ghp, gy)}")(
         _ptr(g), _ptr(x), _ptr(h_res), _ptr(h_post), _ptr(y), _ptr(gx), _ptr(ghr), _ptr(ghp), _ptr(gy),
-        M, n, C, _threads())
+        M, n, C, _threads(M * n * C))
     return ghr, ghp, gy
 
 
@@ -232,7 +240,8 @@ def sinkhorn_fwd(z: torch.Tensor, iters: int) -> torch.Tensor:
     a matrix with a non-finite logit gives NaN."""
     M, n, _ = z.shape
     p = torch.empty_like(z)
-    getattr(library(), f"hc_sinkhorn_fwd_{_suffix(z, p)}")(_ptr(z), _ptr(p), M, n, int(iters), _threads())
+    getattr(library(), f"hc_sinkhorn_fwd_{_suffix(z, p)}")(_ptr(z), _ptr(p), M, n, int(iters),
+                                                             _threads(M * n * n * int(iters)))
     return p
 
 
@@ -241,5 +250,29 @@ def sinkhorn_bwd(z: torch.Tensor, g: torch.Tensor, iters: int) -> torch.Tensor:
     M, n, _ = z.shape
     dz = torch.empty_like(z)
     getattr(library(), f"hc_sinkhorn_bwd_{_suffix(z, g, dz)}")(_ptr(z), _ptr(g), _ptr(dz), M, n, int(iters),
-                                                               _threads())
+                                                               _threads(M * n * n * int(iters)))
     return dz
+
+
+def _schedule(schedule, dtype) -> torch.Tensor:
+    return torch.tensor([float(v) for step in schedule for v in step], dtype=dtype)
+
+
+def poly_fwd(x0: torch.Tensor, schedule) -> torch.Tensor:
+    """The Newton-Schulz steps of ``schedule`` ((a, b, c) per step) on x0 (M, m, m)."""
+    M, m, _ = x0.shape
+    coef = _schedule(schedule, x0.dtype)
+    out = torch.empty_like(x0)
+    getattr(library(), f"hc_poly_fwd_{_suffix(x0, coef, out)}")(
+        _ptr(x0), _ptr(coef), coef.numel() // 3, _ptr(out), M, m, _threads(M * m * m * coef.numel()))
+    return out
+
+
+def poly_bwd(x0: torch.Tensor, schedule, g: torch.Tensor) -> torch.Tensor:
+    """∂x0 of :func:`poly_fwd` given ∂X_S ``g`` (M, m, m)."""
+    M, m, _ = x0.shape
+    coef = _schedule(schedule, x0.dtype)
+    dx = torch.empty_like(x0)
+    getattr(library(), f"hc_poly_bwd_{_suffix(x0, coef, g, dx)}")(
+        _ptr(x0), _ptr(coef), coef.numel() // 3, _ptr(g), _ptr(dx), M, m, _threads(M * m * m * coef.numel()))
+    return dx

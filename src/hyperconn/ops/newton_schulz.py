@@ -8,7 +8,10 @@ coefficient schedules themselves live in :mod:`hyperconn.projections.iso`). One
 recomputes the iterates; on a CPU, matrices up to 8×8 are iterated with the tokens
 innermost (:class:`_TokensInner`). On CUDA (or with ``backend="triton"`` in Triton's
 interpreter), matrices up to 8×8 run the Triton kernel of :mod:`.triton_kernels` instead
-(the same map and gradient, one program per block of tokens, the matrices in registers).
+(the same map and gradient, one program per block of tokens, the matrices in registers),
+and on a CPU fp32/fp64 blocks run the native kernel of :mod:`.cpu_native` when it is
+built (:func:`hyperconn.ops.cpu.odd_polynomial_iteration`; this module's torch op is its
+reference and fallback).
 """
 
 from __future__ import annotations
@@ -142,4 +145,9 @@ def odd_polynomial_iteration(x0: torch.Tensor, schedule: tuple, backend=None) ->
         if (backend or "").strip().lower() == "triton":
             raise ValueError(f"x0: the Triton Newton-Schulz kernel supports m ≤ {triton_ops.MAX_POLY_M}, "
                              f"got m = {x0.shape[-1]}")
+    if x0.device.type == "cpu":
+        from . import cpu  # the native CPU kernel (tokens innermost, in C++), when it applies
+        out = cpu.odd_polynomial_iteration(x0, schedule)
+        if out is not None:
+            return out
     return _OddPolynomialIteration.apply(x0, tuple(schedule))
