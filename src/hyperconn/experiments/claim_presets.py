@@ -56,6 +56,12 @@ _KV = {**_CPU, "task": "kv", "kv_pairs": 4, "model.n_layer": 4, "model.n_embd": 
 _KV_LRS = (1e-3, 3e-3, 1e-2)
 
 
+# The laptop gain experiment at any depth (model.n_layer set per preset).
+_GAIN = {"model.n_embd": 64, "model.seq_len": 64, "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
+         "eval_every": 25}
+_GAIN_LRS = (1e-3, 3e-3, 1e-2)
+
+
 _LM = {**_CPU, "task": "bytes", "model.n_layer": 4, "model.n_embd": 64, "model.seq_len": 64,
        "batch_size": 16, "steps": 1000, "warmup_steps": 50, "eval_every": 200, "eval_batches": 8}
 _LM_LRS = (1e-3, 3e-3, 1e-2)
@@ -118,9 +124,7 @@ CLAIM_PRESETS: dict[str, Preset] = {
         "gain", "mHC's claim: trained HC's composite Amax gain grows far above 1 while mHC stays "
                 "near 1. Byte LM, 12 blocks (24 layers), C=64, n=4, 300 steps, each variant at its best "
                 "lr of 1e-3, 3e-3, 1e-2 (seed 0), then 3 seeds.",
-        (RunGroup("gain", _gain(_CPU, **{"model.n_layer": 12, "model.n_embd": 64, "model.seq_len": 64,
-                                         "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
-                                         "eval_every": 25}), WITH_EXACT, lrs=(1e-3, 3e-3, 1e-2)),),
+        (RunGroup("gain", _gain(_CPU, **_GAIN, **{"model.n_layer": 12}), WITH_EXACT, lrs=_GAIN_LRS),),
         seeds=(0, 1, 2)),
     # mHC's gain figure is at 60 layers; `gain` runs 24. This is the deepest the laptop
     # runs in ~15 min with a sweep and 3 seeds: 30 blocks = 60 layers, hc and mhc (and the
@@ -129,9 +133,8 @@ CLAIM_PRESETS: dict[str, Preset] = {
         "gain-deep", "mHC's gain experiment at its own depth: 30 blocks (60 layers, as mHC's gain figure), "
                      "C=64, n=4, 300 steps, hc, mhc and the residual, each at its best lr of 1e-3, 3e-3, 1e-2 "
                      "(seed 0), then 3 seeds.",
-        (RunGroup("gain60", _gain(_CPU, **{"model.n_layer": 30, "model.n_embd": 64, "model.seq_len": 64,
-                                           "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
-                                           "eval_every": 25}), ("residual", "hc", "mhc"), lrs=(1e-3, 3e-3, 1e-2)),),
+        (RunGroup("gain60", _gain(_CPU, **_GAIN, **{"model.n_layer": 30}), ("residual", "hc", "mhc"),
+                  lrs=_GAIN_LRS),),
         seeds=(0, 1, 2)),
     "gain-paper": Preset(
         "gain-paper", "GPU scale of `gain`: 30 blocks (60 layers, the depth of mHC's gain figure), "
