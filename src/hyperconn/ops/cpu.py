@@ -13,6 +13,11 @@ tensor of the streams' shape, which the engine accumulates in place:
         = (vec(x) φ) · rsqrt(mean(x²) + ε)
     merge_streams(x, h_res, h_post, y)   (..., n, C), (..., n, n), (..., n), (..., C) → (..., n, C)
 
+On fp32/fp64 CPU tensors the per-token contractions run the native kernels of
+:mod:`.cpu_native` (one pass over a token's rows; see :func:`_native` for when), with the
+torch ops below as fallback and reference; so do the per-token Sinkhorn
+(:func:`sinkhorn_tokens`) and Iso-NS's Newton-Schulz steps (:func:`odd_polynomial_iteration`).
+
 Every operand must already be in the streams' dtype (the caller casts); an ambient
 autocast is switched off inside, so forward and backward agree. Only the inputs (and,
 for the projection, the (…, N) product and the (…, 1) scale) are kept for backward.
@@ -206,12 +211,12 @@ class _MergeStreams(torch.autograd.Function):
         ctx.slot = slot
         ctx.save_for_backward(x, h_res, h_post, y)
         n, C = x.shape[-2:]
-        # bmm then one in-place addcmul_: the output is written once and updated once,
-        # with no materialised (M, n, C) copy of h_post ⊗ y.
         if _native(x):
             out = cpu_native.merge_fwd(_tokens(x).contiguous(), h_res.reshape(-1, n, n).contiguous(),
                                        h_post.reshape(-1, n).contiguous(), y.reshape(-1, C).contiguous())
             return out.view(x.shape)
+        # bmm then one in-place addcmul_: the output is written once and updated once,
+        # with no materialised (M, n, C) copy of h_post ⊗ y.
         with _no_autocast(x):
             out = torch.bmm(h_res.reshape(-1, n, n), _tokens(x))
             out.addcmul_(h_post.reshape(-1, n, 1), y.reshape(-1, 1, C))
