@@ -228,3 +228,28 @@ def test_newton_schulz_op_gradcheck_and_isohc_layer():
     with cpu_native.force(True):
         assert torch.autograd.gradcheck(lambda t: odd_polynomial_iteration(t, schedule), (x,))
         assert torch.autograd.gradgradcheck(lambda t: odd_polynomial_iteration(t, schedule), (x,))
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernels(monkeypatch, tmp_path):
+    """A compiler that rejects -fopenmp (as Apple's clang does) gets a second build
+    without it; the kernels then run single-threaded and give the same results."""
+    import shutil
+    import stat
+    real = shutil.which("c++") or shutil.which("g++")
+    if real is None:
+        pytest.skip("no C++ compiler")
+    fake = tmp_path / "cxx-no-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && {{ echo "unsupported option -fopenmp" >&2; exit 1; }}; done\n'
+                    f'exec {real} "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(cpu_native, "_state", {})
+    monkeypatch.setenv("HYPERCONN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_native, "_compiler", lambda: str(fake))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_native.available()
+    o = _operands(9, 4, 16, torch.float64)
+    torch.testing.assert_close(cpu_native.merge_fwd(o["x"], o["hr"], o["h"], o["y"]),
+                               _ein("mij,mjc->mic", o["hr"], o["x"]) + _ein("mi,mc->mic", o["h"], o["y"]),
+                               rtol=1e-12, atol=1e-12)
+    assert len(list((tmp_path / "cache").rglob("*.so"))) == 1

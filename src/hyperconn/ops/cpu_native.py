@@ -76,27 +76,33 @@ def _cache_dir() -> Path:
 
 
 def _build(cxx: str) -> Path:
-    """Compile (or find) the library for this machine; returns its path. Raises on failure."""
+    """Compile (or find) the library for this machine; returns its path. Raises on failure.
+
+    With OpenMP first; a compiler without it (Apple's clang) gets a second try without
+    ``-fopenmp``: the ``omp`` pragmas are then ignored and the kernels run on one thread."""
     source = _SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(source + repr(_FLAGS).encode() + version.encode() + _cpu_id().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"stream_ops-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build into a private temporary file, then rename: concurrent processes (compare
-    # workers, pytest-xdist) never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{Path(cxx).name} failed: {proc.stderr.strip()[-800:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    errors = []
+    for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-fopenmp")):
+        key = hashlib.sha256(source + repr(flags).encode() + version.encode() + _cpu_id().encode()).hexdigest()[:16]
+        target = _cache_dir() / f"stream_ops-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build into a private temporary file, then rename: concurrent processes (compare
+        # workers, pytest-xdist) never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cxx, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(f"{Path(cxx).name} {' '.join(flags)} failed: {proc.stderr.strip()[-600:]}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("; ".join(errors))
 
 
 def _declare(lib: ctypes.CDLL) -> None:
