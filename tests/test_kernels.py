@@ -436,6 +436,24 @@ def test_interp_newton_schulz_gradcheck_and_dispatch(tops):
 
 
 @needs_interp
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_interp_cayley_matches_the_solve(tops, m):
+    """The Triton Cayley map = projections.cayley (a batched solve): Q and ∂A, fp64."""
+    from hyperconn.projections import cayley
+    a = torch.randn(37, m, m, generator=torch.Generator().manual_seed(m), dtype=torch.float64) * 2
+    out, grads = _grads(lambda t: tops.cayley(t), [a])
+    want, want_grads = _grads(lambda t: cayley(t, backend="torch"), [a])
+    for x, y in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.mT @ out, torch.eye(m, dtype=out.dtype).expand_as(out), rtol=0, atol=1e-12)
+    if m == 3:  # finite differences, and the variant reaches the kernel
+        assert torch.autograd.gradcheck(tops.cayley, (a[:4].clone().requires_grad_(),), rtol=1e-6, atol=1e-9)
+        from hyperconn.projections import orthogonal_factor
+        torch.testing.assert_close(orthogonal_factor(a, "cayley", backend="triton"),
+                                   orthogonal_factor(a, "cayley", backend="torch"), rtol=1e-12, atol=1e-12)
+
+
+@needs_interp
 def test_interp_custom_ops_pass_opcheck(tops):
     """Every registered Triton op: schema, autograd registration, fake (meta) implementation
     and AOT dispatch with dynamic shapes, which is what torch.compile and CUDA graphs rely on."""
@@ -450,7 +468,9 @@ def test_interp_custom_ops_pass_opcheck(tops):
              (torch.ops.hyperconn.stream_merge.default, (x, hr, h, y, 0)),
              (torch.ops.hyperconn.sinkhorn_tokens.default, (torch.randn(3, 4, 4, generator=g, requires_grad=True), 5)),
              (torch.ops.hyperconn.rms_projection.default, (x, phi, 1e-6)),
-             (torch.ops.hyperconn.odd_polynomial.default, (z, [1.5, -0.5, 0.0, 1.875, -1.25, 0.375]))]
+             (torch.ops.hyperconn.odd_polynomial.default, (z, [1.5, -0.5, 0.0, 1.875, -1.25, 0.375])),
+             (torch.ops.hyperconn.cayley.default, (torch.randn(3, 4, 4, generator=g, dtype=torch.float64,
+                                                               requires_grad=True),))]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)

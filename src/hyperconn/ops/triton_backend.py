@@ -8,6 +8,7 @@ handle them. Imported only when Triton is selected.
     hyperconn::sinkhorn_tokens(logits, iters)                → P         (+ _backward)
     hyperconn::rms_projection(x, phi, eps)                   → out, r    (+ _backward)
     hyperconn::odd_polynomial(x0, schedule)                  → X_S       (+ _backward)
+    hyperconn::cayley(a)                                     → Q         (backward: closed form)
 
 The RMS projection kernel reads the streams once forward (the GEMM and the sum of squares
 together) and once backward (∂x and ∂φ together); the plain ops it replaces read them
@@ -25,7 +26,7 @@ from torch import Tensor
 from .._dtypes import compute_dtype
 from . import triton_kernels as tk
 
-__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "NAME",
+__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "cayley", "NAME",
            "INTERPRETED", "MAX_POLY_M"]
 
 NAME = "triton"
@@ -218,6 +219,41 @@ def odd_polynomial_iteration(x0: Tensor, schedule: tuple) -> Tensor:
     gradient as :func:`hyperconn.ops.newton_schulz.odd_polynomial_iteration`."""
     flat = [float(v) for step in schedule for v in step]
     return _odd_polynomial(x0.contiguous(), flat)
+
+
+# ---------------------------------------------------------------------- Cayley
+@torch.library.custom_op("hyperconn::cayley", mutates_args=())
+def _cayley(a: Tensor) -> Tensor:
+    return tk.cayley_forward(a)
+
+
+@_cayley.register_fake
+def _(a):
+    return a.new_empty(a.shape)
+
+
+def _cayley_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _cayley_grad(ctx, grad):
+    # Q = (I − K)(I + K)⁻¹: dQ = −(I + Q) dK (I + Q) / 2, so ∂K = −(I + Q)ᵀ G (I + Q)ᵀ / 2,
+    # and K = (A − Aᵀ)/2 gives ∂A = (∂K − ∂Kᵀ)/2. Plain ops: autograd can differentiate them.
+    (q,) = ctx.saved_tensors
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    p = (eye + q).mT
+    dk = -(p @ grad.to(q.dtype) @ p) / 2
+    return (dk - dk.mT) / 2
+
+
+_cayley.register_autograd(_cayley_grad, setup_context=_cayley_setup)
+
+
+def cayley(a: Tensor) -> Tensor:
+    """Triton Cayley map of the skew part of each (..., m, m) block, m ≤ ``MAX_POLY_M``:
+    the same map and gradient as :func:`hyperconn.projections.cayley` (which computes in fp64;
+    pass fp64 for the same precision)."""
+    return _cayley(a.contiguous())
 
 
 # ---------------------------------------------------------------------- backend API

@@ -26,6 +26,8 @@ Work split:
     (BM, MP, MP) tiles, zero padding (which the polynomial keeps at zero); products as
     broadcast-and-sum in registers. Backward recomputes the iterates into a scratch
     buffer (S·m² values per token), then runs the reverse sweep.
+  * Cayley map: the same tiles, Gauss-Jordan without pivoting on [I + K | I − K];
+    backward in closed form from Q (torch ops, :mod:`.triton_backend`).
   * Sinkhorn: ``BM`` tokens per program, (BM, NP, NP) tiles, -inf padding. Backward
     stores nothing from the forward: it recomputes the iterations keeping only the
     per-iteration log-scalings (2·iters·n values per token, in a scratch buffer) and then runs
@@ -47,7 +49,7 @@ except ImportError:  # pragma: no cover - very old or very new Triton
 
 __all__ = ["stream_pre_forward", "stream_pre_backward", "stream_merge_forward", "stream_merge_backward",
            "rms_projection_forward", "rms_projection_backward", "odd_polynomial_forward",
-           "odd_polynomial_backward", "MAX_POLY_M",
+           "odd_polynomial_backward", "cayley_forward", "MAX_POLY_M",
            "sinkhorn_forward", "sinkhorn_backward", "INTERPRETED", "MAX_SINKHORN_N"]
 
 MAX_SINKHORN_N = 8
@@ -300,6 +302,37 @@ def _poly_bwd_kernel(x_ptr, coef_ptr, g_ptr, dx_ptr, hist_ptr, M, S,
     tl.store(dx_ptr + offs, g.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
+# ====================================================================== Cayley
+@triton.jit
+def _cayley_fwd_kernel(a_ptr, q_ptr, M, MM: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr,
+                       F64: tl.constexpr):
+    # Q = (I + K)⁻¹ (I − K), K = (A − Aᵀ)/2, by Gauss-Jordan on [I + K | I − K] in registers.
+    # No pivoting: I + K has symmetric part I, so every pivot is ≥ 1 (positive definite
+    # leading blocks). Padding rows/columns are the identity on the left, zero on the right.
+    tok, offs, valid, _ = _poly_tile(M, MM, MP, BM)
+    i = tl.arange(0, MP)[None, :, None]
+    j = tl.arange(0, MP)[None, None, :]
+    tok_t = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)[:, None, None]
+    offs_t = tok_t * (MM * MM) + j * MM + i
+    a = _acc(tl.load(a_ptr + offs, mask=valid, other=0.0), F64)
+    at = _acc(tl.load(a_ptr + offs_t, mask=valid, other=0.0), F64)
+    k_skew = 0.5 * (a - at)
+    eye = tl.where(i == j, 1.0, 0.0)
+    left = eye + k_skew
+    right = tl.where((i < MM) & (j < MM), eye - k_skew, 0.0)
+    for k in tl.static_range(MM):
+        row_l = tl.sum(tl.where(i == k, left, 0.0), axis=1)        # (BM, MP): row k
+        row_r = tl.sum(tl.where(i == k, right, 0.0), axis=1)
+        piv = tl.sum(tl.where(tl.arange(0, MP)[None, :] == k, row_l, 0.0), axis=1)   # (BM,)
+        piv = tl.where(piv == 0.0, 1.0, piv)                        # masked (padding) tokens
+        row_l = row_l / piv[:, None]
+        row_r = row_r / piv[:, None]
+        col = tl.sum(tl.where(j == k, left, 0.0), axis=2)           # (BM, MP): column k
+        left = tl.where(i == k, row_l[:, None, :], left - col[:, :, None] * row_l[:, None, :])
+        right = tl.where(i == k, row_r[:, None, :], right - col[:, :, None] * row_r[:, None, :])
+    tl.store(q_ptr + offs, right.to(q_ptr.dtype.element_ty), mask=valid)
+
+
 # ====================================================================== sinkhorn
 @triton.jit
 def _sinkhorn_tile(M, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr):
@@ -531,6 +564,21 @@ def odd_polynomial_backward(x0, schedule, grad):
     _poly_bwd_kernel[(triton.cdiv(M, BM),)](x3, coef, g, dx, hist, M, coef.shape[0], MM=m, MP=MP, BM=BM,
                                             F64=_is_f64(x0, grad))
     return dx.view(x0.shape)
+
+
+def cayley_forward(a):
+    """``(I − K)(I + K)⁻¹`` with ``K = (A − Aᵀ)/2`` per token: a (..., m, m), m ≤ MAX_POLY_M,
+    fp32 or fp64 (computed in the input's precision), orthogonal with det +1."""
+    m = a.shape[-1]
+    if m > MAX_POLY_M or a.shape[-2] != m:
+        raise ValueError(f"a: expected (..., m, m) with m ≤ {MAX_POLY_M}, got {tuple(a.shape)}")
+    a3 = a.contiguous().view(-1, m, m)
+    M = a3.shape[0]
+    MP = _np2(m)
+    BM = max(1, min(32, 256 // (MP * MP)))
+    q = torch.empty_like(a3)
+    _cayley_fwd_kernel[(triton.cdiv(M, BM),)](a3, q, M, MM=m, MP=MP, BM=BM, F64=_is_f64(a))
+    return q.view(a.shape)
 
 
 def _sinkhorn_bm(NP: int) -> int:

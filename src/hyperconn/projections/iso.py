@@ -194,9 +194,17 @@ class _PolarFactor(torch.autograd.Function):
         return q @ y
 
 
-def cayley(a: torch.Tensor) -> torch.Tensor:
+def cayley(a: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """``(I − K)(I + K)⁻¹`` with ``K = (A − Aᵀ)/2``: (..., m, m) → (..., m, m), orthogonal with
-    det +1 (computed in float64, returned in ``a.dtype``; I + K is always invertible)."""
+    det +1 (computed in float64, returned in ``a.dtype``; I + K is always invertible).
+
+    ``backend``: as :func:`hyperconn.ops.resolve_backend`; on CUDA (auto) blocks up to 8×8
+    run the Triton kernel ``hyperconn::cayley`` (Gauss-Jordan in registers, same map and
+    gradient), otherwise a batched solve."""
+    from ..ops import dispatch
+
+    if a.numel() and a.shape[-1] <= 8 and dispatch.resolve_backend(backend, a) == "triton":
+        return dispatch._triton_ops().cayley(a.double()).to(a.dtype)
     k = (a - a.mT).double() / 2
     eye = torch.eye(a.shape[-1], dtype=k.dtype, device=a.device)
     q, _ = torch.linalg.solve_ex(eye + k, eye - k)  # (I+K) and (I−K) commute
@@ -204,10 +212,11 @@ def cayley(a: torch.Tensor) -> torch.Tensor:
 
 
 def orthogonal_factor(a: torch.Tensor, method: str = "polar", steps: Optional[int] = None,
-                      tol: Optional[float] = None) -> torch.Tensor:
+                      tol: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
     """An orthogonal matrix from each (..., m, m) block: its polar factor (``"polar"``,
     ``"ns"``, ``"ns-cubic"``, as :func:`iso_project` on the 1^⊥ block) or the Cayley map of
-    its skew part (``"cayley"``).
+    its skew part (``"cayley"``). ``backend``: where Newton-Schulz and Cayley run (see
+    :func:`iso_project`).
 
     Raises:
         TypeError, ValueError: as :func:`iso_project`.
@@ -221,12 +230,12 @@ def orthogonal_factor(a: torch.Tensor, method: str = "polar", steps: Optional[in
         raise ValueError(f"steps: expected a positive integer or None, got {steps!r}")
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
         raise ValueError(f"tol: expected a positive number or None, got {tol!r}")
-    return _orthogonal_factor(a.to(compute_dtype(a)), method, steps, tol).to(a.dtype)
+    return _orthogonal_factor(a.to(compute_dtype(a)), method, steps, tol, backend).to(a.dtype)
 
 
 def _orthogonal_factor(a: torch.Tensor, method: str, steps: int, tol, backend=None) -> torch.Tensor:
     if method == "cayley":
-        return cayley(a)  # 1×1: K = 0, Q = 1 (SO(1)); graph kept through the solve
+        return cayley(a, backend)  # 1×1: K = 0, Q = 1 (SO(1)); graph kept through the solve
     if a.shape[-1] == 1:
         # O(1) = {±1}: pick the sign of the 1×1 block (ties go to +1, the identity).
         # ``+ 0·a`` keeps a graph (gradient zero) so callers can always differentiate.

@@ -48,7 +48,7 @@ class Orthostochastic(Variant):
     def map_res(self, raw_res, state):
         if self.streams == 1:
             return raw_res * 0 + 1  # O(1) = {±1}: (±1)² = 1; keeps a graph
-        q = orthogonal_factor(raw_res, self.options.ortho_method)
+        q = orthogonal_factor(raw_res, self.options.ortho_method, backend=self.kernels)
         return q * q
 
     @classmethod
