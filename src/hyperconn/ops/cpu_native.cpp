@@ -170,6 +170,20 @@ void merge_bwd(const T* __restrict g, const T* __restrict x, const T* __restrict
 
 
 // ---------------------------------------------------------------------------- Sinkhorn
+// Whether the exp-domain iteration is safe for this matrix (finite logits, range within
+// 30 in fp32 / 300 in fp64, as projections/sinkhorn.py); *shift gets the max logit.
+template <typename T>
+bool exp_domain_ok(const T* z, int64_t nn, T* shift) {
+  T lo = z[0], hi = z[0];
+  for (int64_t k = 0; k < nn; ++k) {
+    if (!std::isfinite(z[k])) return false;
+    lo = z[k] < lo ? z[k] : lo;
+    hi = z[k] > hi ? z[k] : hi;
+  }
+  *shift = hi;
+  return hi - lo <= (sizeof(T) == 4 ? T(30) : T(300));
+}
+
 // Iterates of the truncated map, columns then rows, `iters` times, into trace
 // (2·iters matrices of n×n: trace[2t] after the t-th column step, trace[2t+1] after the
 // row step). Exp domain (P ← P / Σ_d P after a max shift) when the logit range allows it
@@ -178,14 +192,10 @@ void merge_bwd(const T* __restrict g, const T* __restrict x, const T* __restrict
 template <typename T>
 bool sinkhorn_trace(const T* z, T* trace, int64_t n, int iters) {
   const int64_t nn = n * n;
-  T lo = z[0], hi = z[0];
-  for (int64_t k = 0; k < nn; ++k) {
+  for (int64_t k = 0; k < nn; ++k)
     if (!std::isfinite(z[k])) return false;
-    lo = z[k] < lo ? z[k] : lo;
-    hi = z[k] > hi ? z[k] : hi;
-  }
-  const T limit = sizeof(T) == 4 ? T(30) : T(300);
-  if (hi - lo <= limit) {
+  T hi;
+  if (exp_domain_ok(z, nn, &hi)) {
     T* p = trace;
     for (int64_t k = 0; k < nn; ++k) p[k] = std::exp(z[k] - hi);
     const T* prev = p;
@@ -239,17 +249,6 @@ bool sinkhorn_trace(const T* z, T* trace, int64_t n, int iters) {
 // have a non-finite logit, take the scalar path.
 constexpr int64_t BT = 16;
 
-template <typename T>
-bool exp_domain_ok(const T* z, int64_t nn, T* shift) {
-  T lo = z[0], hi = z[0];
-  for (int64_t k = 0; k < nn; ++k) {
-    if (!std::isfinite(z[k])) return false;
-    lo = z[k] < lo ? z[k] : lo;
-    hi = z[k] > hi ? z[k] : hi;
-  }
-  *shift = hi;
-  return hi - lo <= (sizeof(T) == 4 ? T(30) : T(300));
-}
 
 // Iterates of BT tokens into tr (2·iters, nn, BT); lanes past `count` hold copies of a
 // harmless matrix (all ones) and are never written back.

@@ -532,13 +532,18 @@ def rms_projection_backward(x, phi, out, rinv, grad_out, groups=None):
     return dx.view(x.shape), dphi.sum(0).to(phi.dtype)
 
 
-def _poly_layout(x, schedule):
+def _small_square_tiles(x, name: str):
+    """(m, x as (M, m, m), MP, BM) for the per-token m×m kernels (Newton-Schulz, Cayley)."""
     m = x.shape[-1]
     if m > MAX_POLY_M or x.shape[-2] != m:
-        raise ValueError(f"x0: expected (..., m, m) with m ≤ {MAX_POLY_M}, got {tuple(x.shape)}")
-    x3 = x.contiguous().view(-1, m, m)
+        raise ValueError(f"{name}: expected (..., m, m) with m ≤ {MAX_POLY_M}, got {tuple(x.shape)}")
     MP = _np2(m)
     BM = max(1, min(32, 256 // (MP * MP)))  # a (BM, MP, MP, MP) product tile of ≤ 2048 values
+    return m, x.contiguous().view(-1, m, m), MP, BM
+
+
+def _poly_layout(x, schedule):
+    m, x3, MP, BM = _small_square_tiles(x, "x0")
     coef = torch.tensor(schedule, dtype=_acc_dtype(x), device=x.device).reshape(-1, 3)
     return m, x3, MP, BM, coef
 
@@ -569,13 +574,8 @@ def odd_polynomial_backward(x0, schedule, grad):
 def cayley_forward(a):
     """``(I − K)(I + K)⁻¹`` with ``K = (A − Aᵀ)/2`` per token: a (..., m, m), m ≤ MAX_POLY_M,
     fp32 or fp64 (computed in the input's precision), orthogonal with det +1."""
-    m = a.shape[-1]
-    if m > MAX_POLY_M or a.shape[-2] != m:
-        raise ValueError(f"a: expected (..., m, m) with m ≤ {MAX_POLY_M}, got {tuple(a.shape)}")
-    a3 = a.contiguous().view(-1, m, m)
+    m, a3, MP, BM = _small_square_tiles(a, "a")
     M = a3.shape[0]
-    MP = _np2(m)
-    BM = max(1, min(32, 256 // (MP * MP)))
     q = torch.empty_like(a3)
     _cayley_fwd_kernel[(triton.cdiv(M, BM),)](a3, q, M, MM=m, MP=MP, BM=BM, F64=_is_f64(a))
     return q.view(a.shape)
