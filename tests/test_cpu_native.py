@@ -96,6 +96,81 @@ def test_wrappers_refuse_bad_tensors():
         cpu_native.merge_fwd(o["x"], o["hr"].double(), o["h"], o["y"])
 
 
+# (M, K, N): tiles of 8 (AVX-512) or 4 tokens and 32-token chunks with remainders; K a
+# multiple of 24, of 16 only (the two-vector ∂x tile), or of neither (a scalar tail); N
+# below, at and above one 24-column block, and n = 8's 80.
+PROJ_SHAPES = [(1, 1, 1), (37, 2048, 24), (70, 512, 24), (9, 100, 8), (33, 77, 15), (5, 48, 80), (64, 24, 25)]
+
+
+def _proj_reference(x, phi, eps, grad):
+    """out = (x φ)·r, r = rsqrt(mean x² + ε), and (∂x, ∂φ) by autograd, all in float64."""
+    xd, pd = x.double().requires_grad_(), phi.double().requires_grad_()
+    r = torch.rsqrt(xd.square().mean(-1) + eps)
+    out = (xd @ pd) * r[:, None]
+    gx, gphi = torch.autograd.grad(out, (xd, pd), grad.double())
+    return out.detach(), r.detach(), gx, gphi
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", PROJ_SHAPES)
+def test_projection_kernels_match_autograd(M, K, N, dtype):
+    g = torch.Generator().manual_seed(M + K + N)
+    x = torch.randn(M, K, generator=g, dtype=dtype) + 0.5
+    phi = torch.randn(K, N, generator=g, dtype=dtype) / K ** 0.5
+    grad = torch.randn(M, N, generator=g, dtype=dtype)
+    want_out, want_r, want_gx, want_gphi = _proj_reference(x, phi, 1e-6, grad)
+    out, r = cpu_native.proj_fwd(x, phi, 1e-6)
+    tol = _tol(dtype, K ** 0.5)
+    torch.testing.assert_close(out.double(), want_out, **tol)
+    torch.testing.assert_close(r.double(), want_r, **tol)
+    gx = torch.full_like(x, float("nan"))                 # every element must be written
+    gphi = cpu_native.proj_bwd(x, phi, grad, out, r, gx, False, True)
+    torch.testing.assert_close(gx.double(), want_gx, **tol)
+    torch.testing.assert_close(gphi.double(), want_gphi, **_tol(dtype, M ** 0.5 * K ** 0.5))
+    base = torch.randn(M, K, generator=g, dtype=dtype)    # accumulate: adds into an earlier ∂x
+    acc = base.clone()
+    assert cpu_native.proj_bwd(x, phi, grad, out, r, acc, True, False) is None
+    torch.testing.assert_close(acc.double(), base.double() + want_gx, **tol)
+    only_phi = cpu_native.proj_bwd(x, phi, grad, out, r, None, False, True)
+    assert torch.equal(only_phi, gphi)                    # the same sums without ∂x
+
+
+@needs_native
+def test_projection_threads_agree_and_bad_phi_is_refused():
+    g = torch.Generator().manual_seed(5)
+    x, phi, grad = (torch.randn(300, 512, generator=g, dtype=torch.float64), torch.randn(512, 24, generator=g,
+                    dtype=torch.float64), torch.randn(300, 24, generator=g, dtype=torch.float64))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out, r = cpu_native.proj_fwd(x, phi, 1e-6)
+            gx = torch.empty_like(x)
+            results.append((out, r, gx, cpu_native.proj_bwd(x, phi, grad, out, r, gx, False, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)   # ∂φ: per-thread partial sums
+    with pytest.raises(ValueError, match="phi: expected shape \\(512, N\\)"):
+        cpu_native.proj_fwd(x, phi[:100], 1e-6)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_projection_gradcheck_and_double_backward(native):
+    """Both paths: exact first derivatives, and double backward (create_graph=True goes
+    through a differentiable recomputation, not the saved product and scale)."""
+    if native and not cpu_native.available():
+        pytest.skip(cpu_native.status())
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    phi = torch.randn(24, 24, dtype=torch.float64, generator=g, requires_grad=True)
+    with cpu_native.force(native):
+        assert torch.autograd.gradcheck(lambda a, b: cpu.rms_projection(a, b, 1e-6), (x, phi))
+        assert torch.autograd.gradgradcheck(lambda a, b: cpu.rms_projection(a, b, 1e-6), (x, phi))
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 def test_ops_gradcheck_float64_on_both_paths(native):
     if native and not cpu_native.available():
@@ -133,11 +208,12 @@ def test_layer_gradients_agree_between_paths(variant):
 def test_forced_off_never_calls_the_kernels(monkeypatch):
     def boom(*_):
         raise AssertionError("native kernel called")
-    for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd"):
+    for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "proj_fwd", "proj_bwd"):
         monkeypatch.setattr(cpu_native, name, boom)
     x = torch.randn(2, 4, 8, requires_grad=True)
     with cpu_native.force(False):
         cpu.merge_streams(x, torch.eye(4).expand(2, 4, 4), torch.ones(2, 4), torch.randn(2, 8)).sum().backward()
+        cpu.rms_projection(x, torch.randn(32, 24, requires_grad=True), 1e-6).sum().backward()
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):

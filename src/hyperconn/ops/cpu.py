@@ -146,8 +146,14 @@ def stream_pre(x: torch.Tensor, h_pre: torch.Tensor, slot: StreamGradSlot | None
 class _RMSProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, phi, eps, slot):
-        ctx.slot = slot
+        ctx.slot, ctx.eps = slot, eps
         flat = x.reshape(-1, phi.shape[0])                                          # (M, K)
+        ctx.native = _native(x)
+        if ctx.native:
+            # GEMM and Σx² from one read of the streams; keeps out = proj·r and r.
+            out, inv_rms = cpu_native.proj_fwd(flat.contiguous(), phi.contiguous(), eps)
+            ctx.save_for_backward(x, phi, out, inv_rms)
+            return out.view(*x.shape[:-2], phi.shape[-1])
         with _no_autocast(x):
             proj = flat @ phi                                                       # (M, N)
             # vector_norm: Σ x² in one pass with no (M, K) temporary (measured 2.5×
@@ -160,6 +166,10 @@ class _RMSProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, phi, proj, inv_rms = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _RMSProjection._differentiable_backward(ctx, x, phi, grad)
+        if ctx.native:
+            return _RMSProjection._native_backward(ctx, x, phi, proj, inv_rms, grad)
         K = phi.shape[0]
         flat = x.reshape(-1, K)
         grad = grad.reshape(proj.shape).to(proj.dtype)
@@ -172,22 +182,50 @@ class _RMSProjection(torch.autograd.Function):
             # out = proj·r, r = (mean(x²) + ε)^(-1/2): ∂r/∂x = −r³·x/K, so the RMS part of
             # ∂x is x · (−r³/K · Σ_j grad_j proj_j), one scale per token.
             row_scale = (grad * proj).sum(-1, keepdim=True) * inv_rms.pow(3) * (-1.0 / K)
-            slot = ctx.slot
-            if torch.is_grad_enabled():  # create_graph=True: differentiable, no out=
-                grad_x = torch.addcmul(grad_proj @ phi_t, flat, row_scale).view(x.shape)
+            pending = _pending(ctx.slot)
+            if pending is not None:
+                grad_x, ctx.slot.grad = pending, None                                # the layer's ∂x so far
+                g2 = grad_x.view(-1, K)
+                g2.addmm_(grad_proj, phi_t)
             else:
-                pending = _pending(slot)
-                if pending is not None:
-                    grad_x, slot.grad = pending, None                                # the layer's ∂x so far
-                    g2 = grad_x.view(-1, K)
-                    g2.addmm_(grad_proj, phi_t)
-                else:
-                    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-                    g2 = grad_x.view(-1, K)
-                    torch.mm(grad_proj, phi_t, out=g2)
-                g2.addcmul_(flat, row_scale)                                         # one in-place pass
+                grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+                g2 = grad_x.view(-1, K)
+                torch.mm(grad_proj, phi_t, out=g2)
+            g2.addcmul_(flat, row_scale)                                             # one in-place pass
         if ctx.needs_input_grad[1]:
             grad_phi = (grad_proj.t() @ flat).t()
+        return grad_x, grad_phi, None, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, x, phi, grad):
+        """create_graph=True: the forward again in differentiable torch ops, and its
+        gradient with a graph, so that double backward is exact (the saved product and
+        scale are not connected to x)."""
+        wanted = [t for t, need in zip((x, phi), ctx.needs_input_grad[:2]) if need]
+        if not wanted:
+            return None, None, None, None
+        with _no_autocast(x):
+            flat = x.reshape(-1, phi.shape[0])
+            out = (flat @ phi) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + ctx.eps)
+        grads = iter(torch.autograd.grad(out, wanted, grad.reshape(out.shape).to(out.dtype), create_graph=True))
+        return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2]) + (None, None)
+
+    @staticmethod
+    def _native_backward(ctx, x, phi, out, inv_rms, grad):
+        """∂x (into the layer's pending ∂x when there is one) and ∂φ from one read of x;
+        ``out`` and ``inv_rms`` are the forward's outputs (out = proj·r) and scale."""
+        K = phi.shape[0]
+        grad_x = None
+        accumulate = False
+        if ctx.needs_input_grad[0]:
+            pending = _pending(ctx.slot)
+            if pending is not None:
+                grad_x, ctx.slot.grad, accumulate = pending, None, True
+            else:
+                grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grad_phi = cpu_native.proj_bwd(
+            x.reshape(-1, K).contiguous(), phi.contiguous(), grad.reshape(out.shape).to(x.dtype).contiguous(),
+            out, inv_rms, None if grad_x is None else grad_x.view(-1, K), accumulate, ctx.needs_input_grad[1])
         return grad_x, grad_phi, None, None
 
 

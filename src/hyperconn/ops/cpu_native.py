@@ -11,8 +11,11 @@ token's rows what the torch path does with one ``torch.bmm`` per contraction:
     sinkhorn_bwd(z, g, iters)            → ∂z                 (recomputes the iterates)
     poly_fwd(x0, schedule)               → X_S                (Iso-NS's Newton-Schulz steps)
     poly_bwd(x0, schedule, g)            → ∂x0                (recomputes the iterates)
+    proj_fwd(x, φ, eps)                  → out, r             ((x φ)·r, r = rsqrt(mean x² + ε))
+    proj_bwd(x, φ, g, out, r, gx, acc)   → gx (+)=, ∂φ        (one read of x: ∂x, RMS term, ∂φ)
 
 Shapes: x, g, gx, out (M, n, C); y, u, gu (M, C); h, h_post (M, n); h_res, z, P (M, n, n);
+for the projection x, gx (M, K) with K = n·C, φ (K, N), out (M, N), r (M,);
 float32 or float64, contiguous, on the CPU (the wrappers check and raise ``ValueError``).
 
 Backend decision, made once per process at first use (:func:`library`): the library is
@@ -42,12 +45,12 @@ from typing import Optional
 import torch
 
 __all__ = ["library", "available", "status", "force", "pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd",
-           "sinkhorn_fwd", "sinkhorn_bwd", "poly_fwd", "poly_bwd", "ENV_VAR"]
+           "sinkhorn_fwd", "sinkhorn_bwd", "poly_fwd", "poly_bwd", "proj_fwd", "proj_bwd", "ENV_VAR"]
 
 ENV_VAR = "HYPERCONN_CPU_NATIVE"
 _SOURCE = Path(__file__).with_name("cpu_native.cpp")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-_ABI = 3
+_ABI = 4
 
 _state: dict = {}   # "lib": CDLL | None, "why": str
 _forced: list = []  # stack of force() overrides (True / False)
@@ -116,8 +119,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"hc_sinkhorn_bwd_{s}").argtypes = [p, p, p, i64, i64, i32, i32]
         getattr(lib, f"hc_poly_fwd_{s}").argtypes = [p, p, i32, p, i64, i64, i32]
         getattr(lib, f"hc_poly_bwd_{s}").argtypes = [p, p, i32, p, p, i64, i64, i32]
+        getattr(lib, f"hc_proj_fwd_{s}").argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_double, i32]
+        getattr(lib, f"hc_proj_bwd_{s}").argtypes = [p, p, p, p, p, p, i32, p, i64, i64, i64, i32]
         for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "sinkhorn_fwd", "sinkhorn_bwd",
-                     "poly_fwd", "poly_bwd"):
+                     "poly_fwd", "poly_bwd", "proj_fwd", "proj_bwd"):
             getattr(lib, f"hc_{name}_{s}").restype = None
 
 
@@ -282,3 +287,31 @@ def poly_bwd(x0: torch.Tensor, schedule, g: torch.Tensor) -> torch.Tensor:
     getattr(library(), f"hc_poly_bwd_{_suffix(x0, coef, g, dx)}")(
         _ptr(x0), _ptr(coef), coef.numel() // 3, _ptr(g), _ptr(dx), M, m, _threads(M * m * m * coef.numel()))
     return dx
+
+
+def proj_fwd(x: torch.Tensor, phi: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), φ (K, N) → (out (M, N), r (M,)) with r = rsqrt(mean(x², over K) + eps) and
+    out = (x φ) · r: the GEMM and the sum of squares from one read of x."""
+    M, K = x.shape
+    if phi.dim() != 2 or phi.shape[0] != K:
+        raise ValueError(f"phi: expected shape ({K}, N), got {tuple(phi.shape)}")
+    N = phi.shape[1]
+    out = torch.empty(M, N, dtype=x.dtype)
+    inv = torch.empty(M, dtype=x.dtype)
+    getattr(library(), f"hc_proj_fwd_{_suffix(x, phi, out, inv)}")(
+        _ptr(x), _ptr(phi), _ptr(out), _ptr(inv), M, K, N, float(eps), _threads(M * K))
+    return out, inv
+
+
+def proj_bwd(x: torch.Tensor, phi: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, inv: torch.Tensor,
+             gx: Optional[torch.Tensor], accumulate: bool, need_gphi: bool) -> Optional[torch.Tensor]:
+    """Backward of :func:`proj_fwd` given ∂out ``grad`` (M, N) and its outputs ``out``, ``inv``:
+    writes (with ``accumulate``, adds) ∂x into ``gx`` (M, K) when given, the RMS term
+    included; returns ∂φ (K, N) when ``need_gphi``, else None. One read of x."""
+    M, K = x.shape
+    N = phi.shape[1]
+    gphi = torch.empty(K, N, dtype=x.dtype) if need_gphi else None
+    getattr(library(), f"hc_proj_bwd_{_suffix(x, phi, grad, out, inv, gx, gphi)}")(
+        _ptr(x), _ptr(phi), _ptr(grad), _ptr(out), _ptr(inv), _ptr(gx), int(accumulate), _ptr(gphi),
+        M, K, N, _threads(M * K))
+    return gphi
