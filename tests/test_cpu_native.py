@@ -31,7 +31,7 @@ def _operands(M, n, C, dtype, seed=0):
     return dict(x=r(M, n, C), h=r(M, n), hr=r(M, n, n), y=r(M, C), g=r(M, n, C), gu=r(M, C))
 
 
-SHAPES = [(1, 1, 1), (7, 4, 33), (64, 4, 512), (5, 3, 17), (9, 8, 64)]
+SHAPES = [(1, 1, 1), (7, 4, 33), (64, 4, 512), (5, 3, 17), (6, 2, 9), (9, 8, 64)]  # n = 1..4 fixed, 8 generic
 
 
 @needs_native
