@@ -453,6 +453,54 @@ def test_interp_cayley_matches_the_solve(tops, m):
                                    orthogonal_factor(a, "cayley", backend="torch"), rtol=1e-12, atol=1e-12)
 
 
+def _mixture_reference(z, basis):
+    """softmax then the combination, in float64 with plain ops."""
+    w = torch.softmax(z.double(), dim=-1)
+    return torch.einsum("...k,ke->...e", w, basis.double().flatten(1)).unflatten(-1, basis.shape[1:])
+
+
+@needs_interp
+@pytest.mark.parametrize("K,shape", [(24, (4, 4)), (4, (4, 4)), (6, (3, 3)), (120, (5, 5)), (2, (2, 2)), (3, (7,))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interp_basis_mixture_matches_softmax_combination(tops, K, shape, dtype):
+    """The Triton mixture = softmax · basis (value and ∂logits) for mHC-lite's permutation
+    sets (n = 4: 24, n = 5: 120), circulant shifts, kromhc's 3×3 factor, a 2×2 one and a
+    non-square basis; 37 tokens (a partial last tile)."""
+    from hyperconn.projections import basis_mixture
+    g = torch.Generator().manual_seed(K)
+    basis = torch.rand(K, *shape, generator=g, dtype=dtype)
+    z = torch.randn(37, K, generator=g, dtype=dtype) * 3
+    out, (dz,) = _grads(lambda t: basis_mixture(t, basis, backend="triton"), [z])
+    want, (want_dz,) = _grads(lambda t: _mixture_reference(t, basis).to(dtype), [z])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, want, **tol)
+    torch.testing.assert_close(dz, want_dz, **tol)
+    assert out.dtype == dtype and out.shape == (37, *shape)
+
+
+@needs_interp
+def test_interp_basis_mixture_gradcheck_double_backward_and_errors(tops):
+    from hyperconn.projections import basis_mixture, shift_basis
+    from hyperconn.variants.mhc_lite import permutation_set
+    z = torch.randn(5, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
+    perms = permutation_set(4)
+    fn = lambda t: basis_mixture(t, perms, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z,))
+    assert torch.autograd.gradgradcheck(fn, (z,))            # create_graph: differentiable plain ops
+    h = fn(z)                                                # exactly doubly stochastic
+    torch.testing.assert_close(h.sum(-1), torch.ones(5, 4, dtype=torch.float64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(h.sum(-2), torch.ones(5, 4, dtype=torch.float64), rtol=0, atol=1e-14)
+    c = torch.randn(3, 4, dtype=torch.float64)                # the circulant map, through the shifts
+    from hyperconn.variants.circulant import circulant_from_logits
+    torch.testing.assert_close(basis_mixture(c, shift_basis(4), backend="triton"), circulant_from_logits(c),
+                               rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="basis: expected \\(24, ...\\)"):
+        basis_mixture(z, shift_basis(4), backend="triton")
+    with pytest.raises(ValueError, match="at most 128"):
+        basis_mixture(torch.randn(2, 130), torch.rand(130, 2, 2), backend="triton")
+    assert basis_mixture(torch.randn(2, 130), torch.rand(130, 2, 2), backend="auto").shape == (2, 2, 2)
+
+
 @needs_interp
 def test_interp_custom_ops_pass_opcheck(tops):
     """Every registered Triton op: schema, autograd registration, fake (meta) implementation
@@ -470,7 +518,9 @@ def test_interp_custom_ops_pass_opcheck(tops):
              (torch.ops.hyperconn.rms_projection.default, (x, phi, 1e-6)),
              (torch.ops.hyperconn.odd_polynomial.default, (z, [1.5, -0.5, 0.0, 1.875, -1.25, 0.375])),
              (torch.ops.hyperconn.cayley.default, (torch.randn(3, 4, 4, generator=g, dtype=torch.float64,
-                                                               requires_grad=True),))]
+                                                               requires_grad=True),)),
+             (torch.ops.hyperconn.basis_mixture.default, (torch.randn(5, 6, generator=g, requires_grad=True),
+                                                          torch.rand(6, 3, 3, generator=g)))]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
@@ -560,7 +610,8 @@ def _check_layer_backends(variant, device, dtype, tol):
 
 
 @needs_interp
-@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid"])
+@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid", "mhc-lite", "circulant", "kromhc",
+                                     "orthostochastic"])
 def test_interp_layer_triton_matches_torch(tops, variant):
     """HyperConnection(kernels="triton") = kernels="torch": output and every gradient."""
     _check_layer_backends(variant, torch.device("cpu"), torch.float32, 2e-5)

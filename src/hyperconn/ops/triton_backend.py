@@ -9,6 +9,7 @@ handle them. Imported only when Triton is selected.
     hyperconn::rms_projection(x, phi, eps)                   → out, r    (+ _backward)
     hyperconn::odd_polynomial(x0, schedule)                  → X_S       (+ _backward)
     hyperconn::cayley(a)                                     → Q         (backward: closed form)
+    hyperconn::basis_mixture(logits, basis)                  → H         (+ _backward)
 
 The RMS projection kernel reads the streams once forward (the GEMM and the sum of squares
 together) and once backward (∂x and ∂φ together); the plain ops it replaces read them
@@ -26,12 +27,13 @@ from torch import Tensor
 from .._dtypes import compute_dtype
 from . import triton_kernels as tk
 
-__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "cayley", "NAME",
-           "INTERPRETED", "MAX_POLY_M"]
+__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "cayley",
+           "basis_mixture", "NAME", "INTERPRETED", "MAX_POLY_M", "MAX_MIXTURE_K"]
 
 NAME = "triton"
 INTERPRETED = tk.INTERPRETED
 MAX_POLY_M = tk.MAX_POLY_M
+MAX_MIXTURE_K = tk.MAX_MIXTURE_K
 
 
 # ---------------------------------------------------------------------- stream_pre
@@ -254,6 +256,52 @@ def cayley(a: Tensor) -> Tensor:
     the same map and gradient as :func:`hyperconn.projections.cayley` (which computes in fp64;
     pass fp64 for the same precision)."""
     return _cayley(a.contiguous())
+
+
+# ---------------------------------------------------------------------- basis mixture
+@torch.library.custom_op("hyperconn::basis_mixture", mutates_args=())
+def _basis_mixture(logits: Tensor, basis: Tensor) -> Tensor:
+    return tk.basis_mixture_forward(logits, basis)
+
+
+@_basis_mixture.register_fake
+def _(logits, basis):
+    return logits.new_empty(logits.shape[:-1] + basis.shape[1:])
+
+
+@torch.library.custom_op("hyperconn::basis_mixture_backward", mutates_args=())
+def _basis_mixture_backward(logits: Tensor, basis: Tensor, grad: Tensor) -> Tensor:
+    return tk.basis_mixture_backward(logits, basis, grad)
+
+
+@_basis_mixture_backward.register_fake
+def _(logits, basis, grad):
+    return logits.new_empty(logits.shape)
+
+
+def _basis_mixture_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _basis_mixture_grad(ctx, grad):
+    logits, basis = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the same Jacobian-vector product in plain (differentiable) ops.
+        w = torch.softmax(logits, dim=-1)
+        dw = grad.flatten(logits.dim() - 1).to(w.dtype) @ basis.flatten(1).to(w.dtype).T
+        return w * (dw - (w * dw).sum(-1, keepdim=True)), None
+    return _basis_mixture_backward(logits, basis, grad), None
+
+
+_basis_mixture.register_autograd(_basis_mixture_grad, setup_context=_basis_mixture_setup)
+
+
+def basis_mixture(logits: Tensor, basis: Tensor) -> Tensor:
+    """Triton ``softmax(logits) · B``: logits (..., K), a constant basis B (K, *S) → (..., *S),
+    K ≤ ``MAX_MIXTURE_K``; computed in fp32 (fp64 for fp64 logits), returned in the
+    logits' dtype. The basis gets no gradient."""
+    acc = compute_dtype(logits)
+    return _basis_mixture(logits.to(acc).contiguous(), basis.detach().to(acc).contiguous()).to(logits.dtype)
 
 
 # ---------------------------------------------------------------------- backend API

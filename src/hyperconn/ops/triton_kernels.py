@@ -50,10 +50,12 @@ except ImportError:  # pragma: no cover - very old or very new Triton
 __all__ = ["stream_pre_forward", "stream_pre_backward", "stream_merge_forward", "stream_merge_backward",
            "rms_projection_forward", "rms_projection_backward", "odd_polynomial_forward",
            "odd_polynomial_backward", "cayley_forward", "MAX_POLY_M",
+           "basis_mixture_forward", "basis_mixture_backward", "MAX_MIXTURE_K",
            "sinkhorn_forward", "sinkhorn_backward", "INTERPRETED", "MAX_SINKHORN_N"]
 
 MAX_SINKHORN_N = 8
 MAX_POLY_M = 8
+MAX_MIXTURE_K = 128  # mHC-lite's 5! = 120 permutations at n = 5
 
 
 def _np2(v: int) -> int:
@@ -331,6 +333,59 @@ def _cayley_fwd_kernel(a_ptr, q_ptr, M, MM: tl.constexpr, MP: tl.constexpr, BM: 
         left = tl.where(i == k, row_l[:, None, :], left - col[:, :, None] * row_l[:, None, :])
         right = tl.where(i == k, row_r[:, None, :], right - col[:, :, None] * row_r[:, None, :])
     tl.store(q_ptr + offs, right.to(q_ptr.dtype.element_ty), mask=valid)
+
+
+# ====================================================================== basis mixture
+@triton.jit
+def _mixture_tile(M, K: tl.constexpr, E: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
+                  BM: tl.constexpr):
+    tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)[:, None]     # (BM, 1)
+    k = tl.arange(0, KP)[None, :]                                               # (1, KP)
+    e = tl.arange(0, EP)[None, :]                                               # (1, EP)
+    return tok, k, e
+
+
+@triton.jit
+def _mixture_weights(z_ptr, tok, k, M, K: tl.constexpr, F64: tl.constexpr):
+    # softmax over the K logits of each token; padding logits are −inf (weight 0), masked
+    # tokens read zeros (finite, never stored).
+    z = _acc(tl.load(z_ptr + tok * K + k, mask=(tok < M) & (k < K), other=0.0), F64)
+    z = tl.where(k < K, z, float("-inf"))
+    p = tl.exp(z - tl.max(z, axis=1)[:, None])
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _mixture_basis(b_ptr, K: tl.constexpr, E: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
+                   F64: tl.constexpr):
+    kb = tl.arange(0, KP)[:, None]
+    eb = tl.arange(0, EP)[None, :]
+    return _acc(tl.load(b_ptr + kb * E + eb, mask=(kb < K) & (eb < E), other=0.0), F64)   # (KP, EP)
+
+
+@triton.jit
+def _mixture_fwd_kernel(z_ptr, b_ptr, h_ptr, M, K: tl.constexpr, E: tl.constexpr, KP: tl.constexpr,
+                        EP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
+    # H[t] = softmax(z[t]) B: the weights never leave registers.
+    tok, k, e = _mixture_tile(M, K, E, KP, EP, BM)
+    w = _mixture_weights(z_ptr, tok, k, M, K, F64)                               # (BM, KP)
+    basis = _mixture_basis(b_ptr, K, E, KP, EP, F64)
+    h = tl.sum(w[:, :, None] * basis[None, :, :], axis=1)                        # (BM, EP)
+    tl.store(h_ptr + tok * E + e, h.to(h_ptr.dtype.element_ty), mask=(tok < M) & (e < E))
+
+
+@triton.jit
+def _mixture_bwd_kernel(z_ptr, b_ptr, g_ptr, dz_ptr, M, K: tl.constexpr, E: tl.constexpr,
+                        KP: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
+    # ∂w = G Bᵀ, ∂z = w ⊙ (∂w − ⟨w, ∂w⟩): the softmax's Jacobian-vector product, with w
+    # recomputed from the logits (only they are kept).
+    tok, k, e = _mixture_tile(M, K, E, KP, EP, BM)
+    w = _mixture_weights(z_ptr, tok, k, M, K, F64)
+    basis = _mixture_basis(b_ptr, K, E, KP, EP, F64)
+    g = _acc(tl.load(g_ptr + tok * E + e, mask=(tok < M) & (e < E), other=0.0), F64)   # (BM, EP)
+    dw = tl.sum(basis[None, :, :] * g[:, None, :], axis=2)                       # (BM, KP)
+    dz = w * (dw - tl.sum(w * dw, axis=1)[:, None])
+    tl.store(dz_ptr + tok * K + k, dz.to(dz_ptr.dtype.element_ty), mask=(tok < M) & (k < K))
 
 
 # ====================================================================== sinkhorn
@@ -615,3 +670,36 @@ def sinkhorn_backward(logits, grad_p, iters):
 
 
 INTERPRETED = bool(_Interpreted) and isinstance(_pre_fwd_kernel, _Interpreted)
+
+
+def _mixture_layout(logits, basis):
+    K, E = basis.shape[0], basis[0].numel()
+    if logits.shape[-1] != K:
+        raise ValueError(f"logits: expected (..., {K}) for a basis of {K} matrices, got {tuple(logits.shape)}")
+    if K > MAX_MIXTURE_K:
+        raise ValueError(f"basis: expected at most {MAX_MIXTURE_K} matrices, got {K}")
+    KP, EP = _np2(K), _np2(E)
+    BM = max(1, min(64, 4096 // (KP * EP)))  # a (BM, KP, EP) product tile of ≤ 4096 values
+    z = logits.contiguous().view(-1, K)
+    return z, basis.contiguous().view(K, E).to(z.dtype), K, E, KP, EP, BM
+
+
+def basis_mixture_forward(logits, basis):
+    """``softmax(logits) · B`` per token: logits (..., K), B (K, *S) → (..., *S), K ≤
+    MAX_MIXTURE_K, in the logits' dtype (fp32 or fp64 arithmetic)."""
+    z, b, K, E, KP, EP, BM = _mixture_layout(logits, basis)
+    M = z.shape[0]
+    h = torch.empty(M, E, dtype=z.dtype, device=z.device)
+    _mixture_fwd_kernel[(triton.cdiv(M, BM),)](z, b, h, M, K=K, E=E, KP=KP, EP=EP, BM=BM, F64=_is_f64(z))
+    return h.view(*logits.shape[:-1], *basis.shape[1:])
+
+
+def basis_mixture_backward(logits, basis, grad):
+    """∂logits of :func:`basis_mixture_forward` given ∂H ``grad`` (..., *S); the basis is
+    constant (no gradient)."""
+    z, b, K, E, KP, EP, BM = _mixture_layout(logits, basis)
+    M = z.shape[0]
+    g = grad.to(z.dtype).contiguous().view(M, E)
+    dz = torch.empty_like(z)
+    _mixture_bwd_kernel[(triton.cdiv(M, BM),)](z, b, g, dz, M, K=K, E=E, KP=KP, EP=EP, BM=BM, F64=_is_f64(z))
+    return dz.view(logits.shape)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import dispatch
+from ..projections.mixture import basis_mixture, shift_basis
 from .base import Variant
 
 __all__ = ["Circulant", "circulant_from_logits"]
@@ -46,5 +48,13 @@ class Circulant(Variant):
         b_res[0] = self.res_init                      # the identity S⁰
         return b_pre, b_post, b_res
 
+    def __init__(self, streams, layer_index=0, res_init=None, **kwargs):
+        super().__init__(streams, layer_index, res_init, **kwargs)
+        self.register_buffer("shifts", shift_basis(streams), persistent=False)
+
     def map_res(self, raw_res, state):
+        # Triton (auto: CUDA): softmax and the combination of the n shifts in one kernel;
+        # else a softmax and a gather (the same numbers: each entry is one weight).
+        if raw_res.numel() and dispatch.resolve_backend(self.kernels, raw_res) == "triton":
+            return basis_mixture(raw_res, self.shifts, self.kernels)
         return circulant_from_logits(raw_res)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..projections.mixture import basis_mixture
 from .base import Variant
 from .mhc_lite import permutation_set
 
@@ -82,8 +83,7 @@ class KromHC(Variant):
             p = torch.sigmoid(logits[..., 0])
             q = 1 - p
             return torch.stack((torch.stack((p, q), -1), torch.stack((q, p), -1)), -2)
-        w = torch.softmax(logits, dim=-1)
-        return (w @ self.permutations3.to(w.dtype).flatten(1)).unflatten(-1, (3, 3))
+        return basis_mixture(logits, self.permutations3, self.kernels)   # over the 3! permutations
 
     def map_res(self, raw_res, state):
         if not self.factors:  # n = 1

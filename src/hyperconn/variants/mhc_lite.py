@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ..projections.mixture import basis_mixture
 from .base import Variant
 
 __all__ = ["MHCLite", "permutation_set", "MAX_ALL_PERMUTATIONS"]
@@ -62,6 +63,5 @@ class MHCLite(Variant):
         return b_pre, b_post, b_res
 
     def map_res(self, raw_res, state):
-        w = torch.softmax(raw_res, dim=-1)                       # (..., K)
-        n = self.streams
-        return (w @ self.permutations.to(w.dtype).flatten(1)).unflatten(-1, (n, n))
+        # softmax(ℓ) · P over the K permutations: one Triton kernel on CUDA, else a GEMM.
+        return basis_mixture(raw_res, self.permutations, self.kernels)
