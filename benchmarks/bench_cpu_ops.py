@@ -34,6 +34,8 @@ def _bytes(name: str, M: int, n: int, C: int, itemsize: int) -> int:
         "pre_bwd": 3 * stream + row,              # x, gx read and written; gu
         "merge_fwd": 2 * stream + row,            # x, y; out written
         "merge_bwd": 3 * stream + 2 * row,        # g, x, y; gx, gy written
+        "proj_fwd": stream,                       # x (the (M, N) output is negligible)
+        "proj_bwd": 3 * stream,                   # x; gx read and written (the layer's ∂x so far)
         "sinkhorn_fwd": 2 * M * n * n,
         "sinkhorn_bwd": 3 * M * n * n,
     }
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
 
     times: dict[str, list[float]] = {}
     originals = {}
-    for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "sinkhorn_fwd", "sinkhorn_bwd"):
+    for name in ("proj_fwd", "proj_bwd", "pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "sinkhorn_fwd",
+                 "sinkhorn_bwd"):
         fn = getattr(cpu_native, name)
         originals[name] = fn
 

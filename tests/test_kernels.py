@@ -632,7 +632,8 @@ def test_layer_triton_on_cpu_needs_interpreter():
 
 
 @pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid", "harmonized"])
+@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid", "harmonized", "mhc-lite", "circulant",
+                                     "kromhc", "orthostochastic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_layer_triton_matches_torch(variant, dtype):
     _check_layer_backends(variant, torch.device("cuda"), dtype,
