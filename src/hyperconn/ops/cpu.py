@@ -13,14 +13,15 @@ tensor of the streams' shape, which the engine accumulates in place:
         = (vec(x) φ) · rsqrt(mean(x²) + ε)
     merge_streams(x, h_res, h_post, y)   (..., n, C), (..., n, n), (..., n), (..., C) → (..., n, C)
 
-On fp32/fp64 CPU tensors the per-token contractions run the native kernels of
+On fp32/fp64 CPU tensors the per-token contractions and the projection run the native kernels of
 :mod:`.cpu_native` (one pass over a token's rows; see :func:`_native` for when), with the
 torch ops below as fallback and reference; so do the per-token Sinkhorn
 (:func:`sinkhorn_tokens`) and Iso-NS's Newton-Schulz steps (:func:`odd_polynomial_iteration`).
 
 Every operand must already be in the streams' dtype (the caller casts); an ambient
 autocast is switched off inside, so forward and backward agree. Only the inputs (and,
-for the projection, the (…, N) product and the (…, 1) scale) are kept for backward.
+for the projection, its (…, N) output or product and the per-token scale) are kept for
+backward.
 Checked against autograd and with ``torch.autograd.gradcheck`` in float64
 (tests/test_torch_fused.py).
 """
@@ -233,9 +234,15 @@ def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float,
                    slot: StreamGradSlot | None = None) -> torch.Tensor:
     """``(vec(x) @ phi) * rsqrt(mean(x², over n·C) + eps)``: x (..., n, C), phi (n·C, N) → (..., N).
 
-    The RMS scale is applied after the GEMM (a per-token scalar), so the streams are read
-    once by the GEMM and once for the sum of squares; backward writes ∂x once (a GEMM
-    into the gradient, then one in-place ``addcmul_``).
+    The RMS scale is applied after the GEMM (a per-token scalar). With the native kernels
+    the GEMM and the sum of squares come from one read of the streams, and backward writes
+    ∂x (RMS term included, added into the layer's pending ∂x) and ∂φ from one more; on the
+    torch path the streams are read twice forward and backward is a GEMM into ∂x, one
+    in-place ``addcmul_`` and the ∂φ GEMM. Double backward (``create_graph=True``) is exact
+    on both paths: it differentiates a recomputed forward.
+
+    Raises:
+        ValueError: if ``phi`` is not (n·C, N) for x's last two dimensions.
     """
     if x.dim() < 2 or phi.dim() != 2 or x.shape[-2] * x.shape[-1] != phi.shape[0]:
         raise ValueError(f"phi: expected shape ({x.shape[-2] * x.shape[-1] if x.dim() >= 2 else 'n·C'}, N), "

@@ -38,6 +38,10 @@ class Circulant(Variant):
     res_init_default = 4.0
     style = {"color": "#17becf", "marker": "d"}  # "X" marks diverged runs in figures
 
+    def __init__(self, streams, layer_index=0, res_init=None, **kwargs):
+        super().__init__(streams, layer_index, res_init, **kwargs)
+        self.register_buffer("shifts", shift_basis(streams), persistent=False)
+
     @property
     def res_logit_shape(self):
         return (self.streams,)
@@ -47,10 +51,6 @@ class Circulant(Variant):
         b_res = torch.zeros(self.streams)
         b_res[0] = self.res_init                      # the identity S⁰
         return b_pre, b_post, b_res
-
-    def __init__(self, streams, layer_index=0, res_init=None, **kwargs):
-        super().__init__(streams, layer_index, res_init, **kwargs)
-        self.register_buffer("shifts", shift_basis(streams), persistent=False)
 
     def map_res(self, raw_res, state):
         # Triton (auto: CUDA): softmax and the combination of the n shifts in one kernel;
