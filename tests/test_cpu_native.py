@@ -187,6 +187,26 @@ def test_ops_gradcheck_float64_on_both_paths(native):
 
 
 @needs_native
+@pytest.mark.parametrize("C", [24, 20, 37])
+def test_float32_layer_with_the_shared_grad_buffer_agrees_between_paths(C):
+    """fp32 dynamic layers share one ∂x buffer (StreamGradSlot) across the merge, H_pre x
+    and the projection; the native kernels give the torch path's gradients. C = 20: the
+    projection's 16-value ∂x blocks; C = 37: a scalar tail."""
+    torch.manual_seed(1)
+    layer = HyperConnection(C, 4, torch.nn.Linear(C, C), variant="mhc")
+    x = torch.randn(3, 7, 4, C)
+    grads = []
+    for native in (True, False):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        with cpu_native.force(native):
+            layer(xi).square().sum().backward()
+        grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
 @pytest.mark.parametrize("variant", ["hc", "mhc", "isohc"])
 def test_layer_gradients_agree_between_paths(variant):
     """A whole dynamic layer (shared ∂x slot, static and per-token coefficients): the
