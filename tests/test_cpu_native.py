@@ -155,6 +155,11 @@ def test_projection_threads_agree_and_bad_phi_is_refused():
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)   # ∂φ: per-thread partial sums
     with pytest.raises(ValueError, match="phi: expected shape \\(512, N\\)"):
         cpu_native.proj_fwd(x, phi[:100], 1e-6)
+    out, r = cpu_native.proj_fwd(x, phi, 1e-6)
+    with pytest.raises(ValueError, match="grad: expected shape \\(300, 24\\)"):
+        cpu_native.proj_bwd(x, phi, grad[:10], out, r, None, False, True)
+    with pytest.raises(ValueError, match="gx: expected shape"):
+        cpu_native.proj_bwd(x, phi, grad, out, r, torch.empty(300, 10, dtype=x.dtype), False, True)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])

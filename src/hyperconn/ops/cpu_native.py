@@ -309,7 +309,11 @@ def proj_bwd(x: torch.Tensor, phi: torch.Tensor, grad: torch.Tensor, out: torch.
     writes (with ``accumulate``, adds) ∂x into ``gx`` (M, K) when given, the RMS term
     included; returns ∂φ (K, N) when ``need_gphi``, else None. One read of x."""
     M, K = x.shape
-    N = phi.shape[1]
+    N = phi.shape[1] if phi.dim() == 2 else -1
+    for name, t, want in (("phi", phi, (K, N)), ("grad", grad, (M, N)), ("out", out, (M, N)), ("inv", inv, (M,)),
+                          ("gx", gx, (M, K))):
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
     gphi = torch.empty(K, N, dtype=x.dtype) if need_gphi else None
     getattr(library(), f"hc_proj_bwd_{_suffix(x, phi, grad, out, inv, gx, gphi)}")(
         _ptr(x), _ptr(phi), _ptr(grad), _ptr(out), _ptr(inv), _ptr(gx), int(accumulate), _ptr(gphi),

@@ -37,13 +37,13 @@ def basis_mixture(logits: torch.Tensor, basis: torch.Tensor, backend: Optional[s
         ValueError: if ``basis`` does not have ``logits.shape[-1]`` matrices, or (explicit
             ``backend="triton"``) more than 128.
     """
-    if basis.dim() < 1 or basis.shape[0] != logits.shape[-1]:
-        raise ValueError(f"basis: expected ({logits.shape[-1]}, ...) to match the logits' last dimension, "
-                         f"got {tuple(basis.shape)}")
+    if basis.dim() < 2 or basis.shape[0] != logits.shape[-1]:
+        raise ValueError(f"basis: expected ({logits.shape[-1]}, *S) with at least one dimension in S, to match "
+                         f"the logits' last dimension, got {tuple(basis.shape)}")
     from ..ops import dispatch
 
     if logits.numel() and dispatch.resolve_backend(backend, logits, basis) == "triton" \
-            and (basis.shape[0] <= MAX_KERNEL_K or backend == "triton"):
+            and (basis.shape[0] <= MAX_KERNEL_K or str(backend).strip().lower() == "triton"):
         return dispatch._triton_ops().basis_mixture(logits, basis)
     w = torch.softmax(logits, dim=-1)
     return (w @ basis.detach().to(w.dtype).flatten(1)).unflatten(-1, basis.shape[1:])
