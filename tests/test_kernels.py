@@ -503,6 +503,112 @@ def test_interp_basis_mixture_gradcheck_double_backward_and_errors(tops):
     assert basis_mixture(torch.randn(2, 130), torch.rand(130, 2, 2), backend="auto").shape == (2, 2, 2)
 
 
+# ---------------------------------------------------------------- fused coefficients (mhc)
+def _plain_coefficients(x, phi, bias, alpha, eps, iters):
+    """mhc's coefficient path in plain ops (torch autograd, torch Sinkhorn): the reference."""
+    n, K = x.shape[-2], phi.shape[0]
+    flat = x.reshape(-1, K).to(phi.dtype)
+    out = (flat @ phi) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+    scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    raw = bias + scale * out
+    return (torch.sigmoid(raw[:, :n]), 2 * torch.sigmoid(raw[:, n:2 * n]),
+            sinkhorn(raw[:, 2 * n:].unflatten(-1, (n, n)), iters, backward="unrolled"))
+
+
+def _coefficient_inputs(M, n, C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = n * n + 2 * n
+    return (torch.randn(M, n, C, generator=g, dtype=dtype), torch.randn(n * C, N, generator=g, dtype=dtype) / (n * C) ** 0.5,
+            torch.randn(N, generator=g, dtype=dtype), torch.rand(3, generator=g, dtype=dtype) + 0.5)
+
+
+@needs_interp
+@pytest.mark.parametrize("M,n,C", [(37, 4, 13), (3, 1, 5), (40, 3, 7), (9, 8, 4), (70, 2, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interp_sinkhorn_coefficients_match_plain_ops(tops, M, n, C, dtype):
+    """The fused kernel = projection, σ / 2σ gates and the unrolled Sinkhorn in plain ops:
+    outputs and the gradients of x, φ, the biases and α (token tails, K and n tails)."""
+    from hyperconn.ops import triton_coefficients as tc
+    inputs = _coefficient_inputs(M, n, C, dtype)
+    h_pre, h_post, h_res, out, rinv = tc.sinkhorn_coefficients_forward(*inputs, 1e-6, 7)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    want = _plain_coefficients(*leaves, 1e-6, 7)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(w.shape, generator=gen, dtype=dtype) for w in want]
+    want_grads = torch.autograd.grad(want, leaves, grads)
+    got_grads = tc.sinkhorn_coefficients_backward(*inputs, out, rinv, *grads, 7, groups=3)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip((h_pre, h_post, h_res, *got_grads), (*want, *want_grads)):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+    torch.testing.assert_close(h_res.sum(-1), torch.ones(M, n, dtype=dtype), rtol=0, atol=tol)  # rows exact
+
+
+@needs_interp
+def test_interp_sinkhorn_coefficients_gradcheck_and_double_backward(tops):
+    inputs = [t.requires_grad_() for t in _coefficient_inputs(4, 3, 2, torch.float64, seed=2)]
+    x = inputs[0]
+
+    def fused(x, phi, bias, alpha):
+        return torch.ops.hyperconn.sinkhorn_coefficients(x, phi, bias, alpha, 1e-6, 4)[:3]
+    # fast_mode: the Jacobian checked along random directions (the interpreter is slow).
+    assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
+    # Half-precision streams are read as they are, computed in fp32.
+    xb = x.detach().bfloat16()
+    h = torch.ops.hyperconn.sinkhorn_coefficients(xb, *(t.detach().float() for t in inputs[1:]), 1e-6, 4)
+    want = _plain_coefficients(xb.float(), *(t.detach().float() for t in inputs[1:]), 1e-6, 4)
+    for a, b in zip(h[:3], want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_interp
+def test_interp_sinkhorn_coefficients_errors(tops):
+    from hyperconn.ops import triton_coefficients as tc
+    x, phi, bias, alpha = _coefficient_inputs(4, 2, 3, torch.float32)
+    with pytest.raises(ValueError, match="bias: expected .* n² \\+ 2n"):
+        tc.sinkhorn_coefficients_forward(x, phi, bias[:7], alpha, 1e-6, 3)
+    with pytest.raises(ValueError, match="x: expected"):
+        tc.sinkhorn_coefficients_forward(x[..., :2], phi, bias, alpha, 1e-6, 3)
+    with pytest.raises(ValueError, match="alpha: expected"):
+        tc.sinkhorn_coefficients_forward(x, phi, bias, alpha[:2], 1e-6, 3)
+    with pytest.raises(ValueError, match="phi: expected"):
+        tc.sinkhorn_coefficients_forward(x, phi[:, :7], bias, alpha, 1e-6, 3)
+
+
+@needs_interp
+def test_interp_mhc_layer_takes_the_fused_path(tops, monkeypatch):
+    """A dynamic mhc layer on the Triton backend computes its coefficients in the fused op
+    (one call per forward), with the output and every gradient of the unfused ops; a
+    variant that changes one of mhc's maps, or the implicit backward, is not fused."""
+    from hyperconn import HyperConnection
+    from hyperconn.ops import triton_coefficients as tc
+    from hyperconn.variants import MHC, Variant
+    calls = []
+    real = tc.sinkhorn_coefficients_forward
+    monkeypatch.setattr(tc, "sinkhorn_coefficients_forward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant="mhc", kernels="triton")
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(2, 5, 4, 37, generator=gen), torch.randn(2, 5, 4, 37, generator=gen)
+    fused_out, fused_grads = _layer_grads(layer, x, g)
+    assert len(calls) == 1
+    monkeypatch.setattr(tops, "FUSE_COEFFICIENTS", False)
+    plain_out, plain_grads = _layer_grads(layer, x, g)
+    assert len(calls) == 1
+    for a, b in zip((fused_out, *fused_grads), (plain_out, *plain_grads)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item()))
+
+    class Sharper(MHC):  # a user's variant (unregistered: no name) that changes the gates
+        def map_pre_post(self, raw_pre, raw_post):
+            return torch.sigmoid(2 * raw_pre), 2 * torch.sigmoid(raw_post)
+    assert MHC(4).fused_maps() == ("sinkhorn", 20)
+    assert MHC(4, sinkhorn_iters=5).fused_maps() == ("sinkhorn", 5)
+    assert MHC(4, sinkhorn_backward="implicit").fused_maps() is None
+    assert Sharper(4).fused_maps() is None and Variant(4).fused_maps() is None
+
+
 @needs_interp
 def test_interp_custom_ops_pass_opcheck(tops):
     """Every registered Triton op: schema, autograd registration, fake (meta) implementation
@@ -522,7 +628,10 @@ def test_interp_custom_ops_pass_opcheck(tops):
              (torch.ops.hyperconn.cayley.default, (torch.randn(3, 4, 4, generator=g, dtype=torch.float64,
                                                                requires_grad=True),)),
              (torch.ops.hyperconn.basis_mixture.default, (torch.randn(5, 6, generator=g, requires_grad=True),
-                                                          torch.rand(6, 3, 3, generator=g)))]
+                                                          torch.rand(6, 3, 3, generator=g))),
+             (torch.ops.hyperconn.sinkhorn_coefficients.default,
+              (x, phi, torch.randn(24, generator=g, requires_grad=True),
+               torch.rand(3, generator=g).requires_grad_(), 1e-6, 5))]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
@@ -577,6 +686,21 @@ def test_cuda_triton_matches_reference(case, dtype):
     q, (gq,) = _grads(lambda t: sinkhorn(t, 20, backward="unrolled"), [z])
     torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
     torch.testing.assert_close(gp, gq, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_cuda_sinkhorn_coefficients_match_plain_ops(n):
+    from hyperconn.ops import triton_coefficients as tc
+    inputs = [t.cuda() for t in _coefficient_inputs(4099, n, 515, torch.float32)]
+    h_pre, h_post, h_res, out, rinv = tc.sinkhorn_coefficients_forward(*inputs, 1e-6, 20)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    want = _plain_coefficients(*leaves, 1e-6, 20)
+    grads = [torch.randn_like(w) for w in want]
+    want_grads = torch.autograd.grad(want, leaves, grads)
+    got_grads = tc.sinkhorn_coefficients_backward(*inputs, out, rinv, *grads, 20)
+    for a, b in zip((h_pre, h_post, h_res, *got_grads), (*want, *want_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
 
 
 # =================================================================== the layer's dispatch

@@ -378,6 +378,19 @@ class HyperConnection(nn.Module):
         raw_res = b_res + a_res * proj[..., 2 * n:].unflatten(-1, self.mixer.res_logit_shape)
         return raw_pre, raw_post, raw_res
 
+    def _coefficients(self, x: torch.Tensor, slot, backend, state: dict):
+        """(H_pre, H_post, H_res) on ``backend``: one fused op where the backend fuses the
+        variant's maps into the projection (``Variant.fused_maps``; the Triton backend for
+        mhc), else the projection and then the variant's maps."""
+        fused = getattr(backend, "fused_coefficients", None) if self.dynamic else None
+        maps = self.mixer.fused_maps() if fused is not None else None
+        if maps is not None:
+            h = fused(x, self.phi, self.norm_eps, self.b_pre, self.b_post, self.b_res, self.alpha,
+                      self.coefficient_dtype, maps)
+            if h is not None:
+                return h
+        return self.mixer(*self.raw_coefficients(x, slot, backend), state=state)
+
     def coefficients(self, x: torch.Tensor):
         """(H_pre, H_post, H_res) for input x (..., n, C): (..., n), (..., n), (..., n, n)
         with dynamic coefficients, (n,), (n,), (n, n) static; in :attr:`coefficient_dtype`."""
@@ -459,7 +472,7 @@ class HyperConnection(nn.Module):
         slot = StreamGradSlot() if (self.dynamic and backend is ops.torch_backend and x.dtype == torch.float32
                                     and self.coefficient_dtype == torch.float32
                                     and not torch.compiler.is_compiling()) else None
-        h_pre, h_post, h_res = self.mixer(*self.raw_coefficients(x, slot, backend), state=state)
+        h_pre, h_post, h_res = self._coefficients(x, slot, backend, state)
         after = self._observe(h_pre, h_post, h_res, x) if self._observers else ()
 
         def merge(y):
@@ -475,7 +488,7 @@ class HyperConnection(nn.Module):
         self._check_input(x)
         backend = ops.select(self.kernels, x)
         # The layer's H_pre (from x) is the *next* layer's read; its own read was carried in.
-        h_next, h_post, h_res = self.mixer(*self.raw_coefficients(x, None, backend), state=state)
+        h_next, h_post, h_res = self._coefficients(x, None, backend, state)
         after = self._observe(h_next, h_post, h_res, x) if self._observers else ()
         if carried is None:  # the first layer reads a fixed stream: stream 0 (as Megatron-LM's single pass)
             carried = x[..., 0, :].contiguous()

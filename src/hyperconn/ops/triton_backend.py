@@ -10,6 +10,14 @@ handle them. Imported only when Triton is selected.
     hyperconn::odd_polynomial(x0, schedule)                  → X_S       (+ _backward)
     hyperconn::cayley(a)                                     → Q         (backward: closed form)
     hyperconn::basis_mixture(logits, basis)                  → H         (+ _backward)
+    hyperconn::sinkhorn_coefficients(x, φ, bias, α, eps, iters)
+                                → H_pre, H_post, H_res, out, r       (+ _backward)
+
+The last is mhc's whole coefficient path (projection, gates, Sinkhorn) in one kernel
+forward and two backward (:mod:`.triton_coefficients`); the layer takes it through
+:func:`fused_coefficients` when its variant declares maps this backend fuses
+(``Variant.fused_maps``). ``HYPERCONN_FUSED_COEFFICIENTS=0`` in the environment at import
+(or :data:`FUSE_COEFFICIENTS` = False) runs the unfused ops instead, for A/B measurements.
 
 The RMS projection kernel reads the streams once forward (the GEMM and the sum of squares
 together) and once backward (∂x and ∂φ together); the plain ops it replaces read them
@@ -19,21 +27,25 @@ and the RMS term).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .._dtypes import compute_dtype
+from . import triton_coefficients as tc
 from . import triton_kernels as tk
 
 __all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "cayley",
-           "basis_mixture", "NAME", "INTERPRETED", "MAX_POLY_M", "MAX_MIXTURE_K"]
+           "basis_mixture", "fused_coefficients", "FUSE_COEFFICIENTS", "NAME", "INTERPRETED", "MAX_POLY_M", "MAX_MIXTURE_K"]
 
 NAME = "triton"
 INTERPRETED = tk.INTERPRETED
 MAX_POLY_M = tk.MAX_POLY_M
 MAX_MIXTURE_K = tk.MAX_MIXTURE_K
+# Decided once, at import; tests and A/B benchmarks may set the attribute.
+FUSE_COEFFICIENTS = os.environ.get("HYPERCONN_FUSED_COEFFICIENTS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 # ---------------------------------------------------------------------- stream_pre
@@ -302,6 +314,95 @@ def basis_mixture(logits: Tensor, basis: Tensor) -> Tensor:
     logits' dtype. The basis gets no gradient."""
     acc = compute_dtype(logits)
     return _basis_mixture(logits.to(acc).contiguous(), basis.detach().to(acc).contiguous()).to(logits.dtype)
+
+
+# ---------------------------------------------------------------------- fused coefficients
+@torch.library.custom_op("hyperconn::sinkhorn_coefficients", mutates_args=())
+def _sinkhorn_coefficients(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, eps: float,
+                           iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tc.sinkhorn_coefficients_forward(x, phi, bias, alpha, eps, iters)
+
+
+@_sinkhorn_coefficients.register_fake
+def _(x, phi, bias, alpha, eps, iters):
+    acc = compute_dtype(x, phi)
+    n, N = x.shape[-2], phi.shape[-1]
+    m = x.numel() // (x.shape[-2] * x.shape[-1]) if x.dim() >= 2 else 0
+    return (x.new_empty((m, n), dtype=acc), x.new_empty((m, n), dtype=acc), x.new_empty((m, n, n), dtype=acc),
+            x.new_empty((m, N), dtype=acc), x.new_empty((m,), dtype=acc))
+
+
+@torch.library.custom_op("hyperconn::sinkhorn_coefficients_backward", mutates_args=())
+def _sinkhorn_coefficients_backward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, out: Tensor, rinv: Tensor,
+                                    g_pre: Tensor, g_post: Tensor, g_res: Tensor,
+                                    iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tc.sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters)
+
+
+@_sinkhorn_coefficients_backward.register_fake
+def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters):
+    return x.new_empty(x.shape), phi.new_empty(phi.shape), bias.new_empty(bias.shape), alpha.new_empty(alpha.shape)
+
+
+def _sinkhorn_coefficients_setup(ctx, inputs, output):
+    x, phi, bias, alpha, eps, iters = inputs
+    ctx.save_for_backward(x, phi, bias, alpha, output[3], output[4])
+    ctx.eps, ctx.iters = eps, iters
+
+
+def _plain_sinkhorn_coefficients(x, phi, bias, alpha, eps, iters):
+    """The same map in plain differentiable ops (the double-backward path)."""
+    from .reference import sinkhorn_tokens as plain_sinkhorn
+    from .torch_backend import plain_rms_projection
+
+    n, acc = x.shape[-2], compute_dtype(x, phi)
+    out = plain_rms_projection(x, phi, eps, acc).reshape(-1, phi.shape[-1])
+    scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)]).to(acc)
+    raw = bias.to(acc) + scale * out
+    return (torch.sigmoid(raw[:, :n]), 2.0 * torch.sigmoid(raw[:, n:2 * n]),
+            plain_sinkhorn(raw[:, 2 * n:].unflatten(-1, (n, n)), iters))
+
+
+def _sinkhorn_coefficients_grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv):
+    x, phi, bias, alpha, out, rinv = ctx.saved_tensors
+    n, m = x.shape[-2], out.shape[0]
+    grads = [out.new_zeros(shape) if g is None else g
+             for g, shape in zip((g_pre, g_post, g_res), ((m, n), (m, n), (m, n, n)))]
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiate the forward recomputed in plain ops, so double
+        # backward is exact (the kernels' outputs are not connected to the inputs).
+        need = ctx.needs_input_grad[:4]
+        wanted = [t for t, w in zip((x, phi, bias, alpha), need) if w]
+        if not wanted:
+            return None, None, None, None, None, None
+        h = _plain_sinkhorn_coefficients(x, phi, bias, alpha, ctx.eps, ctx.iters)
+        got = iter(torch.autograd.grad(h, wanted, grads, create_graph=True, allow_unused=True))
+        return tuple(next(got) if w else None for w in need) + (None, None)
+    dx, dphi, dbias, dalpha = _sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, *grads, ctx.iters)
+    return dx, dphi, dbias, dalpha, None, None
+
+
+_sinkhorn_coefficients.register_autograd(_sinkhorn_coefficients_grad, setup_context=_sinkhorn_coefficients_setup)
+
+
+def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+                       alpha: Tensor, cdtype: torch.dtype, maps: tuple) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """A dynamic layer's (H_pre (..., n), H_post (..., n), H_res (..., n, n)) in ``cdtype``
+    from its streams x (..., n, C), projection φ (n·C, n² + 2n), static logits and the α
+    scales (3,), by one fused op; or None where this backend does not fuse ``maps`` (the
+    layer then runs the projection and the variant's maps as separate ops).
+
+    ``maps``: the variant's :meth:`~hyperconn.variants.Variant.fused_maps`; fused here:
+    ``("sinkhorn", iters)`` (σ, 2σ and the unrolled Sinkhorn of mhc), n ≤ 8."""
+    n = x.shape[-2]
+    if not FUSE_COEFFICIENTS or maps[0] != "sinkhorn" or n > tk.MAX_SINKHORN_N or x.numel() == 0:
+        return None
+    xc = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(cdtype)
+    bias = torch.cat([b_pre.to(cdtype), b_post.to(cdtype), b_res.to(cdtype).flatten()])
+    h_pre, h_post, h_res, _, _ = _sinkhorn_coefficients(xc, phi.to(cdtype), bias, alpha.to(cdtype), float(eps),
+                                                        int(maps[1]))
+    lead = x.shape[:-2]
+    return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
 
 
 # ---------------------------------------------------------------------- backend API

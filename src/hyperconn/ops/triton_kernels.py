@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - very old or very new Triton
     _Interpreted = ()
 
 __all__ = ["stream_pre_forward", "stream_pre_backward", "stream_merge_forward", "stream_merge_backward",
-           "rms_projection_forward", "rms_projection_backward", "odd_polynomial_forward",
+           "rms_projection_forward", "rms_projection_backward", "rms_projection_operands_backward", "odd_polynomial_forward",
            "odd_polynomial_backward", "cayley_forward", "MAX_POLY_M",
            "basis_mixture_forward", "basis_mixture_backward", "MAX_MIXTURE_K",
            "sinkhorn_forward", "sinkhorn_backward", "INTERPRETED", "MAX_SINKHORN_N"]
@@ -390,6 +390,48 @@ def _mixture_bwd_kernel(z_ptr, b_ptr, g_ptr, dz_ptr, M, K: tl.constexpr, E: tl.c
 
 # ====================================================================== sinkhorn
 @triton.jit
+def _sinkhorn_iterate(z, ITERS: tl.constexpr):
+    """ITERS log-domain Sinkhorn steps on a (BM, NP, NP) tile (−inf padding): columns, then
+    rows (last: row sums exact). Returns log P."""
+    for _ in range(ITERS):
+        z = z - tl.expand_dims(_lse(z, 1), 1)  # columns
+        z = z - tl.expand_dims(_lse(z, 2), 2)  # rows
+    return z
+
+
+@triton.jit
+def _sinkhorn_vjp(z, g, hist_ptr, h_offs, h_mask, k, ITERS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    """∂logits of the unrolled Sinkhorn at logits z (BM, NP, NP; −inf padding) for ∂P = g.
+
+    Stores nothing from a forward: recomputes the iterations keeping only the
+    per-iteration log-scalings, column c_t[j] and row r_t[i], in a scratch buffer
+    (``hist_ptr + h_offs``: ITERS·2·NP values per token; O(ITERS) work, where an
+    in-register history indexed by t would cost O(ITERS²) selects), then runs the
+    reverse sweep."""
+    # Recompute the forward: u_t = z_{t-1} - c_t, z_t = u_t - r_t.
+    for t in range(ITERS):
+        c = _lse(z, 1)
+        z = z - c[:, None, :]
+        r = _lse(z, 2)
+        z = z - r[:, :, None]
+        tl.store(hist_ptr + h_offs + (2 * t) * NP, tl.where(k[None, :] < N, c, 0.0), mask=h_mask)
+        tl.store(hist_ptr + h_offs + (2 * t + 1) * NP, tl.where(k[None, :] < N, r, 0.0), mask=h_mask)
+    tl.debug_barrier()  # the reverse sweep reads what this program wrote
+    # Reverse sweep. P = exp(z_T); dL/dz_T = G ⊙ P. Row step z = u - LSE_row(u):
+    # ū = z̄ - exp(z) ⊙ rowsum(z̄). Column step u = z' - LSE_col(z'): z̄' = ū - exp(u) ⊙ colsum(ū).
+    gz = g * tl.exp(z)
+    for s in range(ITERS):
+        t = ITERS - 1 - s
+        c = tl.load(hist_ptr + h_offs + (2 * t) * NP, mask=h_mask, other=0.0)
+        r = tl.load(hist_ptr + h_offs + (2 * t + 1) * NP, mask=h_mask, other=0.0)
+        gu = gz - tl.exp(z) * tl.expand_dims(tl.sum(gz, axis=2), 2)
+        u = z + r[:, :, None]
+        gz = gu - tl.exp(u) * tl.expand_dims(tl.sum(gu, axis=1), 1)
+        z = u + c[:, None, :]
+    return gz
+
+
+@triton.jit
 def _sinkhorn_tile(M, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr):
     tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     i = tl.arange(0, NP)[None, :, None]
@@ -403,10 +445,7 @@ def _sinkhorn_tile(M, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr):
 def _sinkhorn_fwd_kernel(z_ptr, p_ptr, M, ITERS: tl.constexpr,
                          N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
     offs, valid = _sinkhorn_tile(M, N, NP, BM)
-    z = _acc(tl.load(z_ptr + offs, mask=valid, other=float("-inf")), F64)
-    for _ in range(ITERS):
-        z = z - tl.expand_dims(_lse(z, 1), 1)  # columns
-        z = z - tl.expand_dims(_lse(z, 2), 2)  # rows (last: row sums exact)
+    z = _sinkhorn_iterate(_acc(tl.load(z_ptr + offs, mask=valid, other=float("-inf")), F64), ITERS)
     tl.store(p_ptr + offs, tl.exp(z).to(p_ptr.dtype.element_ty), mask=valid)
 
 
@@ -415,34 +454,12 @@ def _sinkhorn_bwd_kernel(z_ptr, g_ptr, dz_ptr, hist_ptr, M, ITERS: tl.constexpr,
                          N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
     offs, valid = _sinkhorn_tile(M, N, NP, BM)
     z = _acc(tl.load(z_ptr + offs, mask=valid, other=float("-inf")), F64)
-    # Per-iteration log-scalings, column c_t[j] and row r_t[i], go to a scratch buffer
-    # hist (M, ITERS, 2, NP): O(ITERS) work and ~2·ITERS·NP values per token of traffic
-    # (an in-register history indexed by t costs O(ITERS²) selects).
+    g = _acc(tl.load(g_ptr + offs, mask=valid, other=0.0), F64)
     tok = tl.program_id(0) * BM + tl.arange(0, BM)
     k = tl.arange(0, NP)
     h_offs = tok.to(tl.int64)[:, None] * (ITERS * 2 * NP) + k[None, :]
     h_mask = (tok < M)[:, None] & (k < NP)[None, :]
-    # Recompute the forward: u_t = z_{t-1} - c_t, z_t = u_t - r_t.
-    for t in range(ITERS):
-        c = _lse(z, 1)
-        z = z - c[:, None, :]
-        r = _lse(z, 2)
-        z = z - r[:, :, None]
-        tl.store(hist_ptr + h_offs + (2 * t) * NP, tl.where(k[None, :] < N, c, 0.0), mask=h_mask)
-        tl.store(hist_ptr + h_offs + (2 * t + 1) * NP, tl.where(k[None, :] < N, r, 0.0), mask=h_mask)
-    tl.debug_barrier()  # the reverse sweep reads what this block wrote
-    # Reverse sweep. P = exp(z_T); dL/dz_T = G ⊙ P. Row step z = u - LSE_row(u):
-    # ū = z̄ - exp(z) ⊙ rowsum(z̄). Column step u = z' - LSE_col(z'): z̄' = ū - exp(u) ⊙ colsum(ū).
-    g = _acc(tl.load(g_ptr + offs, mask=valid, other=0.0), F64)
-    gz = g * tl.exp(z)
-    for s in range(ITERS):
-        t = ITERS - 1 - s
-        c = tl.load(hist_ptr + h_offs + (2 * t) * NP, mask=h_mask, other=0.0)
-        r = tl.load(hist_ptr + h_offs + (2 * t + 1) * NP, mask=h_mask, other=0.0)
-        gu = gz - tl.exp(z) * tl.expand_dims(tl.sum(gz, axis=2), 2)
-        u = z + r[:, :, None]
-        gz = gu - tl.exp(u) * tl.expand_dims(tl.sum(gu, axis=1), 1)
-        z = u + c[:, None, :]
+    gz = _sinkhorn_vjp(z, g, hist_ptr, h_offs, h_mask, k, ITERS, N, NP)
     tl.store(dz_ptr + offs, gz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
@@ -576,15 +593,25 @@ def rms_projection_backward(x, phi, out, rinv, grad_out, groups=None):
     # of ∂x is x · (−r³/K · ⟨g, p⟩) = x · (−r²/K · ⟨g, out⟩): (M, N)-sized work, in torch.
     gp = (g * rinv[:, None]).contiguous()
     rs = ((g * o).sum(-1) * rinv.square() * (-1.0 / K)).contiguous()
+    dx, dphi = rms_projection_operands_backward(x2, phi, gp, rs, groups)
+    return dx.view(x.shape), dphi
+
+
+def rms_projection_operands_backward(x2, phi, gp, rs, groups=None):
+    """The projection backward's two passes given its per-token operands: ∂x = gp φᵀ + x·rs
+    and ∂φ = xᵀ gp, for x2 (M, K) contiguous, gp = ∂out·r (M, N) and the RMS term rs (M,)
+    in the compute dtype. ∂x in ``x2.dtype``, ∂φ in ``phi.dtype``; ``groups`` token groups
+    keep partial ∂φ (summed here)."""
+    (M, K), N = x2.shape, phi.shape[1]
+    acc = _acc_dtype(x2, phi)
     NP, BM, BK = _rms_tiles(K, N, acc)
-    n_tb = triton.cdiv(M, BM)
-    groups = max(1, min(n_tb, groups or 16))
+    groups = max(1, min(triton.cdiv(M, BM), groups or 16))
     dx = torch.empty_like(x2)
-    dphi = torch.empty((groups, K, N), dtype=acc, device=x.device)
+    dphi = torch.empty((groups, K, N), dtype=acc, device=x2.device)
     _rms_proj_bwd_kernel[(triton.cdiv(K, BK), groups)](
         x2, phi.contiguous(), gp, rs, dx, dphi, M, K, groups, N=N, NP=NP, BM=BM, BK=BK,
         F64=acc == torch.float64)
-    return dx.view(x.shape), dphi.sum(0).to(phi.dtype)
+    return dx, dphi.sum(0).to(phi.dtype)
 
 
 def _small_square_tiles(x, name: str):

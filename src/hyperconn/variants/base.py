@@ -278,6 +278,15 @@ class Variant(nn.Module):
     def map_res(self, raw_res: torch.Tensor, state: dict) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__}.map_res")
 
+    def fused_maps(self) -> Optional[tuple]:
+        """This variant's maps as a backend may fuse them into the coefficient projection's
+        kernel, or None (the default): the layer then runs the projection and calls the
+        variant. A variant returns a description only when its maps are exactly that
+        description's (a subclass overriding one of them gets None). Known descriptions:
+        ``("sinkhorn", iters)`` (identity activation, σ / 2σ gates, the unrolled Sinkhorn:
+        mhc), fused by the Triton backend."""
+        return None
+
     def forward(self, raw_pre, raw_post, raw_res, state: Optional[dict] = None):
         """(H_pre, H_post, H_res) from raw coefficients; ``state`` from :meth:`snapshot`
         (None: take a snapshot now)."""

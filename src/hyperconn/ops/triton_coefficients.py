@@ -1,0 +1,208 @@
+"""mHC's whole coefficient path in two Triton kernels, forward and backward.
+
+Unfused, a dynamic mhc layer computes its coefficients in about ten launches: the RMS
+projection, a slice, a bias and an α scale per group, σ and 2σ, then the Sinkhorn kernel,
+and as many again backward. Here:
+
+forward (one kernel, ``BM`` tokens per program):
+    out = (vec(x) φ) · r,  r = (mean(x²) + ε)^(-1/2)          one read of the streams
+    raw = bias + α_g · out         (groups g: pre | post | res; layout [n | n | n·n])
+    H_pre = σ(raw_pre),  H_post = 2σ(raw_post),  H_res = Sinkhorn(raw_res)
+
+The GEMM tile holds a token's N = n² + 2n outputs in one row, which Triton cannot reshape
+into the (n, n) Sinkhorn tile in registers; so the epilogue stores ``out`` (which the
+backward needs anyway), synchronises the program and reads it back as (BM, n) and
+(BM, n, n) tiles from L1/L2 — M·N values, against the M·n·C of the streams.
+
+backward (the maps kernel, then the projection's backward kernel of :mod:`.triton_kernels`):
+    ∂raw: σ' for the gates, the reverse sweep of the unrolled Sinkhorn (iterates
+    recomputed, log-scalings in a scratch buffer, as :func:`.triton_kernels.sinkhorn_backward`);
+    ∂out = α_g ∂raw, and from it, in the same kernel, the two per-token operands of the
+    projection's backward: ∂out·r and the RMS term −r²/K ⟨∂out, out⟩;
+    ∂bias = Σ_tokens ∂raw and ∂α_g = Σ ∂raw ⊙ out over the group (two reductions, torch).
+
+Same map and gradient as the layer's unfused ops (σ, 2σ, the unrolled log-domain
+Sinkhorn: columns then rows, ``iters`` times). Arithmetic in fp32 (fp64 for fp64 inputs);
+half-precision streams are read as stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dtypes import compute_dtype
+from . import triton_kernels as tk
+from .triton_kernels import _acc, _dot, _sinkhorn_iterate, _sinkhorn_vjp
+
+__all__ = ["sinkhorn_coefficients_forward", "sinkhorn_coefficients_backward", "streams_of"]
+
+
+@triton.jit
+def _group_tiles(tok, tmask, S: tl.constexpr, SP: tl.constexpr, N: tl.constexpr):
+    """Offsets and masks of a token's gate logits (BM, SP) and res logits (BM, SP, SP)
+    within its row of N = S² + 2S values."""
+    s = tl.arange(0, SP)
+    gate = tok[:, None] * N + s[None, :]
+    gmask = tmask[:, None] & (s < S)[None, :]
+    i = s[None, :, None]
+    j = s[None, None, :]
+    res = tok[:, None, None] * N + 2 * S + i * S + j
+    rmask = tmask[:, None, None] & (i < S) & (j < S)
+    return s, gate, gmask, i * S + j, res, rmask
+
+
+@triton.jit
+def _coef_fwd_kernel(x_ptr, phi_ptr, bias_ptr, alpha_ptr, out_ptr, rinv_ptr, pre_ptr, post_ptr, res_ptr,
+                     M, K, eps, ITERS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+                     N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                     F64: tl.constexpr):
+    tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    tmask = tok < M
+    # The RMS-scaled projection: as _rms_proj_fwd_kernel.
+    cols = tl.arange(0, NP)
+    nmask = cols < N
+    acc = _acc(tl.zeros((BM, NP), tl.float32), F64)
+    ss = _acc(tl.zeros((BM,), tl.float32), F64)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K
+        x = _acc(tl.load(x_ptr + tok[:, None] * K + ks[None, :], mask=tmask[:, None] & kmask[None, :],
+                         other=0.0), F64)
+        phi = _acc(tl.load(phi_ptr + ks[:, None] * N + cols[None, :], mask=kmask[:, None] & nmask[None, :],
+                           other=0.0), F64)
+        acc += _dot(x, phi)
+        ss += tl.sum(x * x, axis=1)
+    rinv = 1.0 / tl.sqrt(ss / K + eps)
+    tl.store(out_ptr + tok[:, None] * N + cols[None, :], acc * rinv[:, None], mask=tmask[:, None] & nmask[None, :])
+    tl.store(rinv_ptr + tok, rinv, mask=tmask)
+    tl.debug_barrier()  # the maps below read back the rows this program just wrote
+    # The maps.
+    s, gate, gmask, rel, res, rmask = _group_tiles(tok, tmask, S, SP, N)
+    a_pre = tl.load(alpha_ptr + 0)
+    a_post = tl.load(alpha_ptr + 1)
+    a_res = tl.load(alpha_ptr + 2)
+    smask = s < S
+    raw = tl.load(bias_ptr + s, mask=smask, other=0.0)[None, :] + a_pre * tl.load(out_ptr + gate, mask=gmask, other=0.0)
+    tl.store(pre_ptr + tok[:, None] * S + s[None, :], tl.sigmoid(raw), mask=gmask)
+    raw = (tl.load(bias_ptr + S + s, mask=smask, other=0.0)[None, :]
+           + a_post * tl.load(out_ptr + gate + S, mask=gmask, other=0.0))
+    tl.store(post_ptr + tok[:, None] * S + s[None, :], 2.0 * tl.sigmoid(raw), mask=gmask)
+    z = tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0) + a_res * tl.load(out_ptr + res, mask=rmask, other=0.0)
+    z = _sinkhorn_iterate(tl.where(rmask, z, float("-inf")), ITERS)
+    tl.store(res_ptr + tok[:, None, None] * (S * S) + rel, tl.exp(z), mask=rmask)
+
+
+@triton.jit
+def _coef_maps_bwd_kernel(out_ptr, rinv_ptr, bias_ptr, alpha_ptr, gpre_ptr, gpost_ptr, gres_ptr,
+                          draw_ptr, gp_ptr, rs_ptr, hist_ptr, M, K, ITERS: tl.constexpr,
+                          S: tl.constexpr, SP: tl.constexpr, N: tl.constexpr, BM: tl.constexpr,
+                          F64: tl.constexpr):
+    tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    tmask = tok < M
+    s, gate, gmask, rel, res, rmask = _group_tiles(tok, tmask, S, SP, N)
+    smask = s < S
+    a_pre = _acc(tl.load(alpha_ptr + 0), F64)
+    a_post = _acc(tl.load(alpha_ptr + 1), F64)
+    a_res = _acc(tl.load(alpha_ptr + 2), F64)
+    rinv = _acc(tl.load(rinv_ptr + tok, mask=tmask, other=0.0), F64)
+    h_off = tok[:, None] * S + s[None, :]
+    # Gates: H = c·σ(raw), ∂raw = ∂H · c·σ(1 − σ).
+    o_pre = _acc(tl.load(out_ptr + gate, mask=gmask, other=0.0), F64)
+    sg = tl.sigmoid(_acc(tl.load(bias_ptr + s, mask=smask, other=0.0), F64)[None, :] + a_pre * o_pre)
+    d_pre = _acc(tl.load(gpre_ptr + h_off, mask=gmask, other=0.0), F64) * sg * (1.0 - sg)
+    o_post = _acc(tl.load(out_ptr + gate + S, mask=gmask, other=0.0), F64)
+    sg = tl.sigmoid(_acc(tl.load(bias_ptr + S + s, mask=smask, other=0.0), F64)[None, :] + a_post * o_post)
+    d_post = _acc(tl.load(gpost_ptr + h_off, mask=gmask, other=0.0), F64) * 2.0 * sg * (1.0 - sg)
+    # Sinkhorn: recompute and reverse-sweep the unrolled iterations.
+    o_res = _acc(tl.load(out_ptr + res, mask=rmask, other=0.0), F64)
+    z = _acc(tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0), F64) + a_res * o_res
+    z = tl.where(rmask, z, float("-inf"))
+    g = _acc(tl.load(gres_ptr + tok[:, None, None] * (S * S) + rel, mask=rmask, other=0.0), F64)
+    k = tl.arange(0, SP)
+    h_offs = tok[:, None] * (ITERS * 2 * SP) + k[None, :]
+    h_mask = tmask[:, None] & (k < SP)[None, :]
+    d_res = tl.where(rmask, _sinkhorn_vjp(z, g, hist_ptr, h_offs, h_mask, k, ITERS, S, SP), 0.0)
+    tl.store(draw_ptr + gate, d_pre, mask=gmask)
+    tl.store(draw_ptr + gate + S, d_post, mask=gmask)
+    tl.store(draw_ptr + res, d_res, mask=rmask)
+    # The projection backward's operands: ∂out·r and −r²/K ⟨∂out, out⟩.
+    g_pre, g_post, g_res = a_pre * d_pre, a_post * d_post, a_res * d_res
+    tl.store(gp_ptr + gate, g_pre * rinv[:, None], mask=gmask)
+    tl.store(gp_ptr + gate + S, g_post * rinv[:, None], mask=gmask)
+    tl.store(gp_ptr + res, g_res * rinv[:, None, None], mask=rmask)
+    dot = tl.sum(g_pre * o_pre, axis=1) + tl.sum(g_post * o_post, axis=1) + tl.sum(tl.sum(g_res * o_res, axis=2), axis=1)
+    # −(…)/K, not ·(−1/K): a float literal over an int is an fp32 division, even in fp64.
+    tl.store(rs_ptr + tok, -(dot * rinv * rinv) / K, mask=tmask)
+
+
+# ====================================================================== launchers
+def streams_of(bias: torch.Tensor) -> int:
+    """n from the length N = n² + 2n of the concatenated biases [pre | post | res].
+
+    Raises:
+        ValueError: if N is not n² + 2n for a positive n ≤ MAX_SINKHORN_N.
+    """
+    N = bias.shape[-1]
+    n = int(round((N + 1) ** 0.5)) - 1
+    if bias.dim() != 1 or n < 1 or n * n + 2 * n != N or n > tk.MAX_SINKHORN_N:
+        raise ValueError(f"bias: expected the concatenated logits [pre | post | res] of length n² + 2n with "
+                         f"1 ≤ n ≤ {tk.MAX_SINKHORN_N}, got shape {tuple(bias.shape)}")
+    return n
+
+
+def _layout(x, phi, bias, alpha):
+    n = streams_of(bias)
+    K, N = phi.shape
+    if x.dim() < 2 or x.shape[-2] * x.shape[-1] != K or x.shape[-2] != n:
+        raise ValueError(f"x: expected (..., n={n}, C) with n·C = {K} rows of phi, got {tuple(x.shape)}")
+    if N != bias.shape[0]:
+        raise ValueError(f"phi: expected (n·C, {bias.shape[0]}) columns to match the biases, got {tuple(phi.shape)}")
+    if tuple(alpha.shape) != (3,):
+        raise ValueError(f"alpha: expected the three scales (pre, post, res) of shape (3,), got {tuple(alpha.shape)}")
+    acc = compute_dtype(x, phi)
+    x2 = x.contiguous().view(-1, K)
+    NP, BM, BK = tk._rms_tiles(K, N, acc)
+    return n, K, N, x2, x2.shape[0], acc, NP, BM, BK
+
+
+def sinkhorn_coefficients_forward(x, phi, bias, alpha, eps, iters):
+    """(H_pre (M, n), H_post (M, n), H_res (M, n, n), out (M, N), r (M,)) for x (..., n, C),
+    φ (n·C, N), bias (N,) = [b_pre | b_post | vec(b_res)], alpha (3,); all in the compute
+    dtype (fp32, fp64 for fp64 inputs). ``out`` is the RMS-scaled projection and ``r`` its
+    per-token scale, which the backward takes.
+
+    Raises:
+        ValueError: for shapes that do not fit together (see :func:`streams_of`).
+    """
+    n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha)
+    out = torch.empty((M, N), dtype=acc, device=x.device)
+    rinv = torch.empty((M,), dtype=acc, device=x.device)
+    h_pre = torch.empty((M, n), dtype=acc, device=x.device)
+    h_post = torch.empty((M, n), dtype=acc, device=x.device)
+    h_res = torch.empty((M, n, n), dtype=acc, device=x.device)
+    _coef_fwd_kernel[(triton.cdiv(M, BM),)](
+        x2, phi.to(acc).contiguous(), bias.to(acc).contiguous(), alpha.to(acc).contiguous(), out, rinv,
+        h_pre, h_post, h_res, M, K, float(eps), ITERS=int(iters), S=n, SP=tk._np2(n), N=N, NP=NP, BM=BM, BK=BK,
+        F64=acc == torch.float64)
+    return h_pre, h_post, h_res, out, rinv
+
+
+def sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters, groups=None):
+    """(∂x in x.dtype, ∂φ, ∂bias, ∂alpha) of :func:`sinkhorn_coefficients_forward` from its
+    saved ``out`` and ``r`` and the gradients of its three coefficient outputs."""
+    n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha)
+    SP = tk._np2(n)
+    draw = torch.empty((M, N), dtype=acc, device=x.device)
+    gp = torch.empty((M, N), dtype=acc, device=x.device)
+    rs = torch.empty((M,), dtype=acc, device=x.device)
+    hist = torch.empty((M, int(iters), 2, SP), dtype=acc, device=x.device)  # scratch
+    grads = [g.to(acc).contiguous() for g in (g_pre, g_post, g_res)]
+    _coef_maps_bwd_kernel[(triton.cdiv(M, BM),)](
+        out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, M, K,
+        ITERS=int(iters), S=n, SP=SP, N=N, BM=BM, F64=acc == torch.float64)
+    dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups)
+    per_col = (draw * out).sum(0)
+    dalpha = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
+    return dx.view(x.shape), dphi, draw.sum(0).to(bias.dtype), dalpha.to(alpha.dtype)
