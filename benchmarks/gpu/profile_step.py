@@ -2,7 +2,10 @@
 
     python benchmarks/gpu/profile_step.py --configs residual mhc mhc:bf16 mhc:bf16:compile
 
-A config is ``VARIANT[:STREAM_DTYPE][:compile]`` (STREAM_DTYPE ``fp32`` or ``bf16``). Every
+A config is ``VARIANT[:STREAM_DTYPE][:compile][:unfused]`` (STREAM_DTYPE ``fp32`` or ``bf16``;
+``unfused`` turns off the fused Triton coefficient kernel, ``hyperconn::sinkhorn_coefficients``,
+so mhc runs the RMS projection, the activations and the Sinkhorn as separate ops: the A/B of
+that kernel). Every
 model is the ``hyperconn bench model`` CUDA default (12 blocks, C = 768, 12 heads, seq
 1024, batch 8, bf16 autocast, fused AdamW); n = 4 except residual. For each config:
 median wall time per step (synchronised), GPU-busy time per step (sum of kernel times
@@ -23,21 +26,27 @@ import torch
 import torch.nn.functional as F
 
 from hyperconn.models import GPT, ConnectionConfig, GPTConfig
+from hyperconn.ops import triton_backend
 
 DTYPES = {"fp32": None, "bf16": "bfloat16"}
 
 
 def build(config: str, args):
     parts = config.split(":")
-    variant, dtype, compiled = parts[0], "fp32", False
+    variant, dtype, compiled, fused = parts[0], "fp32", False, True
     for p in parts[1:]:
         if p == "compile":
             compiled = True
+        elif p == "unfused":
+            fused = False
         elif p in DTYPES:
             dtype = p
         else:
             raise SystemExit(f"--configs: unknown part {p!r} in {config!r}")
     n = 1 if variant == "residual" else args.streams
+    # Read by the layer at every call (and by torch.compile when it traces), so setting it
+    # here, before this config's steps, applies to this config only.
+    triton_backend.FUSE_COEFFICIENTS = fused
     cfg = GPTConfig(vocab_size=256, seq_len=args.seq, n_layer=args.layers, n_head=args.heads, n_embd=args.dim,
                     connection=ConnectionConfig(variant, streams=n), stream_dtype=DTYPES[dtype])
     model = GPT(cfg).cuda().train()
