@@ -610,6 +610,34 @@ def test_interp_mhc_layer_takes_the_fused_path(tops, monkeypatch):
 
 
 @needs_interp
+@pytest.mark.parametrize("variant", ["mhc", "isohc", "mhc-lite"])
+def test_interp_triton_layer_compiles_fullgraph(tops, variant):
+    """A layer on the Triton backend traces whole under torch.compile (every kernel an
+    opaque custom op, no graph break; mhc through the fused coefficient op, isohc through
+    odd_polynomial, mhc-lite through basis_mixture), and the compiled forward and backward
+    equal eager's."""
+    from hyperconn import HyperConnection
+    torch.manual_seed(0)
+    layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant=variant, kernels="triton")
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(2, 5, 4, 37, generator=gen), torch.randn(2, 5, 4, 37, generator=gen)
+    want_out, want_grads = _layer_grads(layer, x, g)
+    traced = set()
+
+    def recording_backend(gm, example_inputs):  # the ops Dynamo put in the graph, then aot_eager
+        traced.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=recording_backend)
+    got_out, got_grads = _layer_grads(compiled, x, g)
+    for a, b in zip((got_out, *got_grads), (want_out, *want_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+    kernel = {"mhc": "sinkhorn_coefficients", "isohc": "odd_polynomial", "mhc-lite": "basis_mixture"}[variant]
+    want_ops = {f"hyperconn.{kernel}.default", "hyperconn.stream_pre.default", "hyperconn.stream_merge.default"}
+    assert want_ops <= traced, traced
+
+
+@needs_interp
 def test_interp_custom_ops_pass_opcheck(tops):
     """Every registered Triton op: schema, autograd registration, fake (meta) implementation
     and AOT dispatch with dynamic shapes, which is what torch.compile and CUDA graphs rely on."""

@@ -3,14 +3,15 @@
 #
 #   bash benchmarks/gpu/session.sh OUT_DIR [steps...]
 #
-# steps (default: all): env tests kernels layer model profile wide
+# steps (default: all): env tests kernels layer model profile wide recompute
 #   profile: GPU-busy vs wall per step at d = 768 (the issue's +30 % target), mhc with and
-#            without the fused coefficient kernel, isohc; wide: the same at d = 2048 (<= 12 %)
+#            without the fused coefficient kernel, isohc; wide: the same at d = 2048 (<= 12 %);
+#   recompute: activation memory and step time, none vs per-layer vs block recompute
 # Every step writes its log (and JSON/markdown) into OUT_DIR and has its own time limit,
 # so one hang does not lose the rest.
 set -uo pipefail
 out=${1:?usage: session.sh OUT_DIR [steps...]}; shift
-steps=${*:-env tests kernels layer model profile wide}
+steps=${*:-env tests kernels layer model profile wide recompute}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -32,11 +33,13 @@ for s in $steps; do
     kernels) step kernels 60 $py benchmarks/bench_kernels.py --device cuda --dtype bf16 --tokens 65536 --dim 2048 --reps 50 ;;
     layer) step layer 150 $py -m hyperconn.cli bench layer --device cuda --out "$out/layer.json" ;;
     model) step model 150 $py -m hyperconn.cli bench model --device cuda --variants residual hc mhc isohc hybrid \
-             --stream-dtype bfloat16 --repeats 5 --out "$out/model.json" ;;
+             --stream-dtype bfloat16 --no-recompute --repeats 5 --out "$out/model.json" ;;
     profile) step profile 150 $py benchmarks/gpu/profile_step.py --steps 10 --out "$out/profile.json" --configs \
              residual:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 residual:bf16:compile mhc:bf16:compile mhc:bf16:compile:unfused ;;
     wide) step wide 90 $py benchmarks/gpu/profile_step.py --steps 10 --dim 2048 --heads 16 --out "$out/wide.json" \
              --configs residual:bf16:compile mhc:bf16:compile ;;
+    recompute) step recompute 90 $py benchmarks/bench_recompute.py --device cuda --dim 768 --seq 1024 --batch 8 \
+             --rounds 3 --json "$out/recompute.json" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -89,8 +89,7 @@ _ZERO_BLOCK = 1e-6   # ‖A‖_F ≤ this·(1 + ‖H̃‖_F): the block counts a
 _POLAR_FLOOR = 1e-3  # relative floor of the polar backward's σ_i + σ_j
 
 
-@functools.lru_cache(maxsize=64)
-def _helmert_cpu(n: int, dtype: torch.dtype) -> torch.Tensor:
+def _helmert(n: int, dtype: torch.dtype) -> torch.Tensor:
     # device="cpu" explicitly: this is cached, so it must never be built on a default
     # device set by a `with torch.device(...)` block (a meta tensor here would poison the cache).
     u = torch.zeros(n, n - 1, dtype=torch.float64, device="cpu")
@@ -101,9 +100,15 @@ def _helmert_cpu(n: int, dtype: torch.dtype) -> torch.Tensor:
     return u.to(dtype)
 
 
+_helmert_cpu = functools.lru_cache(maxsize=64)(_helmert)
+
+
 def helmert_basis(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """(n, n−1) orthonormal basis of the complement of the all-ones vector."""
-    return _helmert_cpu(n, dtype).to(device)
+    # Under torch.compile the basis is built in the graph (a constant after tracing):
+    # Dynamo would trace through the cache anyway, and warn that it does.
+    build = _helmert if torch.compiler.is_compiling() else _helmert_cpu
+    return build(n, dtype).to(device)
 
 
 def _ns_scale(a: torch.Tensor) -> torch.Tensor:
