@@ -23,7 +23,7 @@ import torch
 
 from hyperconn import ops as kernels
 from hyperconn.ops import dispatch, reference
-from hyperconn.projections import sinkhorn
+from hyperconn.projections import iso_project, sinkhorn
 
 INTERP = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -577,26 +577,91 @@ def test_interp_sinkhorn_coefficients_errors(tops):
         tc.sinkhorn_coefficients_forward(x, phi[:, :7], bias, alpha, 1e-6, 3)
 
 
+def _plain_iso_coefficients(x, phi, bias, alpha, eps, steps):
+    """isohc's coefficient path in plain ops: the projection, the gates and
+    ``iso_project(method="ns")`` on the torch backend."""
+    pre, post, _ = _plain_coefficients(x, phi, bias, alpha, eps, 1)
+    n, K = x.shape[-2], phi.shape[0]
+    flat = x.reshape(-1, K).to(phi.dtype)
+    out = (flat @ phi) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+    raw_res = bias[2 * n:] + alpha[2] * out[:, 2 * n:]
+    return pre, post, iso_project(raw_res.unflatten(-1, (n, n)), "ns", steps, backend="torch")
+
+
 @needs_interp
-def test_interp_mhc_layer_takes_the_fused_path(tops, monkeypatch):
-    """A dynamic mhc layer on the Triton backend computes its coefficients in the fused op
-    (one call per forward), with the output and every gradient of the unfused ops; a
-    variant that changes one of mhc's maps, or the implicit backward, is not fused."""
+@pytest.mark.parametrize("M,n,C", [(37, 4, 13), (40, 3, 7), (20, 5, 7), (9, 8, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interp_iso_coefficients_match_plain_ops(tops, M, n, C, dtype):
+    """The fused isohc kernel = projection, gates and Iso-NS (iso_project, torch backend) in
+    plain ops: outputs and every gradient; H_res orthogonal and mean-preserving."""
+    from hyperconn.ops import triton_coefficients as tc
+    inputs = _coefficient_inputs(M, n, C, dtype)
+    h_pre, h_post, h_res, out, rinv = tc.iso_coefficients_forward(*inputs, 1e-6, 12)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    want = _plain_iso_coefficients(*leaves, 1e-6, 12)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(w.shape, generator=gen, dtype=dtype) for w in want]
+    want_grads = torch.autograd.grad(want, leaves, grads)
+    got_grads = tc.iso_coefficients_backward(*inputs, out, rinv, *grads, 12, groups=3)
+    # fp64: both run the same fp64 steps; 12 Newton-Schulz steps amplify rounding to ~1e-11.
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for a, b in zip((h_pre, h_post, h_res, *got_grads), (*want, *want_grads)):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+    eye = torch.eye(n, dtype=torch.float64)
+    h = h_res.double()
+    assert (h.mT @ h - eye).abs().max() < 1e-5
+    torch.testing.assert_close(h.sum(-1), torch.ones(M, n, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(h.sum(-2), torch.ones(M, n, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+@needs_interp
+def test_interp_iso_coefficients_zero_block_and_double_backward(tops):
+    """A res block with nothing on the complement of 1 (constant logits, α_res = 0) maps to
+    I with no gradient into it, as iso_project does; gradcheck and gradgradcheck."""
+    from hyperconn.ops import triton_coefficients as tc
+    x, phi, bias, alpha = _coefficient_inputs(6, 4, 3, torch.float64, seed=4)
+    bias[8:] = 0.3
+    alpha[2] = 0.0
+    h_pre, h_post, h_res, out, rinv = tc.iso_coefficients_forward(x, phi, bias, alpha, 1e-6, 12)
+    torch.testing.assert_close(h_res, torch.eye(4, dtype=torch.float64).expand(6, 4, 4), rtol=0, atol=1e-14)
+    g_res = torch.randn(6, 4, 4, dtype=torch.float64)
+    dx, dphi, dbias, dalpha = tc.iso_coefficients_backward(x, phi, bias, alpha, out, rinv, torch.zeros_like(h_pre),
+                                                           torch.zeros_like(h_post), g_res, 12)
+    assert dbias[8:].abs().max() == 0 and dphi[:, 8:].abs().max() == 0 and dx.abs().max() == 0
+
+    inputs = [t.requires_grad_() for t in _coefficient_inputs(4, 3, 2, torch.float64, seed=2)]
+
+    def fused(x, phi, bias, alpha):
+        return torch.ops.hyperconn.iso_coefficients(x, phi, bias, alpha, 1e-6, 6)[:3]
+    assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
+    with pytest.raises(ValueError, match="n ≥ 3"):
+        tc.iso_coefficients_forward(*_coefficient_inputs(4, 2, 3, torch.float32), 1e-6, 12)
+
+
+@needs_interp
+@pytest.mark.parametrize("variant,kernel", [("mhc", "sinkhorn"), ("isohc", "iso")])
+def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
+    """A dynamic mhc / isohc layer on the Triton backend computes its coefficients in the
+    fused op (one call per forward), with the output and every gradient of the unfused
+    ops; a variant that changes one of the maps, or another backward / method, is not fused."""
     from hyperconn import HyperConnection
     from hyperconn.ops import triton_coefficients as tc
-    from hyperconn.variants import MHC, Variant
+    from hyperconn.variants import MHC, IsoHC, Variant
     calls = []
-    real = tc.sinkhorn_coefficients_forward
-    monkeypatch.setattr(tc, "sinkhorn_coefficients_forward", lambda *a: calls.append(1) or real(*a))
+    real = tc._forward  # (x, phi, bias, alpha, eps, res map, iters, steps)
+    monkeypatch.setattr(tc, "_forward", lambda *a: calls.append(a[5]) or real(*a))
     torch.manual_seed(0)
-    layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant="mhc", kernels="triton")
+    layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant=variant, kernels="triton")
     gen = torch.Generator().manual_seed(3)
     x, g = torch.randn(2, 5, 4, 37, generator=gen), torch.randn(2, 5, 4, 37, generator=gen)
     fused_out, fused_grads = _layer_grads(layer, x, g)
-    assert len(calls) == 1
+    want_calls = [{"sinkhorn": tc.SINKHORN, "iso": tc.ISO}[kernel]]
+    assert calls == want_calls
     monkeypatch.setattr(tops, "FUSE_COEFFICIENTS", False)
     plain_out, plain_grads = _layer_grads(layer, x, g)
-    assert len(calls) == 1
+    assert calls == want_calls
     for a, b in zip((fused_out, *fused_grads), (plain_out, *plain_grads)):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item()))
 
@@ -608,14 +673,21 @@ def test_interp_mhc_layer_takes_the_fused_path(tops, monkeypatch):
     assert MHC(4, sinkhorn_backward="implicit").fused_maps() is None
     assert Sharper(4).fused_maps() is None and Variant(4).fused_maps() is None
 
+    class Rotated(IsoHC):  # changes the res map
+        def map_res(self, raw_res, state):
+            return super().map_res(raw_res.mT, state)
+    assert IsoHC(4).fused_maps() == ("iso", 12) and IsoHC(4, iso_steps=7).fused_maps() == ("iso", 7)
+    assert IsoHC(4, iso_method="polar").fused_maps() is None and IsoHC(4, iso_method="ns-cubic").fused_maps() is None
+    assert Rotated(4).fused_maps() is None
+
 
 @needs_interp
-@pytest.mark.parametrize("variant", ["mhc", "isohc", "mhc-lite"])
+@pytest.mark.parametrize("variant", ["mhc", "isohc", "hybrid", "mhc-lite"])
 def test_interp_triton_layer_compiles_fullgraph(tops, variant):
     """A layer on the Triton backend traces whole under torch.compile (every kernel an
-    opaque custom op, no graph break; mhc through the fused coefficient op, isohc through
-    odd_polynomial, mhc-lite through basis_mixture), and the compiled forward and backward
-    equal eager's."""
+    opaque custom op, no graph break; mhc and isohc through their fused coefficient ops,
+    hybrid through sinkhorn_tokens and odd_polynomial, mhc-lite through basis_mixture),
+    and the compiled forward and backward equal eager's."""
     from hyperconn import HyperConnection
     torch.manual_seed(0)
     layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant=variant, kernels="triton")
@@ -632,8 +704,9 @@ def test_interp_triton_layer_compiles_fullgraph(tops, variant):
     got_out, got_grads = _layer_grads(compiled, x, g)
     for a, b in zip((got_out, *got_grads), (want_out, *want_grads)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
-    kernel = {"mhc": "sinkhorn_coefficients", "isohc": "odd_polynomial", "mhc-lite": "basis_mixture"}[variant]
-    want_ops = {f"hyperconn.{kernel}.default", "hyperconn.stream_pre.default", "hyperconn.stream_merge.default"}
+    kernels = {"mhc": ["sinkhorn_coefficients"], "isohc": ["iso_coefficients"],
+               "hybrid": ["rms_projection", "sinkhorn_tokens", "odd_polynomial"], "mhc-lite": ["basis_mixture"]}[variant]
+    want_ops = {f"hyperconn.{k}.default" for k in kernels + ["stream_pre", "stream_merge"]}
     assert want_ops <= traced, traced
 
 
@@ -658,6 +731,9 @@ def test_interp_custom_ops_pass_opcheck(tops):
              (torch.ops.hyperconn.basis_mixture.default, (torch.randn(5, 6, generator=g, requires_grad=True),
                                                           torch.rand(6, 3, 3, generator=g))),
              (torch.ops.hyperconn.sinkhorn_coefficients.default,
+              (x, phi, torch.randn(24, generator=g, requires_grad=True),
+               torch.rand(3, generator=g).requires_grad_(), 1e-6, 5)),
+             (torch.ops.hyperconn.iso_coefficients.default,
               (x, phi, torch.randn(24, generator=g, requires_grad=True),
                torch.rand(3, generator=g).requires_grad_(), 1e-6, 5))]
     for op, args in cases:
@@ -717,16 +793,19 @@ def test_cuda_triton_matches_reference(case, dtype):
 
 
 @pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("n", [1, 4, 8])
-def test_cuda_sinkhorn_coefficients_match_plain_ops(n):
+@pytest.mark.parametrize("kind,n", [("sinkhorn", 1), ("sinkhorn", 4), ("sinkhorn", 8), ("iso", 3), ("iso", 4),
+                                    ("iso", 8)])
+def test_cuda_fused_coefficients_match_plain_ops(kind, n):
     from hyperconn.ops import triton_coefficients as tc
+    k = {"sinkhorn": 20, "iso": 12}[kind]
+    plain = {"sinkhorn": _plain_coefficients, "iso": _plain_iso_coefficients}[kind]
     inputs = [t.cuda() for t in _coefficient_inputs(4099, n, 515, torch.float32)]
-    h_pre, h_post, h_res, out, rinv = tc.sinkhorn_coefficients_forward(*inputs, 1e-6, 20)
+    h_pre, h_post, h_res, out, rinv = getattr(tc, f"{kind}_coefficients_forward")(*inputs, 1e-6, k)
     leaves = [t.clone().requires_grad_() for t in inputs]
-    want = _plain_coefficients(*leaves, 1e-6, 20)
+    want = plain(*leaves, 1e-6, k)
     grads = [torch.randn_like(w) for w in want]
     want_grads = torch.autograd.grad(want, leaves, grads)
-    got_grads = tc.sinkhorn_coefficients_backward(*inputs, out, rinv, *grads, 20)
+    got_grads = getattr(tc, f"{kind}_coefficients_backward")(*inputs, out, rinv, *grads, k)
     for a, b in zip((h_pre, h_post, h_res, *got_grads), (*want, *want_grads)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
 

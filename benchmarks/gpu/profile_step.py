@@ -3,9 +3,9 @@
     python benchmarks/gpu/profile_step.py --configs residual mhc mhc:bf16 mhc:bf16:compile
 
 A config is ``VARIANT[:STREAM_DTYPE][:compile][:unfused]`` (STREAM_DTYPE ``fp32`` or ``bf16``;
-``unfused`` turns off the fused Triton coefficient kernel, ``hyperconn::sinkhorn_coefficients``,
-so mhc runs the RMS projection, the activations and the Sinkhorn as separate ops: the A/B of
-that kernel). Every
+``unfused`` turns off the fused Triton coefficient kernels, ``hyperconn::sinkhorn_coefficients``
+and ``hyperconn::iso_coefficients``, so mhc and isohc run the RMS projection, the activations
+and the res map as separate ops: the A/B of those kernels). Every
 model is the ``hyperconn bench model`` CUDA default (12 blocks, C = 768, 12 heads, seq
 1024, batch 8, bf16 autocast, fused AdamW); n = 4 except residual. For each config:
 median wall time per step (synchronised), GPU-busy time per step (sum of kernel times

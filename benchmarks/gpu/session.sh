@@ -35,7 +35,8 @@ for s in $steps; do
     model) step model 150 $py -m hyperconn.cli bench model --device cuda --variants residual hc mhc isohc hybrid \
              --stream-dtype bfloat16 --no-recompute --repeats 5 --out "$out/model.json" ;;
     profile) step profile 150 $py benchmarks/gpu/profile_step.py --steps 10 --out "$out/profile.json" --configs \
-             residual:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 residual:bf16:compile mhc:bf16:compile mhc:bf16:compile:unfused ;;
+             residual:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused residual:bf16:compile mhc:bf16:compile \
+             mhc:bf16:compile:unfused isohc:bf16:compile ;;
     wide) step wide 90 $py benchmarks/gpu/profile_step.py --steps 10 --dim 2048 --heads 16 --out "$out/wide.json" \
              --configs residual:bf16:compile mhc:bf16:compile ;;
     recompute) step recompute 90 $py benchmarks/bench_recompute.py --device cuda --dim 768 --seq 1024 --batch 8 \

@@ -12,9 +12,11 @@ handle them. Imported only when Triton is selected.
     hyperconn::basis_mixture(logits, basis)                  → H         (+ _backward)
     hyperconn::sinkhorn_coefficients(x, φ, bias, α, eps, iters)
                                 → H_pre, H_post, H_res, out, r       (+ _backward)
+    hyperconn::iso_coefficients(x, φ, bias, α, eps, steps)
+                                → H_pre, H_post, H_res, out, r       (+ _backward)
 
-The last is mhc's whole coefficient path (projection, gates, Sinkhorn) in one kernel
-forward and two backward (:mod:`.triton_coefficients`); the layer takes it through
+The last two are mhc's and isohc's whole coefficient paths (projection, gates, then the
+Sinkhorn or Iso-NS) in one kernel forward and two backward (:mod:`.triton_coefficients`); the layer takes them through
 :func:`fused_coefficients` when its variant declares maps this backend fuses
 (``Variant.fused_maps``). ``HYPERCONN_FUSED_COEFFICIENTS=0`` in the environment at import
 (or :data:`FUSE_COEFFICIENTS` = False) runs the unfused ops instead, for A/B measurements.
@@ -317,72 +319,87 @@ def basis_mixture(logits: Tensor, basis: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- fused coefficients
-@torch.library.custom_op("hyperconn::sinkhorn_coefficients", mutates_args=())
-def _sinkhorn_coefficients(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, eps: float,
-                           iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tc.sinkhorn_coefficients_forward(x, phi, bias, alpha, eps, iters)
-
-
-@_sinkhorn_coefficients.register_fake
-def _(x, phi, bias, alpha, eps, iters):
-    acc = compute_dtype(x, phi)
-    n, N = x.shape[-2], phi.shape[-1]
-    m = x.numel() // (x.shape[-2] * x.shape[-1]) if x.dim() >= 2 else 0
-    return (x.new_empty((m, n), dtype=acc), x.new_empty((m, n), dtype=acc), x.new_empty((m, n, n), dtype=acc),
-            x.new_empty((m, N), dtype=acc), x.new_empty((m,), dtype=acc))
-
-
-@torch.library.custom_op("hyperconn::sinkhorn_coefficients_backward", mutates_args=())
-def _sinkhorn_coefficients_backward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, out: Tensor, rinv: Tensor,
-                                    g_pre: Tensor, g_post: Tensor, g_res: Tensor,
-                                    iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tc.sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters)
-
-
-@_sinkhorn_coefficients_backward.register_fake
-def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters):
-    return x.new_empty(x.shape), phi.new_empty(phi.shape), bias.new_empty(bias.shape), alpha.new_empty(alpha.shape)
-
-
-def _sinkhorn_coefficients_setup(ctx, inputs, output):
-    x, phi, bias, alpha, eps, iters = inputs
-    ctx.save_for_backward(x, phi, bias, alpha, output[3], output[4])
-    ctx.eps, ctx.iters = eps, iters
-
-
-def _plain_sinkhorn_coefficients(x, phi, bias, alpha, eps, iters):
-    """The same map in plain differentiable ops (the double-backward path)."""
-    from .reference import sinkhorn_tokens as plain_sinkhorn
+def _plain_coefficients(x, phi, bias, alpha, eps, res_map):
+    """A fused coefficient op's map in plain differentiable ops (its double-backward path):
+    the projection, σ, 2σ and ``res_map`` on the (M, n, n) res logits."""
     from .torch_backend import plain_rms_projection
 
     n, acc = x.shape[-2], compute_dtype(x, phi)
     out = plain_rms_projection(x, phi, eps, acc).reshape(-1, phi.shape[-1])
     scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)]).to(acc)
     raw = bias.to(acc) + scale * out
-    return (torch.sigmoid(raw[:, :n]), 2.0 * torch.sigmoid(raw[:, n:2 * n]),
-            plain_sinkhorn(raw[:, 2 * n:].unflatten(-1, (n, n)), iters))
+    return (torch.sigmoid(raw[:, :n]), 2.0 * torch.sigmoid(raw[:, n:2 * n]), res_map(raw[:, 2 * n:].unflatten(-1, (n, n))))
 
 
-def _sinkhorn_coefficients_grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv):
-    x, phi, bias, alpha, out, rinv = ctx.saved_tensors
-    n, m = x.shape[-2], out.shape[0]
-    grads = [out.new_zeros(shape) if g is None else g
-             for g, shape in zip((g_pre, g_post, g_res), ((m, n), (m, n), (m, n, n)))]
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiate the forward recomputed in plain ops, so double
-        # backward is exact (the kernels' outputs are not connected to the inputs).
-        need = ctx.needs_input_grad[:4]
-        wanted = [t for t, w in zip((x, phi, bias, alpha), need) if w]
-        if not wanted:
-            return None, None, None, None, None, None
-        h = _plain_sinkhorn_coefficients(x, phi, bias, alpha, ctx.eps, ctx.iters)
-        got = iter(torch.autograd.grad(h, wanted, grads, create_graph=True, allow_unused=True))
-        return tuple(next(got) if w else None for w in need) + (None, None)
-    dx, dphi, dbias, dalpha = _sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, *grads, ctx.iters)
-    return dx, dphi, dbias, dalpha, None, None
+def _coefficients_op(name: str, forward, backward, res_map):
+    """Registers ``hyperconn::<name>(x, phi, bias, alpha, eps, k)`` (k: Sinkhorn rounds or
+    Newton-Schulz steps) → (H_pre, H_post, H_res, out, r) with its backward op, fake
+    implementations and autograd (exact double backward through ``res_map`` in plain ops)."""
+
+    @torch.library.custom_op(f"hyperconn::{name}", mutates_args=())
+    def op(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, eps: float,
+           k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return forward(x, phi, bias, alpha, eps, k)
+
+    @op.register_fake
+    def _(x, phi, bias, alpha, eps, k):
+        acc = compute_dtype(x, phi)
+        n, N = x.shape[-2], phi.shape[-1]
+        m = x.numel() // (x.shape[-2] * x.shape[-1]) if x.dim() >= 2 else 0
+        return (x.new_empty((m, n), dtype=acc), x.new_empty((m, n), dtype=acc), x.new_empty((m, n, n), dtype=acc),
+                x.new_empty((m, N), dtype=acc), x.new_empty((m,), dtype=acc))
+
+    @torch.library.custom_op(f"hyperconn::{name}_backward", mutates_args=())
+    def op_backward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, out: Tensor, rinv: Tensor,
+                    g_pre: Tensor, g_post: Tensor, g_res: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, k)
+
+    @op_backward.register_fake
+    def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, k):
+        return x.new_empty(x.shape), phi.new_empty(phi.shape), bias.new_empty(bias.shape), alpha.new_empty(alpha.shape)
+
+    def setup(ctx, inputs, output):
+        x, phi, bias, alpha, eps, k = inputs
+        ctx.save_for_backward(x, phi, bias, alpha, output[3], output[4])
+        ctx.eps, ctx.k = eps, k
+
+    def grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv):
+        x, phi, bias, alpha, out, rinv = ctx.saved_tensors
+        n, m = x.shape[-2], out.shape[0]
+        grads = [out.new_zeros(shape) if g is None else g
+                 for g, shape in zip((g_pre, g_post, g_res), ((m, n), (m, n), (m, n, n)))]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the forward recomputed in plain ops, so double
+            # backward is exact (the kernels' outputs are not connected to the inputs).
+            need = ctx.needs_input_grad[:4]
+            wanted = [t for t, w in zip((x, phi, bias, alpha), need) if w]
+            if not wanted:
+                return None, None, None, None, None, None
+            h = _plain_coefficients(x, phi, bias, alpha, ctx.eps, lambda z: res_map(z, ctx.k))
+            got = iter(torch.autograd.grad(h, wanted, grads, create_graph=True, allow_unused=True))
+            return tuple(next(got) if w else None for w in need) + (None, None)
+        dx, dphi, dbias, dalpha = op_backward(x, phi, bias, alpha, out, rinv, *grads, ctx.k)
+        return dx, dphi, dbias, dalpha, None, None
+
+    op.register_autograd(grad, setup_context=setup)
+    return op
 
 
-_sinkhorn_coefficients.register_autograd(_sinkhorn_coefficients_grad, setup_context=_sinkhorn_coefficients_setup)
+def _plain_sinkhorn(z, iters):
+    from .reference import sinkhorn_tokens
+    return sinkhorn_tokens(z, iters)
+
+
+def _plain_iso(z, steps):
+    from ..projections.iso import iso_project
+    return iso_project(z, "ns", steps, backend="torch")
+
+
+_sinkhorn_coefficients = _coefficients_op("sinkhorn_coefficients", tc.sinkhorn_coefficients_forward,
+                                          tc.sinkhorn_coefficients_backward, _plain_sinkhorn)
+_iso_coefficients = _coefficients_op("iso_coefficients", tc.iso_coefficients_forward,
+                                     tc.iso_coefficients_backward, _plain_iso)
+_FUSED_OPS = {"sinkhorn": _sinkhorn_coefficients, "iso": _iso_coefficients}
 
 
 def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
@@ -392,15 +409,17 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
     scales (3,), by one fused op; or None where this backend does not fuse ``maps`` (the
     layer then runs the projection and the variant's maps as separate ops).
 
-    ``maps``: the variant's :meth:`~hyperconn.variants.Variant.fused_maps`; fused here:
-    ``("sinkhorn", iters)`` (σ, 2σ and the unrolled Sinkhorn of mhc), n ≤ 8."""
+    ``maps``: the variant's :meth:`~hyperconn.variants.Variant.fused_maps`; fused here, for
+    n ≤ 8: ``("sinkhorn", iters)`` (σ, 2σ and the unrolled Sinkhorn of mhc) and
+    ``("iso", steps)`` (σ, 2σ and Iso-NS, ``iso_project(method="ns")``, of isohc; n ≥ 3)."""
     n = x.shape[-2]
-    if not FUSE_COEFFICIENTS or maps[0] != "sinkhorn" or n > tk.MAX_SINKHORN_N or x.numel() == 0:
+    op = _FUSED_OPS.get(maps[0])
+    if (not FUSE_COEFFICIENTS or op is None or n > tk.MAX_SINKHORN_N or x.numel() == 0
+            or (maps[0] == "iso" and n < 3)):
         return None
     xc = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(cdtype)
     bias = torch.cat([b_pre.to(cdtype), b_post.to(cdtype), b_res.to(cdtype).flatten()])
-    h_pre, h_post, h_res, _, _ = _sinkhorn_coefficients(xc, phi.to(cdtype), bias, alpha.to(cdtype), float(eps),
-                                                        int(maps[1]))
+    h_pre, h_post, h_res, _, _ = op(xc, phi.to(cdtype), bias, alpha.to(cdtype), float(eps), int(maps[1]))
     lead = x.shape[:-2]
     return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
 

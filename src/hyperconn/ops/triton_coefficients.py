@@ -24,6 +24,14 @@ backward (the maps kernel, then the projection's backward kernel of :mod:`.trito
 Same map and gradient as the layer's unfused ops (σ, 2σ, the unrolled log-domain
 Sinkhorn: columns then rows, ``iters`` times). Arithmetic in fp32 (fp64 for fp64 inputs);
 half-precision streams are read as stored.
+
+The same two kernels compute isohc's coefficients (``RES = 1``) with Iso-NS in place of
+the Sinkhorn, as :func:`hyperconn.iso_project` with ``method="ns"`` does it for n ≥ 3:
+A = Uᵀ Z U on the complement of 1 (U the Helmert basis), a zero block replaced by I,
+X0 = A / ‖AᵀA‖_F^{1/2}, the Newton-Schulz schedule, H = 11ᵀ/n + U Q Uᵀ, all in fp64 (the
+torch path runs its steps in fp64 too). Backward reverses it: Uᵀ G U, the reverse sweep
+of the steps (iterates recomputed into a scratch buffer, as the ``odd_polynomial``
+kernel), ∂A = ∂X0/s − ⟨∂X0, A⟩ A(AᵀA)/s⁵ for s = ‖AᵀA‖_F^{1/2}, and U ∂A Uᵀ.
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ import triton.language as tl
 
 from .._dtypes import compute_dtype
 from . import triton_kernels as tk
-from .triton_kernels import _acc, _dot, _sinkhorn_iterate, _sinkhorn_vjp
+from .triton_kernels import _acc, _bmm, _bmm_tn, _dot, _poly_step, _sinkhorn_iterate, _sinkhorn_vjp
 
-__all__ = ["sinkhorn_coefficients_forward", "sinkhorn_coefficients_backward", "streams_of"]
+__all__ = ["sinkhorn_coefficients_forward", "sinkhorn_coefficients_backward", "iso_coefficients_forward",
+           "iso_coefficients_backward", "streams_of", "SINKHORN", "ISO"]
+
+SINKHORN, ISO = 0, 1  # the kernels' RES map
 
 
 @triton.jit
@@ -54,10 +65,84 @@ def _group_tiles(tok, tmask, S: tl.constexpr, SP: tl.constexpr, N: tl.constexpr)
 
 
 @triton.jit
+def _helmert_tile(u_ptr, BM: tl.constexpr, SP: tl.constexpr, MP: tl.constexpr):
+    """The zero-padded (SP, MP) fp64 Helmert basis at ``u_ptr``, broadcast to (BM, SP, MP)."""
+    u = tl.load(u_ptr + tl.arange(0, SP)[:, None] * MP + tl.arange(0, MP)[None, :])
+    return tl.broadcast_to(tl.expand_dims(u, 0), (BM, SP, MP))
+
+
+@triton.jit
+def _bmm_nt(a, b):
+    """Per-token a[t] @ b[t]ᵀ of (BM, P, Q) and (BM, R, Q) tiles → (BM, P, R)."""
+    return tl.sum(tl.expand_dims(a, 2) * tl.expand_dims(b, 1), axis=3)
+
+
+@triton.jit
+def _iso_start(z, u, S: tl.constexpr, MP: tl.constexpr):
+    """From res logits z (BM, SP, SP) and the Helmert basis u (BM, SP, MP), both fp64 and
+    zero-padded: A = Uᵀ Z U (a zero block replaced by I), its Gram matrix AᵀA, the scale
+    s = ‖AᵀA‖_F^{1/2} (floored as the torch path floors it), the zero-block mask
+    (BM, 1, 1) and I (1, MP, MP) on the m = S − 1 valid rows."""
+    a = _bmm_tn(u, _bmm(z, u))
+    i = tl.arange(0, MP)[None, :, None]
+    j = tl.arange(0, MP)[None, None, :]
+    eye = tl.where((i == j) & (i < S - 1), 1.0, 0.0).to(tl.float64)
+    fro_a = tl.sqrt(tl.sum(tl.sum(a * a, axis=2), axis=1))
+    fro_z = tl.sqrt(tl.sum(tl.sum(z * z, axis=2), axis=1))
+    zero = (fro_a <= 1e-6 * (1.0 + fro_z))[:, None, None]
+    a = tl.where(zero, eye, a)
+    gram = _bmm_tn(a, a)
+    s = tl.sqrt(tl.maximum(tl.sqrt(tl.sum(tl.sum(gram * gram, axis=2), axis=1)), 1e-30))
+    s = tl.maximum(s, 1e-12)
+    return a, gram, s, zero, eye
+
+
+@triton.jit
+def _iso_forward(z, u, coef_ptr, STEPS, S: tl.constexpr, MP: tl.constexpr):
+    """H = 11ᵀ/n + U Q Uᵀ with Q the Newton-Schulz polar factor of A (see _iso_start)."""
+    a, gram, s, zero, eye = _iso_start(z, u, S, MP)
+    x = a / s[:, None, None]
+    for st in range(STEPS):
+        x = _poly_step(x, tl.load(coef_ptr + 3 * st), tl.load(coef_ptr + 3 * st + 1), tl.load(coef_ptr + 3 * st + 2))
+    q = tl.where(zero, eye, x)
+    return _bmm_nt(_bmm(u, q), u) + 1.0 / S
+
+
+@triton.jit
+def _iso_vjp(z, g, u, coef_ptr, hist_ptr, h_base, h_mask, STEPS, S: tl.constexpr, MP: tl.constexpr):
+    """∂z of _iso_forward for output gradient g (BM, SP, SP), fp64, zero-padded; the iterates
+    go through the scratch rows ``h_base`` (BM, MP, MP) + step·MP² of ``hist_ptr``."""
+    a, gram, s, zero, eye = _iso_start(z, u, S, MP)
+    x = a / s[:, None, None]
+    for st in range(STEPS):  # recompute X_0 … X_{STEPS−1}
+        tl.store(hist_ptr + h_base + st * (MP * MP), x, mask=h_mask)
+        x = _poly_step(x, tl.load(coef_ptr + 3 * st), tl.load(coef_ptr + 3 * st + 1), tl.load(coef_ptr + 3 * st + 2))
+    tl.debug_barrier()  # the reverse sweep reads what this program wrote
+    gx = tl.where(zero, 0.0, _bmm_tn(u, _bmm(g, u)))  # ∂Q = Uᵀ G U; nothing flows into a zero block
+    for r in range(STEPS):
+        st = STEPS - 1 - r
+        x = tl.load(hist_ptr + h_base + st * (MP * MP), mask=h_mask, other=0.0)
+        ca = tl.load(coef_ptr + 3 * st)
+        cb = tl.load(coef_ptr + 3 * st + 1)
+        cc = tl.load(coef_ptr + 3 * st + 2)
+        gr = _bmm_tn(x, x)
+        w = _bmm_tn(x, gx)
+        mx = cb * gr + cc * _bmm(gr, gr)
+        zz = cb * w + cc * (_bmm(w, gr) + _bmm(gr, w))
+        gx = ca * gx + _bmm(gx, mx) + _bmm(x, zz + tl.permute(zz, 0, 2, 1))
+    # X0 = A/s, s = ‖AᵀA‖_F^{1/2}: ∂s/∂A = A(AᵀA)/s³.
+    inner = tl.sum(tl.sum(gx * a, axis=2), axis=1)
+    s5 = s * s * s * s * s
+    ga = gx / s[:, None, None] - (inner / s5)[:, None, None] * _bmm(a, gram)
+    ga = tl.where(zero, 0.0, ga)
+    return _bmm_nt(_bmm(u, ga), u)
+
+
+@triton.jit
 def _coef_fwd_kernel(x_ptr, phi_ptr, bias_ptr, alpha_ptr, out_ptr, rinv_ptr, pre_ptr, post_ptr, res_ptr,
-                     M, K, eps, ITERS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
-                     N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     F64: tl.constexpr):
+                     u_ptr, coef_ptr, M, K, eps, STEPS, RES: tl.constexpr, ITERS: tl.constexpr,
+                     S: tl.constexpr, SP: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
+                     NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, F64: tl.constexpr):
     tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     tmask = tok < M
     # The RMS-scaled projection: as _rms_proj_fwd_kernel.
@@ -90,15 +175,19 @@ def _coef_fwd_kernel(x_ptr, phi_ptr, bias_ptr, alpha_ptr, out_ptr, rinv_ptr, pre
            + a_post * tl.load(out_ptr + gate + S, mask=gmask, other=0.0))
     tl.store(post_ptr + tok[:, None] * S + s[None, :], 2.0 * tl.sigmoid(raw), mask=gmask)
     z = tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0) + a_res * tl.load(out_ptr + res, mask=rmask, other=0.0)
-    z = _sinkhorn_iterate(tl.where(rmask, z, float("-inf")), ITERS)
-    tl.store(res_ptr + tok[:, None, None] * (S * S) + rel, tl.exp(z), mask=rmask)
+    if RES == 0:
+        h = tl.exp(_sinkhorn_iterate(tl.where(rmask, z, float("-inf")), ITERS))
+    else:
+        h = _iso_forward(tl.where(rmask, z, 0.0).to(tl.float64), _helmert_tile(u_ptr, BM, SP, MP), coef_ptr, STEPS,
+                         S, MP)
+    tl.store(res_ptr + tok[:, None, None] * (S * S) + rel, h.to(res_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
 def _coef_maps_bwd_kernel(out_ptr, rinv_ptr, bias_ptr, alpha_ptr, gpre_ptr, gpost_ptr, gres_ptr,
-                          draw_ptr, gp_ptr, rs_ptr, hist_ptr, M, K, ITERS: tl.constexpr,
-                          S: tl.constexpr, SP: tl.constexpr, N: tl.constexpr, BM: tl.constexpr,
-                          F64: tl.constexpr):
+                          draw_ptr, gp_ptr, rs_ptr, hist_ptr, u_ptr, coef_ptr, M, K, STEPS,
+                          RES: tl.constexpr, ITERS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+                          MP: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
     tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     tmask = tok < M
     s, gate, gmask, rel, res, rmask = _group_tiles(tok, tmask, S, SP, N)
@@ -115,15 +204,23 @@ def _coef_maps_bwd_kernel(out_ptr, rinv_ptr, bias_ptr, alpha_ptr, gpre_ptr, gpos
     o_post = _acc(tl.load(out_ptr + gate + S, mask=gmask, other=0.0), F64)
     sg = tl.sigmoid(_acc(tl.load(bias_ptr + S + s, mask=smask, other=0.0), F64)[None, :] + a_post * o_post)
     d_post = _acc(tl.load(gpost_ptr + h_off, mask=gmask, other=0.0), F64) * 2.0 * sg * (1.0 - sg)
-    # Sinkhorn: recompute and reverse-sweep the unrolled iterations.
+    # The res map: recompute and reverse-sweep its iterations.
     o_res = _acc(tl.load(out_ptr + res, mask=rmask, other=0.0), F64)
     z = _acc(tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0), F64) + a_res * o_res
-    z = tl.where(rmask, z, float("-inf"))
     g = _acc(tl.load(gres_ptr + tok[:, None, None] * (S * S) + rel, mask=rmask, other=0.0), F64)
-    k = tl.arange(0, SP)
-    h_offs = tok[:, None] * (ITERS * 2 * SP) + k[None, :]
-    h_mask = tmask[:, None] & (k < SP)[None, :]
-    d_res = tl.where(rmask, _sinkhorn_vjp(z, g, hist_ptr, h_offs, h_mask, k, ITERS, S, SP), 0.0)
+    if RES == 0:
+        k = tl.arange(0, SP)
+        h_offs = tok[:, None] * (ITERS * 2 * SP) + k[None, :]
+        h_mask = tmask[:, None] & (k < SP)[None, :]
+        d_res = _sinkhorn_vjp(tl.where(rmask, z, float("-inf")), g, hist_ptr, h_offs, h_mask, k, ITERS, S, SP)
+    else:
+        t = tl.arange(0, MP)
+        tile = t[None, :, None] * MP + t[None, None, :]
+        h_base = tok[:, None, None] * (STEPS * MP * MP) + tile
+        d_res = _acc(_iso_vjp(tl.where(rmask, z, 0.0).to(tl.float64), g.to(tl.float64),
+                              _helmert_tile(u_ptr, BM, SP, MP), coef_ptr, hist_ptr, h_base,
+                              tmask[:, None, None] & (tile >= 0), STEPS, S, MP), F64)
+    d_res = tl.where(rmask, d_res, 0.0)
     tl.store(draw_ptr + gate, d_pre, mask=gmask)
     tl.store(draw_ptr + gate + S, d_post, mask=gmask)
     tl.store(draw_ptr + res, d_res, mask=rmask)
@@ -167,42 +264,93 @@ def _layout(x, phi, bias, alpha):
     return n, K, N, x2, x2.shape[0], acc, NP, BM, BK
 
 
-def sinkhorn_coefficients_forward(x, phi, bias, alpha, eps, iters):
-    """(H_pre (M, n), H_post (M, n), H_res (M, n, n), out (M, N), r (M,)) for x (..., n, C),
-    φ (n·C, N), bias (N,) = [b_pre | b_post | vec(b_res)], alpha (3,); all in the compute
-    dtype (fp32, fp64 for fp64 inputs). ``out`` is the RMS-scaled projection and ``r`` its
-    per-token scale, which the backward takes.
+def _iso_constants(n: int, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zero-padded (SP, MP) fp64 Helmert basis and the (steps, 3) fp64 schedule of
+    ``iso_project(method="ns", steps=steps)``, kept per device: made once, before any CUDA
+    graph capture (a host-to-device copy cannot be captured)."""
+    key = (n, steps, str(device))
+    if key not in _ISO_CONSTANTS:
+        from ..projections.iso import _schedule, helmert_basis
+        u = torch.zeros(tk._np2(n), tk._np2(n - 1), dtype=torch.float64)
+        u[:n, :n - 1] = helmert_basis(n, torch.float64)
+        coef = torch.tensor(_schedule("ns", steps), dtype=torch.float64)
+        _ISO_CONSTANTS[key] = (u.to(device), coef.to(device))
+    return _ISO_CONSTANTS[key]
 
-    Raises:
-        ValueError: for shapes that do not fit together (see :func:`streams_of`).
-    """
+
+_ISO_CONSTANTS: dict = {}
+
+
+def _forward(x, phi, bias, alpha, eps, res, iters, steps):
     n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha)
+    SP = tk._np2(n)
     out = torch.empty((M, N), dtype=acc, device=x.device)
     rinv = torch.empty((M,), dtype=acc, device=x.device)
     h_pre = torch.empty((M, n), dtype=acc, device=x.device)
     h_post = torch.empty((M, n), dtype=acc, device=x.device)
     h_res = torch.empty((M, n, n), dtype=acc, device=x.device)
+    u, coef = _iso_constants(n, steps, x.device) if res == ISO else (rinv, rinv)  # unused by Sinkhorn
     _coef_fwd_kernel[(triton.cdiv(M, BM),)](
         x2, phi.to(acc).contiguous(), bias.to(acc).contiguous(), alpha.to(acc).contiguous(), out, rinv,
-        h_pre, h_post, h_res, M, K, float(eps), ITERS=int(iters), S=n, SP=tk._np2(n), N=N, NP=NP, BM=BM, BK=BK,
-        F64=acc == torch.float64)
+        h_pre, h_post, h_res, u, coef, M, K, float(eps), int(steps), RES=res, ITERS=int(iters), S=n, SP=SP,
+        MP=tk._np2(max(n - 1, 1)), N=N, NP=NP, BM=BM, BK=BK, F64=acc == torch.float64)
     return h_pre, h_post, h_res, out, rinv
+
+
+def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, groups):
+    n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha)
+    SP, MP = tk._np2(n), tk._np2(max(n - 1, 1))
+    draw = torch.empty((M, N), dtype=acc, device=x.device)
+    gp = torch.empty((M, N), dtype=acc, device=x.device)
+    rs = torch.empty((M,), dtype=acc, device=x.device)
+    if res == ISO:  # scratch for the recomputed iterates
+        u, coef = _iso_constants(n, steps, x.device)
+        hist = torch.empty((M, int(steps), MP, MP), dtype=torch.float64, device=x.device)
+    else:
+        u = coef = rs
+        hist = torch.empty((M, int(iters), 2, SP), dtype=acc, device=x.device)
+    grads = [g.to(acc).contiguous() for g in (g_pre, g_post, g_res)]
+    _coef_maps_bwd_kernel[(triton.cdiv(M, BM),)](
+        out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, u, coef,
+        M, K, int(steps), RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, BM=BM, F64=acc == torch.float64)
+    dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups)
+    per_col = (draw * out).sum(0)
+    dalpha = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
+    return dx.view(x.shape), dphi, draw.sum(0).to(bias.dtype), dalpha.to(alpha.dtype)
+
+
+def sinkhorn_coefficients_forward(x, phi, bias, alpha, eps, iters):
+    """(H_pre (M, n), H_post (M, n), H_res (M, n, n), out (M, N), r (M,)) for x (..., n, C),
+    φ (n·C, N), bias (N,) = [b_pre | b_post | vec(b_res)], alpha (3,); all in the compute
+    dtype (fp32, fp64 for fp64 inputs). ``out`` is the RMS-scaled projection and ``r`` its
+    per-token scale, which the backward takes. H_res: the unrolled Sinkhorn, ``iters``
+    rounds (mhc).
+
+    Raises:
+        ValueError: for shapes that do not fit together (see :func:`streams_of`).
+    """
+    return _forward(x, phi, bias, alpha, eps, SINKHORN, iters, 0)
 
 
 def sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters, groups=None):
     """(∂x in x.dtype, ∂φ, ∂bias, ∂alpha) of :func:`sinkhorn_coefficients_forward` from its
     saved ``out`` and ``r`` and the gradients of its three coefficient outputs."""
-    n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha)
-    SP = tk._np2(n)
-    draw = torch.empty((M, N), dtype=acc, device=x.device)
-    gp = torch.empty((M, N), dtype=acc, device=x.device)
-    rs = torch.empty((M,), dtype=acc, device=x.device)
-    hist = torch.empty((M, int(iters), 2, SP), dtype=acc, device=x.device)  # scratch
-    grads = [g.to(acc).contiguous() for g in (g_pre, g_post, g_res)]
-    _coef_maps_bwd_kernel[(triton.cdiv(M, BM),)](
-        out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, M, K,
-        ITERS=int(iters), S=n, SP=SP, N=N, BM=BM, F64=acc == torch.float64)
-    dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups)
-    per_col = (draw * out).sum(0)
-    dalpha = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
-    return dx.view(x.shape), dphi, draw.sum(0).to(bias.dtype), dalpha.to(alpha.dtype)
+    return _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, SINKHORN, iters, 0, groups)
+
+
+def iso_coefficients_forward(x, phi, bias, alpha, eps, steps):
+    """As :func:`sinkhorn_coefficients_forward`, with H_res = ``iso_project(raw_res, "ns",
+    steps)`` (isohc; Newton-Schulz in fp64, H_res returned in the compute dtype).
+
+    Raises:
+        ValueError: for shapes that do not fit together, or n < 3 (the 1×1 and empty blocks
+            of n ≤ 2 are special cases of ``iso_project``, left to it).
+    """
+    if streams_of(bias) < 3:
+        raise ValueError(f"bias: the fused Iso-NS coefficients need n ≥ 3 streams, got n = {streams_of(bias)}")
+    return _forward(x, phi, bias, alpha, eps, ISO, 1, steps)
+
+
+def iso_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, steps, groups=None):
+    """(∂x, ∂φ, ∂bias, ∂alpha) of :func:`iso_coefficients_forward`."""
+    return _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, ISO, 1, steps, groups)

@@ -1,6 +1,7 @@
 """``isohc``: H_res on the mean-preserving isometries (IsoHC)."""
 
 from ..projections import iso_project
+from ..projections.iso import NS_COEFFICIENTS
 from .base import Variant
 from .options import IsoOptions
 
@@ -26,6 +27,11 @@ class IsoHC(Variant):
 
     def map_res(self, raw_res, state):
         return iso_project(raw_res, self.options.iso_method, self.options.iso_steps, backend=self.kernels)
+
+    def fused_maps(self):
+        if self._keeps_maps_of(IsoHC) and self.options.iso_method == "ns":
+            return ("iso", self.options.iso_steps or len(NS_COEFFICIENTS))
+        return None
 
     @classmethod
     def describe_options(cls, options):

@@ -32,10 +32,7 @@ class MHC(Variant):
         return sinkhorn_map(raw_res, self.options, self.kernels)
 
     def fused_maps(self):
-        cls = type(self)
-        exact = (cls.map_res is MHC.map_res and cls.map_pre_post is Variant.map_pre_post
-                 and cls.dynamic_activation is Variant.dynamic_activation and cls.forward is Variant.forward)
-        if exact and self.options.sinkhorn_backward == "unrolled":
+        if self._keeps_maps_of(MHC) and self.options.sinkhorn_backward == "unrolled":
             return ("sinkhorn", self.options.sinkhorn_iters)
         return None
 
