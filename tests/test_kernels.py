@@ -711,6 +711,23 @@ def test_interp_triton_layer_compiles_fullgraph(tops, variant):
 
 
 @needs_interp
+def test_interp_kernel_constants_are_made_once_per_device(tops):
+    """Schedules and bases the kernels read are made once and reused, so a step captured
+    in a CUDA graph never copies from the host."""
+    from hyperconn.ops import triton_coefficients as tc
+    from hyperconn.ops import triton_kernels as tk
+    from hyperconn.projections.iso import helmert_basis
+    x = torch.randn(5, 3, 3)
+    first = tk._poly_layout(x, [(1.5, -0.5, 0.0)] * 3)[4]
+    assert tk._poly_layout(x, [1.5, -0.5, 0.0] * 3)[4] is first           # nested or flat: one constant
+    assert tk._poly_layout(x, [(1.5, -0.5, 0.0)] * 2)[4] is not first
+    assert tc._iso_constants(4, 12, x.device)[0] is tc._iso_constants(4, 12, x.device)[0]
+    assert helmert_basis(4, torch.float32, "cpu") is helmert_basis(4, torch.float32)
+    torch.testing.assert_close(helmert_basis(4, torch.float64).T @ helmert_basis(4, torch.float64),
+                               torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+@needs_interp
 def test_interp_custom_ops_pass_opcheck(tops):
     """Every registered Triton op: schema, autograd registration, fake (meta) implementation
     and AOT dispatch with dynamic shapes, which is what torch.compile and CUDA graphs rely on."""

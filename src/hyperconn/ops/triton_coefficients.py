@@ -266,19 +266,16 @@ def _layout(x, phi, bias, alpha):
 
 def _iso_constants(n: int, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The zero-padded (SP, MP) fp64 Helmert basis and the (steps, 3) fp64 schedule of
-    ``iso_project(method="ns", steps=steps)``, kept per device: made once, before any CUDA
-    graph capture (a host-to-device copy cannot be captured)."""
-    key = (n, steps, str(device))
-    if key not in _ISO_CONSTANTS:
-        from ..projections.iso import _schedule, helmert_basis
+    ``iso_project(method="ns", steps=steps)``, made once per device
+    (:func:`.triton_kernels.device_constant`)."""
+    from ..projections.iso import _schedule, helmert_basis
+
+    def basis():
         u = torch.zeros(tk._np2(n), tk._np2(n - 1), dtype=torch.float64)
         u[:n, :n - 1] = helmert_basis(n, torch.float64)
-        coef = torch.tensor(_schedule("ns", steps), dtype=torch.float64)
-        _ISO_CONSTANTS[key] = (u.to(device), coef.to(device))
-    return _ISO_CONSTANTS[key]
-
-
-_ISO_CONSTANTS: dict = {}
+        return u
+    return (tk.device_constant(("helmert", n), basis, device),
+            tk.device_constant(("ns", steps), lambda: torch.tensor(_schedule("ns", steps), dtype=torch.float64), device))
 
 
 def _forward(x, phi, bias, alpha, eps, res, iters, steps):

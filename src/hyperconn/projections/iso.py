@@ -100,15 +100,20 @@ def _helmert(n: int, dtype: torch.dtype) -> torch.Tensor:
     return u.to(dtype)
 
 
-_helmert_cpu = functools.lru_cache(maxsize=64)(_helmert)
+@functools.lru_cache(maxsize=64)
+def _helmert_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Kept per device, so a step inside a CUDA graph capture finds it there (a host-to-
+    # device copy cannot be captured). Callers only read it.
+    return _helmert(n, dtype).to(device)
 
 
 def helmert_basis(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """(n, n−1) orthonormal basis of the complement of the all-ones vector."""
-    # Under torch.compile the basis is built in the graph (a constant after tracing):
-    # Dynamo would trace through the cache anyway, and warn that it does.
-    build = _helmert if torch.compiler.is_compiling() else _helmert_cpu
-    return build(n, dtype).to(device)
+    """(n, n−1) orthonormal basis of the complement of the all-ones vector (shared, read-only)."""
+    if torch.compiler.is_compiling():
+        # Built in the graph (a constant after tracing): Dynamo would trace through the
+        # cache anyway, and warn that it does.
+        return _helmert(n, dtype).to(device)
+    return _helmert_on(n, dtype, torch.device("cpu") if device is None else torch.device(device))
 
 
 def _ns_scale(a: torch.Tensor) -> torch.Tensor:
