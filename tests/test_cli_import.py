@@ -116,6 +116,21 @@ def test_cli_without_the_lab_extra_is_one_line_exit_2(tmp_path, blocked, argv):
     assert not (tmp_path / "x").exists()
 
 
+def test_bench_needs_only_rich(tmp_path):
+    """`hyperconn bench` runs without matplotlib, tyro, yaml and filelock (a GPU machine
+    without network gets it with one wheel); without rich it is the one-line exit 2."""
+    def run(blocked):
+        (tmp_path / "sitecustomize.py").write_text(_BLOCKER.format(blocked=sorted(blocked)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+        return subprocess.run([sys.executable, "-m", "hyperconn.cli", "bench", "layer", "--help"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env)
+    r = run({"matplotlib", "tyro", "yaml", "filelock"})
+    assert r.returncode == 0 and "--streams" in r.stdout, r.stderr
+    r = run({"rich"})
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        'hyperconn\'s lab needs: pip install "hyperconn[lab]" (missing: rich)']
+
+
 def test_help_and_version_need_no_lab_packages(monkeypatch, capsys):
     for name in cli.LAB_MODULES:
         monkeypatch.setitem(sys.modules, name, None)

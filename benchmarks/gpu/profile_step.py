@@ -2,7 +2,9 @@
 
     python benchmarks/gpu/profile_step.py --configs residual mhc mhc:bf16 mhc:bf16:compile
 
-A config is ``VARIANT[:STREAM_DTYPE][:compile][:unfused]`` (STREAM_DTYPE ``fp32`` or ``bf16``;
+A config is ``VARIANT[:STREAM_DTYPE][:compile|:graphs][:unfused]`` (STREAM_DTYPE ``fp32`` or
+``bf16``; ``graphs``: ``torch.compile(mode="reduce-overhead")``, forward and backward replayed
+as CUDA graphs, which takes the host's launch cost out of the wall time;
 ``unfused`` turns off the fused Triton coefficient kernels, ``hyperconn::sinkhorn_coefficients``
 and ``hyperconn::iso_coefficients``, so mhc and isohc run the RMS projection, the activations
 and the res map as separate ops: the A/B of those kernels). Every
@@ -33,10 +35,12 @@ DTYPES = {"fp32": None, "bf16": "bfloat16"}
 
 def build(config: str, args):
     parts = config.split(":")
-    variant, dtype, compiled, fused = parts[0], "fp32", False, True
+    variant, dtype, compiled, fused = parts[0], "fp32", None, True
     for p in parts[1:]:
         if p == "compile":
-            compiled = True
+            compiled = "default"
+        elif p == "graphs":
+            compiled = "reduce-overhead"
         elif p == "unfused":
             fused = False
         elif p in DTYPES:
@@ -51,7 +55,7 @@ def build(config: str, args):
                     connection=ConnectionConfig(variant, streams=n), stream_dtype=DTYPES[dtype])
     model = GPT(cfg).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, mode=compiled) if compiled else model
     idx = torch.randint(0, 256, (args.batch, args.seq), device="cuda")
     tgt = torch.randint(0, 256, (args.batch, args.seq), device="cuda")
 
@@ -63,6 +67,12 @@ def build(config: str, args):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def baseline_of(config: str) -> str:
+    """The residual config a config is compared with: same dtype and compile mode
+    (``unfused`` changes nothing for the residual model)."""
+    return ":".join(["residual"] + [p for p in config.split(":")[1:] if p != "unfused"])
 
 
 def measure(step, args) -> dict:
@@ -110,7 +120,15 @@ def main():
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=None, help="JSON file for the full results")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step.py: needs a CUDA device (torch.cuda.is_available() is False)")
     results = {}
+
+    def save():  # after every config, so a run cut short by its time limit keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "results": results}, f, indent=1)
     for config in args.configs:
         torch.manual_seed(0)
         t0 = time.perf_counter()
@@ -120,23 +138,23 @@ def main():
             print(f"\n## {config}: FAILED {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
             continue
         results[config] = r
+        save()
         print(f"\n## {config}: wall {r['wall_ms']:.1f} ms/step (range {r['wall_spread'] * 100:.0f}%), "
               f"GPU busy {r['gpu_busy_ms']:.1f} ms/step, {r['kernels_per_step']:.0f} kernels/step "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)
         for k in r["top"]:
             print(f"  {k['ms_per_step']:8.2f} ms {k['calls_per_step']:6.0f}x  {k['name']}")
-    base = {c: results[c] for c in results if c.split(":")[0] == "residual"}
-    print("\n| config | wall ms | GPU busy ms | kernels/step | wall vs residual | busy vs residual |")
-    print("|---|---|---|---|---|---|")
+    print("\n| config | wall ms | GPU busy ms | kernels/step | wall vs residual | busy vs residual "
+          "| wall overhead / busy overhead |")
+    print("|---|---|---|---|---|---|---|")
     for c, r in results.items():
-        ref = base.get(":".join(["residual"] + c.split(":")[1:])) or base.get("residual")
+        ref = results.get(baseline_of(c))
         rw = f"{r['wall_ms'] / ref['wall_ms']:.3f}" if ref else "-"
         rb = f"{r['gpu_busy_ms'] / ref['gpu_busy_ms']:.3f}" if ref else "-"
-        print(f"| {c} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels_per_step']:.0f} | {rw} | {rb} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "results": results}, f, indent=1)
+        extra_busy = r["gpu_busy_ms"] - ref["gpu_busy_ms"] if ref else 0.0
+        ro = f"{(r['wall_ms'] - ref['wall_ms']) / extra_busy:.2f}" if ref and extra_busy > 0 else "-"
+        print(f"| {c} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels_per_step']:.0f} | {rw} | {rb} | {ro} |")
+    save()
 
 
 if __name__ == "__main__":

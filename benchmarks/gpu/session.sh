@@ -1,45 +1,62 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, in one command (see docs/benchmarks.md).
 #
-#   bash benchmarks/gpu/session.sh OUT_DIR [steps...]
+#   bash benchmarks/gpu/prepare.sh                 # here, with network: wheels → .gpu-wheels/
+#   bash benchmarks/gpu/session.sh OUT_DIR [steps...]   # there (carry .gpu-wheels)
 #
-# steps (default: all): env tests kernels layer model profile wide recompute
-#   profile: GPU-busy vs wall per step at d = 768 (the issue's +30 % target), mhc with and
-#            without the fused coefficient kernel, isohc; wide: the same at d = 2048 (<= 12 %);
-#   recompute: activation memory and step time, none vs per-layer vs block recompute
-# Every step writes its log (and JSON/markdown) into OUT_DIR and has its own time limit,
-# so one hang does not lose the rest.
+# steps (default: all, in this order, most important first; limits in seconds sum to
+# 8.5 min, and a step that hits its limit loses only itself):
+#   env        GPU, versions; installs .gpu-wheels/ (if present) without network     40
+#   tests      CUDA kernel tests: every Triton kernel and layer against the torch path 150
+#   kernels    kernel GB/s against a device copy                                       30
+#   profile    GPU-busy vs wall per step at d = 768, eager: mhc and isohc with and
+#              without their fused coefficient kernels (the issue's <= 30 % target)    45
+#   wide       the same at d = 2048 (<= 12 %)                                          45
+#   compiled   torch.compile and CUDA graphs (wall within 1.2x of GPU-busy overhead)  100
+#   layer      layer vs peer mHCv2 (>= 5x), isohc vs mhc (<= 1.3x)                     40
+#   model      whole-step wall time per variant                                        30
+#   recompute  activation memory and step time: none / per-layer / block recompute    30
+# Every step writes its log (and JSON) into OUT_DIR.
 set -uo pipefail
 out=${1:?usage: session.sh OUT_DIR [steps...]}; shift
-steps=${*:-env tests kernels layer model profile wide recompute}
+steps=${*:-env tests kernels profile wide compiled layer model recompute}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+here=$(cd "$(dirname "$0")/../.." && pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
+wheels=${WHEELS:-$here/.gpu-wheels}
 
 step() { # name limit_s cmd...
   local name=$1 limit=$2; shift 2
-  echo "=== $name ($(date -u +%H:%M:%S))"
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   tail -n "${TAIL:-25}" "$out/$name.log"
   echo "=== $name rc=$rc"
 }
 
+prof() { # limit name args...: benchmarks/gpu/profile_step.py
+  local limit=$1 name=$2; shift 2
+  step "$name" "$limit" $py benchmarks/gpu/profile_step.py --steps 10 --out "$out/$name.json" "$@"
+}
+
+cd "$here"
 for s in $steps; do
   case $s in
-    env) step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; \
-           $py -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
-    tests) step tests 180 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
-    kernels) step kernels 60 $py benchmarks/bench_kernels.py --device cuda --dtype bf16 --tokens 65536 --dim 2048 --reps 50 ;;
-    layer) step layer 150 $py -m hyperconn.cli bench layer --device cuda --out "$out/layer.json" ;;
-    model) step model 150 $py -m hyperconn.cli bench model --device cuda --variants residual hc mhc isohc hybrid \
-             --stream-dtype bfloat16 --no-recompute --repeats 5 --out "$out/model.json" ;;
-    profile) step profile 150 $py benchmarks/gpu/profile_step.py --steps 10 --out "$out/profile.json" --configs \
-             residual:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused residual:bf16:compile mhc:bf16:compile \
-             mhc:bf16:compile:unfused isohc:bf16:compile ;;
-    wide) step wide 90 $py benchmarks/gpu/profile_step.py --steps 10 --dim 2048 --heads 16 --out "$out/wide.json" \
-             --configs residual:bf16:compile mhc:bf16:compile ;;
-    recompute) step recompute 90 $py benchmarks/bench_recompute.py --device cuda --dim 768 --seq 1024 --batch 8 \
+    env) step env 40 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; \
+           if [ -d '$wheels' ]; then $py -m pip install -q --no-index --find-links '$wheels' '$wheels'/*.whl; fi; \
+           $py -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; \
+           $py -c 'import rich, hyper_connections; print(\"bench and peer importable\")'; git log -1 --format=%H" ;;
+    tests) step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
+    kernels) step kernels 30 $py benchmarks/bench_kernels.py --device cuda --dtype bf16 --tokens 65536 --dim 2048 --reps 20 ;;
+    profile) prof 45 profile --configs residual:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused ;;
+    wide) prof 45 wide --dim 2048 --heads 16 --configs residual:bf16 mhc:bf16 isohc:bf16 ;;
+    compiled) prof 100 compiled --configs residual:bf16:compile mhc:bf16:compile residual:bf16:graphs mhc:bf16:graphs ;;
+    layer) step layer 40 $py -m hyperconn.cli bench layer --device cuda --streams 4 --dims 512 --repeats 11 \
+             --cases residual hc mhc isohc peer-mhcv2 --out "$out/layer.json" ;;
+    model) step model 30 $py -m hyperconn.cli bench model --device cuda --variants residual mhc isohc \
+             --stream-dtype bfloat16 --no-recompute --repeats 5 --no-memory --out "$out/model.json" ;;
+    recompute) step recompute 30 $py benchmarks/bench_recompute.py --device cuda --dim 768 --seq 1024 --batch 8 \
              --rounds 3 --json "$out/recompute.json" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac

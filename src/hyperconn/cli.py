@@ -61,6 +61,9 @@ EXIT_USAGE = 2
 # What the lab (this command) needs beyond the core library's torch and numpy: the
 # ``lab`` extra of pyproject.toml (import names).
 LAB_MODULES = ("rich", "matplotlib", "tyro", "yaml", "filelock")
+# What a command needs when it is less than the whole lab: `bench` prints tables with rich
+# and nothing else (so a GPU machine without network runs it with one extra wheel).
+COMMAND_NEEDS = {"bench": ("rich",)}
 LAB_HINT = 'hyperconn\'s lab needs: pip install "hyperconn[lab]"'
 IMPORT_ENV = "HYPERCONN_IMPORT"
 
@@ -401,11 +404,11 @@ def _modules_to_import(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 # ---------------------------------------------------------------------------- lab check
-def _missing_lab_modules() -> list[str]:
+def _missing_lab_modules(needed: Sequence[str] = LAB_MODULES) -> list[str]:
     import importlib.util
 
     missing = []
-    for name in LAB_MODULES:
+    for name in needed:
         try:
             if importlib.util.find_spec(name) is None:
                 missing.append(name)
@@ -445,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hyperconn: error: unknown command {args[0]!r}; expected one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return EXIT_USAGE
-    missing = _missing_lab_modules()
+    missing = _missing_lab_modules(COMMAND_NEEDS.get(args[0], LAB_MODULES))
     if missing:
         return _lab_missing_line(missing)
     try:
