@@ -551,9 +551,13 @@ def test_interp_sinkhorn_coefficients_gradcheck_and_double_backward(tops):
 
     def fused(x, phi, bias, alpha):
         return torch.ops.hyperconn.sinkhorn_coefficients(x, phi, bias, alpha, 1e-6, 4)[:3]
+
+    def linear(x, phi, bias, alpha):  # hc's
+        return torch.ops.hyperconn.linear_coefficients(x, phi, bias, alpha, 1e-6, 0)[:3]
     # fast_mode: the Jacobian checked along random directions (the interpreter is slow).
-    assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
-    assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
+    for op in (fused, linear):
+        assert torch.autograd.gradcheck(op, inputs, fast_mode=True)
+        assert torch.autograd.gradgradcheck(op, inputs, fast_mode=True)
     # Half-precision streams are read as they are, computed in fp32.
     xb = x.detach().bfloat16()
     h = torch.ops.hyperconn.sinkhorn_coefficients(xb, *(t.detach().float() for t in inputs[1:]), 1e-6, 4)
@@ -575,6 +579,38 @@ def test_interp_sinkhorn_coefficients_errors(tops):
         tc.sinkhorn_coefficients_forward(x, phi, bias, alpha[:2], 1e-6, 3)
     with pytest.raises(ValueError, match="phi: expected"):
         tc.sinkhorn_coefficients_forward(x, phi[:, :7], bias, alpha, 1e-6, 3)
+
+
+def _plain_linear_coefficients(x, phi, bias, alpha, eps, _unused=0):
+    """hc's coefficient path in plain ops: bias + α·tanh(projection), no maps."""
+    n, K = x.shape[-2], phi.shape[0]
+    flat = x.reshape(-1, K).to(phi.dtype)
+    act = torch.tanh((flat @ phi) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps))
+    raw = bias + torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)]) * act
+    return raw[:, :n], raw[:, n:2 * n], raw[:, 2 * n:].unflatten(-1, (n, n))
+
+
+@needs_interp
+@pytest.mark.parametrize("M,n,C,scale", [(37, 4, 13, 1.0), (3, 1, 5, 1.0), (40, 3, 7, 30.0), (9, 8, 4, 1e-3),
+                                         (70, 2, 33, 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interp_linear_coefficients_match_plain_ops(tops, M, n, C, scale, dtype):
+    """The fused hc kernel = bias + α·tanh(projection) in plain ops, outputs and gradients,
+    with projections scaled into tanh's saturated (30), linear (1e-3) and middle ranges."""
+    from hyperconn.ops import triton_coefficients as tc
+    x, phi, bias, alpha = _coefficient_inputs(M, n, C, dtype)
+    inputs = (x, phi * scale, bias, alpha)
+    h_pre, h_post, h_res, out, rinv = tc.linear_coefficients_forward(*inputs, 1e-6)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    want = _plain_linear_coefficients(*leaves, 1e-6)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(w.shape, generator=gen, dtype=dtype) for w in want]
+    want_grads = torch.autograd.grad(want, leaves, grads)
+    got_grads = tc.linear_coefficients_backward(*inputs, out, rinv, *grads, groups=3)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip((h_pre, h_post, h_res, *got_grads), (*want, *want_grads)):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
 
 
 def _plain_iso_coefficients(x, phi, bias, alpha, eps, steps):
@@ -641,14 +677,14 @@ def test_interp_iso_coefficients_zero_block_and_double_backward(tops):
 
 
 @needs_interp
-@pytest.mark.parametrize("variant,kernel", [("mhc", "sinkhorn"), ("isohc", "iso")])
+@pytest.mark.parametrize("variant,kernel", [("mhc", "sinkhorn"), ("isohc", "iso"), ("hc", "linear")])
 def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
     """A dynamic mhc / isohc layer on the Triton backend computes its coefficients in the
     fused op (one call per forward), with the output and every gradient of the unfused
     ops; a variant that changes one of the maps, or another backward / method, is not fused."""
     from hyperconn import HyperConnection
     from hyperconn.ops import triton_coefficients as tc
-    from hyperconn.variants import MHC, IsoHC, Variant
+    from hyperconn.variants import HC, MHC, IsoHC, Variant
     calls = []
     real = tc._forward  # (x, phi, bias, alpha, eps, res map, iters, steps)
     monkeypatch.setattr(tc, "_forward", lambda *a: calls.append(a[5]) or real(*a))
@@ -657,7 +693,7 @@ def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
     gen = torch.Generator().manual_seed(3)
     x, g = torch.randn(2, 5, 4, 37, generator=gen), torch.randn(2, 5, 4, 37, generator=gen)
     fused_out, fused_grads = _layer_grads(layer, x, g)
-    want_calls = [{"sinkhorn": tc.SINKHORN, "iso": tc.ISO}[kernel]]
+    want_calls = [{"sinkhorn": tc.SINKHORN, "iso": tc.ISO, "linear": tc.LINEAR}[kernel]]
     assert calls == want_calls
     monkeypatch.setattr(tops, "FUSE_COEFFICIENTS", False)
     plain_out, plain_grads = _layer_grads(layer, x, g)
@@ -680,9 +716,14 @@ def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
     assert IsoHC(4, iso_method="polar").fused_maps() is None and IsoHC(4, iso_method="ns-cubic").fused_maps() is None
     assert Rotated(4).fused_maps() is None
 
+    class Clipped(HC):  # changes the activation
+        def dynamic_activation(self, raw):
+            return raw.clamp(-1, 1)
+    assert HC(4).fused_maps() == ("linear", 0) and Clipped(4).fused_maps() is None
+
 
 @needs_interp
-@pytest.mark.parametrize("variant", ["mhc", "isohc", "hybrid", "mhc-lite"])
+@pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid", "mhc-lite"])
 def test_interp_triton_layer_compiles_fullgraph(tops, variant):
     """A layer on the Triton backend traces whole under torch.compile (every kernel an
     opaque custom op, no graph break; mhc and isohc through their fused coefficient ops,
@@ -704,7 +745,7 @@ def test_interp_triton_layer_compiles_fullgraph(tops, variant):
     got_out, got_grads = _layer_grads(compiled, x, g)
     for a, b in zip((got_out, *got_grads), (want_out, *want_grads)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
-    kernels = {"mhc": ["sinkhorn_coefficients"], "isohc": ["iso_coefficients"],
+    kernels = {"hc": ["linear_coefficients"], "mhc": ["sinkhorn_coefficients"], "isohc": ["iso_coefficients"],
                "hybrid": ["rms_projection", "sinkhorn_tokens", "odd_polynomial"], "mhc-lite": ["basis_mixture"]}[variant]
     want_ops = {f"hyperconn.{k}.default" for k in kernels + ["stream_pre", "stream_merge"]}
     assert want_ops <= traced, traced
@@ -752,7 +793,10 @@ def test_interp_custom_ops_pass_opcheck(tops):
                torch.rand(3, generator=g).requires_grad_(), 1e-6, 5)),
              (torch.ops.hyperconn.iso_coefficients.default,
               (x, phi, torch.randn(24, generator=g, requires_grad=True),
-               torch.rand(3, generator=g).requires_grad_(), 1e-6, 5))]
+               torch.rand(3, generator=g).requires_grad_(), 1e-6, 5)),
+             (torch.ops.hyperconn.linear_coefficients.default,
+              (x, phi, torch.randn(24, generator=g, requires_grad=True),
+               torch.rand(3, generator=g).requires_grad_(), 1e-6, 0))]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
@@ -811,11 +855,11 @@ def test_cuda_triton_matches_reference(case, dtype):
 
 @pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
 @pytest.mark.parametrize("kind,n", [("sinkhorn", 1), ("sinkhorn", 4), ("sinkhorn", 8), ("iso", 3), ("iso", 4),
-                                    ("iso", 8)])
+                                    ("iso", 8), ("linear", 4)])
 def test_cuda_fused_coefficients_match_plain_ops(kind, n):
     from hyperconn.ops import triton_coefficients as tc
-    k = {"sinkhorn": 20, "iso": 12}[kind]
-    plain = {"sinkhorn": _plain_coefficients, "iso": _plain_iso_coefficients}[kind]
+    k = {"sinkhorn": 20, "iso": 12, "linear": 0}[kind]
+    plain = {"sinkhorn": _plain_coefficients, "iso": _plain_iso_coefficients, "linear": _plain_linear_coefficients}[kind]
     inputs = [t.cuda() for t in _coefficient_inputs(4099, n, 515, torch.float32)]
     h_pre, h_post, h_res, out, rinv = getattr(tc, f"{kind}_coefficients_forward")(*inputs, 1e-6, k)
     leaves = [t.clone().requires_grad_() for t in inputs]

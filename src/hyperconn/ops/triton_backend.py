@@ -14,9 +14,11 @@ handle them. Imported only when Triton is selected.
                                 → H_pre, H_post, H_res, out, r       (+ _backward)
     hyperconn::iso_coefficients(x, φ, bias, α, eps, steps)
                                 → H_pre, H_post, H_res, out, r       (+ _backward)
+    hyperconn::linear_coefficients(x, φ, bias, α, eps, 0)
+                                → H_pre, H_post, H_res, out, r       (+ _backward)
 
-The last two are mhc's and isohc's whole coefficient paths (projection, gates, then the
-Sinkhorn or Iso-NS) in one kernel forward and two backward (:mod:`.triton_coefficients`); the layer takes them through
+The last three are mhc's, isohc's and hc's whole coefficient paths (projection, then the
+gates and the Sinkhorn or Iso-NS, or hc's tanh) in one kernel forward and two backward (:mod:`.triton_coefficients`); the layer takes them through
 :func:`fused_coefficients` when its variant declares maps this backend fuses
 (``Variant.fused_maps``). ``HYPERCONN_FUSED_COEFFICIENTS=0`` in the environment at import
 (or :data:`FUSE_COEFFICIENTS` = False) runs the unfused ops instead, for A/B measurements.
@@ -321,12 +323,16 @@ def basis_mixture(logits: Tensor, basis: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- fused coefficients
 def _plain_coefficients(x, phi, bias, alpha, eps, res_map):
     """A fused coefficient op's map in plain differentiable ops (its double-backward path):
-    the projection, σ, 2σ and ``res_map`` on the (M, n, n) res logits."""
+    the projection, σ, 2σ and ``res_map`` on the (M, n, n) res logits; ``res_map=None``:
+    hc's, tanh on the projection and no maps."""
     from .torch_backend import plain_rms_projection
 
     n, acc = x.shape[-2], compute_dtype(x, phi)
     out = plain_rms_projection(x, phi, eps, acc).reshape(-1, phi.shape[-1])
     scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)]).to(acc)
+    if res_map is None:
+        raw = bias.to(acc) + scale * torch.tanh(out)
+        return raw[:, :n], raw[:, n:2 * n], raw[:, 2 * n:].unflatten(-1, (n, n))
     raw = bias.to(acc) + scale * out
     return (torch.sigmoid(raw[:, :n]), 2.0 * torch.sigmoid(raw[:, n:2 * n]), res_map(raw[:, 2 * n:].unflatten(-1, (n, n))))
 
@@ -375,7 +381,8 @@ def _coefficients_op(name: str, forward, backward, res_map):
             wanted = [t for t, w in zip((x, phi, bias, alpha), need) if w]
             if not wanted:
                 return None, None, None, None, None, None
-            h = _plain_coefficients(x, phi, bias, alpha, ctx.eps, lambda z: res_map(z, ctx.k))
+            h = _plain_coefficients(x, phi, bias, alpha, ctx.eps,
+                                    None if res_map is None else (lambda z: res_map(z, ctx.k)))
             got = iter(torch.autograd.grad(h, wanted, grads, create_graph=True, allow_unused=True))
             return tuple(next(got) if w else None for w in need) + (None, None)
         dx, dphi, dbias, dalpha = op_backward(x, phi, bias, alpha, out, rinv, *grads, ctx.k)
@@ -399,7 +406,9 @@ _sinkhorn_coefficients = _coefficients_op("sinkhorn_coefficients", tc.sinkhorn_c
                                           tc.sinkhorn_coefficients_backward, _plain_sinkhorn)
 _iso_coefficients = _coefficients_op("iso_coefficients", tc.iso_coefficients_forward,
                                      tc.iso_coefficients_backward, _plain_iso)
-_FUSED_OPS = {"sinkhorn": _sinkhorn_coefficients, "iso": _iso_coefficients}
+_linear_coefficients = _coefficients_op("linear_coefficients", tc.linear_coefficients_forward,
+                                        tc.linear_coefficients_backward, None)
+_FUSED_OPS = {"sinkhorn": _sinkhorn_coefficients, "iso": _iso_coefficients, "linear": _linear_coefficients}
 
 
 def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
@@ -411,7 +420,8 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
 
     ``maps``: the variant's :meth:`~hyperconn.variants.Variant.fused_maps`; fused here, for
     n ≤ 8: ``("sinkhorn", iters)`` (σ, 2σ and the unrolled Sinkhorn of mhc) and
-    ``("iso", steps)`` (σ, 2σ and Iso-NS, ``iso_project(method="ns")``, of isohc; n ≥ 3)."""
+    ``("iso", steps)`` (σ, 2σ and Iso-NS, ``iso_project(method="ns")``, of isohc; n ≥ 3) and
+    ``("linear", 0)`` (hc's tanh activation and identity maps)."""
     n = x.shape[-2]
     op = _FUSED_OPS.get(maps[0])
     if (not FUSE_COEFFICIENTS or op is None or n > tk.MAX_SINKHORN_N or x.numel() == 0

@@ -25,6 +25,9 @@ Same map and gradient as the layer's unfused ops (σ, 2σ, the unrolled log-doma
 Sinkhorn: columns then rows, ``iters`` times). Arithmetic in fp32 (fp64 for fp64 inputs);
 half-precision streams are read as stored.
 
+hc's coefficients (``RES = 2``) are the simplest case: H = bias + α_g·tanh(out) for all
+three, no map; backward ∂out = α_g ∂H (1 − tanh²).
+
 The same two kernels compute isohc's coefficients (``RES = 1``) with Iso-NS in place of
 the Sinkhorn, as :func:`hyperconn.iso_project` with ``method="ns"`` does it for n ≥ 3:
 A = Uᵀ Z U on the complement of 1 (U the Helmert basis), a zero block replaced by I,
@@ -45,9 +48,10 @@ from . import triton_kernels as tk
 from .triton_kernels import _acc, _bmm, _bmm_tn, _dot, _poly_step, _sinkhorn_iterate, _sinkhorn_vjp
 
 __all__ = ["sinkhorn_coefficients_forward", "sinkhorn_coefficients_backward", "iso_coefficients_forward",
-           "iso_coefficients_backward", "streams_of", "SINKHORN", "ISO"]
+           "iso_coefficients_backward", "linear_coefficients_forward", "linear_coefficients_backward", "streams_of",
+           "SINKHORN", "ISO", "LINEAR"]
 
-SINKHORN, ISO = 0, 1  # the kernels' RES map
+SINKHORN, ISO, LINEAR = 0, 1, 2  # the kernels' RES map (LINEAR: hc's tanh activation, identity maps)
 
 
 @triton.jit
@@ -62,6 +66,23 @@ def _group_tiles(tok, tmask, S: tl.constexpr, SP: tl.constexpr, N: tl.constexpr)
     res = tok[:, None, None] * N + 2 * S + i * S + j
     rmask = tmask[:, None, None] & (i < S) & (j < S)
     return s, gate, gmask, i * S + j, res, rmask
+
+
+@triton.jit
+def _tanh(v, F64: tl.constexpr):
+    """tanh from exp, accurate near 0 too: (1 − e)/(1 + e) with e = exp(−2|v|) loses
+    digits to cancellation as |v| → 0, where the Taylor series takes over (its first
+    dropped term is below the dtype's rounding at the switch)."""
+    a = tl.abs(v)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    v2 = v * v
+    small = a * (1.0 + v2 * (-1.0 / 3.0 + v2 * (2.0 / 15.0 + v2 * (-17.0 / 315.0))))
+    if F64:
+        t = tl.where(a < 1e-3, small, big)
+    else:
+        t = tl.where(a < 0.125, small, big)
+    return tl.where(v < 0, -t, t)
 
 
 @triton.jit
@@ -169,17 +190,25 @@ def _coef_fwd_kernel(x_ptr, phi_ptr, bias_ptr, alpha_ptr, out_ptr, rinv_ptr, pre
     a_post = tl.load(alpha_ptr + 1)
     a_res = tl.load(alpha_ptr + 2)
     smask = s < S
-    raw = tl.load(bias_ptr + s, mask=smask, other=0.0)[None, :] + a_pre * tl.load(out_ptr + gate, mask=gmask, other=0.0)
-    tl.store(pre_ptr + tok[:, None] * S + s[None, :], tl.sigmoid(raw), mask=gmask)
-    raw = (tl.load(bias_ptr + S + s, mask=smask, other=0.0)[None, :]
-           + a_post * tl.load(out_ptr + gate + S, mask=gmask, other=0.0))
-    tl.store(post_ptr + tok[:, None] * S + s[None, :], 2.0 * tl.sigmoid(raw), mask=gmask)
-    z = tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0) + a_res * tl.load(out_ptr + res, mask=rmask, other=0.0)
-    if RES == 0:
-        h = tl.exp(_sinkhorn_iterate(tl.where(rmask, z, float("-inf")), ITERS))
+    o_pre = tl.load(out_ptr + gate, mask=gmask, other=0.0)
+    o_post = tl.load(out_ptr + gate + S, mask=gmask, other=0.0)
+    o_res = tl.load(out_ptr + res, mask=rmask, other=0.0)
+    if RES == 2:  # hc: the activation, no maps
+        o_pre, o_post, o_res = _tanh(o_pre, F64), _tanh(o_post, F64), _tanh(o_res, F64)
+    raw_pre = tl.load(bias_ptr + s, mask=smask, other=0.0)[None, :] + a_pre * o_pre
+    raw_post = tl.load(bias_ptr + S + s, mask=smask, other=0.0)[None, :] + a_post * o_post
+    z = tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0) + a_res * o_res
+    if RES == 2:
+        h_pre, h_post, h = raw_pre, raw_post, z
     else:
-        h = _iso_forward(tl.where(rmask, z, 0.0).to(tl.float64), _helmert_tile(u_ptr, BM, SP, MP), coef_ptr, STEPS,
-                         S, MP)
+        h_pre, h_post = tl.sigmoid(raw_pre), 2.0 * tl.sigmoid(raw_post)
+        if RES == 0:
+            h = tl.exp(_sinkhorn_iterate(tl.where(rmask, z, float("-inf")), ITERS))
+        else:
+            h = _iso_forward(tl.where(rmask, z, 0.0).to(tl.float64), _helmert_tile(u_ptr, BM, SP, MP), coef_ptr,
+                             STEPS, S, MP)
+    tl.store(pre_ptr + tok[:, None] * S + s[None, :], h_pre, mask=gmask)
+    tl.store(post_ptr + tok[:, None] * S + s[None, :], h_post, mask=gmask)
     tl.store(res_ptr + tok[:, None, None] * (S * S) + rel, h.to(res_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -197,17 +226,46 @@ def _coef_maps_bwd_kernel(out_ptr, rinv_ptr, bias_ptr, alpha_ptr, gpre_ptr, gpos
     a_res = _acc(tl.load(alpha_ptr + 2), F64)
     rinv = _acc(tl.load(rinv_ptr + tok, mask=tmask, other=0.0), F64)
     h_off = tok[:, None] * S + s[None, :]
-    # Gates: H = c·σ(raw), ∂raw = ∂H · c·σ(1 − σ).
     o_pre = _acc(tl.load(out_ptr + gate, mask=gmask, other=0.0), F64)
-    sg = tl.sigmoid(_acc(tl.load(bias_ptr + s, mask=smask, other=0.0), F64)[None, :] + a_pre * o_pre)
-    d_pre = _acc(tl.load(gpre_ptr + h_off, mask=gmask, other=0.0), F64) * sg * (1.0 - sg)
     o_post = _acc(tl.load(out_ptr + gate + S, mask=gmask, other=0.0), F64)
-    sg = tl.sigmoid(_acc(tl.load(bias_ptr + S + s, mask=smask, other=0.0), F64)[None, :] + a_post * o_post)
-    d_post = _acc(tl.load(gpost_ptr + h_off, mask=gmask, other=0.0), F64) * 2.0 * sg * (1.0 - sg)
-    # The res map: recompute and reverse-sweep its iterations.
     o_res = _acc(tl.load(out_ptr + res, mask=rmask, other=0.0), F64)
-    z = _acc(tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0), F64) + a_res * o_res
+    g_pre = _acc(tl.load(gpre_ptr + h_off, mask=gmask, other=0.0), F64)
+    g_post = _acc(tl.load(gpost_ptr + h_off, mask=gmask, other=0.0), F64)
     g = _acc(tl.load(gres_ptr + tok[:, None, None] * (S * S) + rel, mask=rmask, other=0.0), F64)
+    if RES == 2:  # hc: H = raw = bias + α tanh(out): ∂raw = ∂H, ∂out = α ∂raw (1 − tanh²)
+        t_pre, t_post, t_res = _tanh(o_pre, F64), _tanh(o_post, F64), _tanh(o_res, F64)
+        d_pre, d_post, d_res = g_pre, g_post, g
+        f_pre, f_post, f_res = 1.0 - t_pre * t_pre, 1.0 - t_post * t_post, 1.0 - t_res * t_res
+    else:
+        # Gates: H = c·σ(raw), ∂raw = ∂H · c·σ(1 − σ).
+        sg = tl.sigmoid(_acc(tl.load(bias_ptr + s, mask=smask, other=0.0), F64)[None, :] + a_pre * o_pre)
+        d_pre = g_pre * sg * (1.0 - sg)
+        sg = tl.sigmoid(_acc(tl.load(bias_ptr + S + s, mask=smask, other=0.0), F64)[None, :] + a_post * o_post)
+        d_post = g_post * 2.0 * sg * (1.0 - sg)
+        f_pre, f_post, f_res = 1.0, 1.0, 1.0
+        # The res map: recompute and reverse-sweep its iterations.
+        z = _acc(tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0), F64) + a_res * o_res
+        d_res = _res_map_vjp(z, g, rmask, tok, tmask, hist_ptr, u_ptr, coef_ptr, STEPS, RES, ITERS, S, SP, MP, BM,
+                             F64)
+    d_res = tl.where(rmask, d_res, 0.0)
+    tl.store(draw_ptr + gate, d_pre, mask=gmask)
+    tl.store(draw_ptr + gate + S, d_post, mask=gmask)
+    tl.store(draw_ptr + res, d_res, mask=rmask)
+    # The projection backward's operands: ∂out·r and −r²/K ⟨∂out, out⟩.
+    g_pre, g_post, g_res = a_pre * d_pre * f_pre, a_post * d_post * f_post, a_res * d_res * f_res
+    tl.store(gp_ptr + gate, g_pre * rinv[:, None], mask=gmask)
+    tl.store(gp_ptr + gate + S, g_post * rinv[:, None], mask=gmask)
+    tl.store(gp_ptr + res, g_res * rinv[:, None, None], mask=rmask)
+    dot = tl.sum(g_pre * o_pre, axis=1) + tl.sum(g_post * o_post, axis=1) + tl.sum(tl.sum(g_res * o_res, axis=2), axis=1)
+    # −(…)/K, not ·(−1/K): a float literal over an int is an fp32 division, even in fp64.
+    tl.store(rs_ptr + tok, -(dot * rinv * rinv) / K, mask=tmask)
+
+
+@triton.jit
+def _res_map_vjp(z, g, rmask, tok, tmask, hist_ptr, u_ptr, coef_ptr, STEPS, RES: tl.constexpr,
+                 ITERS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr,
+                 F64: tl.constexpr):
+    """∂z of the Sinkhorn (RES = 0) or Iso-NS (RES = 1) res map for gradient g (BM, SP, SP)."""
     if RES == 0:
         k = tl.arange(0, SP)
         h_offs = tok[:, None] * (ITERS * 2 * SP) + k[None, :]
@@ -220,18 +278,7 @@ def _coef_maps_bwd_kernel(out_ptr, rinv_ptr, bias_ptr, alpha_ptr, gpre_ptr, gpos
         d_res = _acc(_iso_vjp(tl.where(rmask, z, 0.0).to(tl.float64), g.to(tl.float64),
                               _helmert_tile(u_ptr, BM, SP, MP), coef_ptr, hist_ptr, h_base,
                               tmask[:, None, None] & (tile >= 0), STEPS, S, MP), F64)
-    d_res = tl.where(rmask, d_res, 0.0)
-    tl.store(draw_ptr + gate, d_pre, mask=gmask)
-    tl.store(draw_ptr + gate + S, d_post, mask=gmask)
-    tl.store(draw_ptr + res, d_res, mask=rmask)
-    # The projection backward's operands: ∂out·r and −r²/K ⟨∂out, out⟩.
-    g_pre, g_post, g_res = a_pre * d_pre, a_post * d_post, a_res * d_res
-    tl.store(gp_ptr + gate, g_pre * rinv[:, None], mask=gmask)
-    tl.store(gp_ptr + gate + S, g_post * rinv[:, None], mask=gmask)
-    tl.store(gp_ptr + res, g_res * rinv[:, None, None], mask=rmask)
-    dot = tl.sum(g_pre * o_pre, axis=1) + tl.sum(g_post * o_post, axis=1) + tl.sum(tl.sum(g_res * o_res, axis=2), axis=1)
-    # −(…)/K, not ·(−1/K): a float literal over an int is an fp32 division, even in fp64.
-    tl.store(rs_ptr + tok, -(dot * rinv * rinv) / K, mask=tmask)
+    return d_res
 
 
 # ====================================================================== launchers
@@ -303,15 +350,17 @@ def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, 
     if res == ISO:  # scratch for the recomputed iterates
         u, coef = _iso_constants(n, steps, x.device)
         hist = torch.empty((M, int(steps), MP, MP), dtype=torch.float64, device=x.device)
-    else:
+    elif res == SINKHORN:
         u = coef = rs
         hist = torch.empty((M, int(iters), 2, SP), dtype=acc, device=x.device)
+    else:  # LINEAR: no iterations, no scratch
+        u = coef = hist = rs
     grads = [g.to(acc).contiguous() for g in (g_pre, g_post, g_res)]
     _coef_maps_bwd_kernel[(triton.cdiv(M, BM),)](
         out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, u, coef,
         M, K, int(steps), RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, BM=BM, F64=acc == torch.float64)
     dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups)
-    per_col = (draw * out).sum(0)
+    per_col = (draw * (torch.tanh(out) if res == LINEAR else out)).sum(0)  # ∂α_g = Σ ∂raw ⊙ activation
     dalpha = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
     return dx.view(x.shape), dphi, draw.sum(0).to(bias.dtype), dalpha.to(alpha.dtype)
 
@@ -333,6 +382,17 @@ def sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post
     """(∂x in x.dtype, ∂φ, ∂bias, ∂alpha) of :func:`sinkhorn_coefficients_forward` from its
     saved ``out`` and ``r`` and the gradients of its three coefficient outputs."""
     return _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, SINKHORN, iters, 0, groups)
+
+
+def linear_coefficients_forward(x, phi, bias, alpha, eps, _unused=0):
+    """As :func:`sinkhorn_coefficients_forward` for hc: H_pre, H_post, H_res = bias +
+    α_g·tanh(out), no maps (the last argument is ignored: the op signature is shared)."""
+    return _forward(x, phi, bias, alpha, eps, LINEAR, 1, 0)
+
+
+def linear_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, _unused=0, groups=None):
+    """(∂x, ∂φ, ∂bias, ∂alpha) of :func:`linear_coefficients_forward`."""
+    return _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, LINEAR, 1, 0, groups)
 
 
 def iso_coefficients_forward(x, phi, bias, alpha, eps, steps):

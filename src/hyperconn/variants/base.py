@@ -285,17 +285,17 @@ class Variant(nn.Module):
         description's (a subclass overriding one of them gets None; see
         :meth:`_keeps_maps_of`). Known descriptions, fused by the Triton backend:
         ``("sinkhorn", iters)`` (identity activation, σ / 2σ gates, the unrolled Sinkhorn:
-        mhc) and ``("iso", steps)`` (the same gates, ``iso_project(method="ns", steps=)``:
-        isohc)."""
+        mhc), ``("iso", steps)`` (the same gates, ``iso_project(method="ns", steps=)``:
+        isohc) and ``("linear", 0)`` (tanh activation, identity maps: hc)."""
         return None
 
     def _keeps_maps_of(self, owner: type) -> bool:
         """Whether this variant computes its coefficients exactly as ``owner`` does: its
-        class inherits ``owner``'s ``map_res`` and the base class's gates, activation and
+        class has ``owner``'s ``map_res``, ``map_pre_post``, ``dynamic_activation`` and
         ``forward`` (a user's subclass that overrides any of them must not be fused)."""
         cls = type(self)
-        return (cls.map_res is owner.map_res and cls.map_pre_post is Variant.map_pre_post
-                and cls.dynamic_activation is Variant.dynamic_activation and cls.forward is Variant.forward)
+        return all(getattr(cls, m) is getattr(owner, m)
+                   for m in ("map_res", "map_pre_post", "dynamic_activation", "forward"))
 
     def forward(self, raw_pre, raw_post, raw_res, state: Optional[dict] = None):
         """(H_pre, H_post, H_res) from raw coefficients; ``state`` from :meth:`snapshot`

@@ -39,3 +39,6 @@ class HC(Variant):
 
     def map_res(self, raw_res, state):
         return raw_res
+
+    def fused_maps(self):
+        return ("linear", 0) if self._keeps_maps_of(HC) else None
