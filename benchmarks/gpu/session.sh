@@ -49,7 +49,7 @@ for s in $steps; do
            $py -c 'import rich, hyper_connections; print(\"bench and peer importable\")'; git log -1 --format=%H" ;;
     tests) step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
     kernels) step kernels 30 $py benchmarks/bench_kernels.py --device cuda --dtype bf16 --tokens 65536 --dim 2048 --reps 20 ;;
-    profile) prof 45 profile --configs residual:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused ;;
+    profile) prof 45 profile --configs residual:bf16 hc:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused ;;
     wide) prof 45 wide --dim 2048 --heads 16 --configs residual:bf16 mhc:bf16 isohc:bf16 ;;
     compiled) prof 100 compiled --configs residual:bf16:compile mhc:bf16:compile residual:bf16:graphs mhc:bf16:graphs ;;
     layer) step layer 40 $py -m hyperconn.cli bench layer --device cuda --streams 4 --dims 512 --repeats 11 \

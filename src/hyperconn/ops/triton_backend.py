@@ -367,6 +367,7 @@ def _coefficients_op(name: str, forward, backward, res_map):
     def setup(ctx, inputs, output):
         x, phi, bias, alpha, eps, k = inputs
         ctx.save_for_backward(x, phi, bias, alpha, output[3], output[4])
+        ctx.mark_non_differentiable(output[3], output[4])  # the saved projection and scale
         ctx.eps, ctx.k = eps, k
 
     def grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv):

@@ -126,7 +126,8 @@ def _iso_forward(z, u, coef_ptr, STEPS, S: tl.constexpr, MP: tl.constexpr):
     for st in range(STEPS):
         x = _poly_step(x, tl.load(coef_ptr + 3 * st), tl.load(coef_ptr + 3 * st + 1), tl.load(coef_ptr + 3 * st + 2))
     q = tl.where(zero, eye, x)
-    return _bmm_nt(_bmm(u, q), u) + 1.0 / S
+    inv_n = (tl.zeros((1, 1, 1), tl.float64) + 1.0) / S  # 1/n computed in fp64 (a literal may be fp32)
+    return _bmm_nt(_bmm(u, q), u) + inv_n
 
 
 @triton.jit
@@ -163,7 +164,8 @@ def _iso_vjp(z, g, u, coef_ptr, hist_ptr, h_base, h_mask, STEPS, S: tl.constexpr
 def _coef_fwd_kernel(x_ptr, phi_ptr, bias_ptr, alpha_ptr, out_ptr, rinv_ptr, pre_ptr, post_ptr, res_ptr,
                      u_ptr, coef_ptr, M, K, eps, STEPS, RES: tl.constexpr, ITERS: tl.constexpr,
                      S: tl.constexpr, SP: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
-                     NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, F64: tl.constexpr):
+                     NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BMI: tl.constexpr,
+                     F64: tl.constexpr):
     tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     tmask = tok < M
     # The RMS-scaled projection: as _rms_proj_fwd_kernel.
@@ -184,7 +186,19 @@ def _coef_fwd_kernel(x_ptr, phi_ptr, bias_ptr, alpha_ptr, out_ptr, rinv_ptr, pre
     tl.store(out_ptr + tok[:, None] * N + cols[None, :], acc * rinv[:, None], mask=tmask[:, None] & nmask[None, :])
     tl.store(rinv_ptr + tok, rinv, mask=tmask)
     tl.debug_barrier()  # the maps below read back the rows this program just wrote
-    # The maps.
+    # The maps, BMI tokens at a time (the Iso-NS products are (BMI, SP, SP, MP) tiles: at
+    # BM = 32 they would spill registers; the GEMM above needs BM ≥ 16).
+    for sb in tl.static_range(BM // BMI):
+        sub = (tl.program_id(0) * BM + sb * BMI + tl.arange(0, BMI)).to(tl.int64)
+        _coef_maps_fwd(sub, sub < M, bias_ptr, alpha_ptr, out_ptr, pre_ptr, post_ptr, res_ptr, u_ptr, coef_ptr,
+                       STEPS, RES, ITERS, S, SP, MP, N, BMI, F64)
+
+
+@triton.jit
+def _coef_maps_fwd(tok, tmask, bias_ptr, alpha_ptr, out_ptr, pre_ptr, post_ptr, res_ptr, u_ptr, coef_ptr, STEPS,
+                   RES: tl.constexpr, ITERS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, MP: tl.constexpr,
+                   N: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
+    """H_pre, H_post, H_res of tokens ``tok`` (BM,) from their stored projection ``out``."""
     s, gate, gmask, rel, res, rmask = _group_tiles(tok, tmask, S, SP, N)
     a_pre = tl.load(alpha_ptr + 0)
     a_post = tl.load(alpha_ptr + 1)
@@ -325,9 +339,19 @@ def _iso_constants(n: int, steps: int, device) -> tuple[torch.Tensor, torch.Tens
             tk.device_constant(("ns", steps), lambda: torch.tensor(_schedule("ns", steps), dtype=torch.float64), device))
 
 
+def _map_tokens(res: int, SP: int, MP: int, acc: torch.dtype) -> int:
+    """Tokens per program for the maps: the Iso-NS products are (tokens, SP, SP, MP) tiles,
+    kept at ≤ 2048 values (at 32 tokens they spilled registers from n = 4 on, tens of KB
+    per thread at n = 8, compiled for sm_90); fp64 Sinkhorn at n > 4 a little over 255
+    registers at 32 (80 B of stack; none at 16)."""
+    if res == ISO:
+        return max(1, min(16, 2048 // (SP * SP * MP)))
+    return 16 if acc == torch.float64 and SP > 4 else 32
+
+
 def _forward(x, phi, bias, alpha, eps, res, iters, steps):
     n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha)
-    SP = tk._np2(n)
+    SP, MP = tk._np2(n), tk._np2(max(n - 1, 1))
     out = torch.empty((M, N), dtype=acc, device=x.device)
     rinv = torch.empty((M,), dtype=acc, device=x.device)
     h_pre = torch.empty((M, n), dtype=acc, device=x.device)
@@ -337,7 +361,7 @@ def _forward(x, phi, bias, alpha, eps, res, iters, steps):
     _coef_fwd_kernel[(triton.cdiv(M, BM),)](
         x2, phi.to(acc).contiguous(), bias.to(acc).contiguous(), alpha.to(acc).contiguous(), out, rinv,
         h_pre, h_post, h_res, u, coef, M, K, float(eps), int(steps), RES=res, ITERS=int(iters), S=n, SP=SP,
-        MP=tk._np2(max(n - 1, 1)), N=N, NP=NP, BM=BM, BK=BK, F64=acc == torch.float64)
+        MP=MP, N=N, NP=NP, BM=BM, BK=BK, BMI=min(BM, _map_tokens(res, SP, MP, acc)), F64=acc == torch.float64)
     return h_pre, h_post, h_res, out, rinv
 
 
@@ -356,9 +380,10 @@ def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, 
     else:  # LINEAR: no iterations, no scratch
         u = coef = hist = rs
     grads = [g.to(acc).contiguous() for g in (g_pre, g_post, g_res)]
-    _coef_maps_bwd_kernel[(triton.cdiv(M, BM),)](
+    BMI = _map_tokens(res, SP, MP, acc)  # no GEMM here: the maps' own tile
+    _coef_maps_bwd_kernel[(triton.cdiv(M, BMI),)](
         out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, u, coef,
-        M, K, int(steps), RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, BM=BM, F64=acc == torch.float64)
+        M, K, int(steps), RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, BM=BMI, F64=acc == torch.float64)
     dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups)
     per_col = (draw * (torch.tanh(out) if res == LINEAR else out)).sum(0)  # ∂α_g = Σ ∂raw ⊙ activation
     dalpha = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
