@@ -23,7 +23,7 @@ import torch
 
 from hyperconn import ops as kernels
 from hyperconn.ops import dispatch, reference
-from hyperconn.projections import iso_project, sinkhorn
+from hyperconn.projections import hybrid_mix, iso_project, sinkhorn
 
 INTERP = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -550,17 +550,17 @@ def test_interp_sinkhorn_coefficients_gradcheck_and_double_backward(tops):
     x = inputs[0]
 
     def fused(x, phi, bias, alpha):
-        return torch.ops.hyperconn.sinkhorn_coefficients(x, phi, bias, alpha, 1e-6, 4)[:3]
+        return torch.ops.hyperconn.sinkhorn_coefficients(x, phi, bias, alpha, 1e-6, 4, 0)[:3]
 
     def linear(x, phi, bias, alpha):  # hc's
-        return torch.ops.hyperconn.linear_coefficients(x, phi, bias, alpha, 1e-6, 0)[:3]
+        return torch.ops.hyperconn.linear_coefficients(x, phi, bias, alpha, 1e-6, 0, 0)[:3]
     # fast_mode: the Jacobian checked along random directions (the interpreter is slow).
     for op in (fused, linear):
         assert torch.autograd.gradcheck(op, inputs, fast_mode=True)
         assert torch.autograd.gradgradcheck(op, inputs, fast_mode=True)
     # Half-precision streams are read as they are, computed in fp32.
     xb = x.detach().bfloat16()
-    h = torch.ops.hyperconn.sinkhorn_coefficients(xb, *(t.detach().float() for t in inputs[1:]), 1e-6, 4)
+    h = torch.ops.hyperconn.sinkhorn_coefficients(xb, *(t.detach().float() for t in inputs[1:]), 1e-6, 4, 0)
     want = _plain_coefficients(xb.float(), *(t.detach().float() for t in inputs[1:]), 1e-6, 4)
     for a, b in zip(h[:3], want):
         assert a.dtype == torch.float32
@@ -669,22 +669,63 @@ def test_interp_iso_coefficients_zero_block_and_double_backward(tops):
     inputs = [t.requires_grad_() for t in _coefficient_inputs(4, 3, 2, torch.float64, seed=2)]
 
     def fused(x, phi, bias, alpha):
-        return torch.ops.hyperconn.iso_coefficients(x, phi, bias, alpha, 1e-6, 6)[:3]
+        return torch.ops.hyperconn.iso_coefficients(x, phi, bias, alpha, 1e-6, 0, 6)[:3]
     assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
     assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
     with pytest.raises(ValueError, match="n ≥ 3"):
         tc.iso_coefficients_forward(*_coefficient_inputs(4, 2, 3, torch.float32), 1e-6, 12)
 
 
+def _plain_hybrid_coefficients(x, phi, bias, alpha, eps, iters, steps):
+    """hybrid's coefficient path in plain ops: the gates and (1 − λ)·iso_project + λ·Sinkhorn
+    of the res logits, λ = alpha[3]."""
+    pre, post, h_sk = _plain_coefficients(x, phi, bias, alpha, eps, iters)
+    *_, h_iso = _plain_iso_coefficients(x, phi, bias, alpha, eps, steps)
+    return pre, post, hybrid_mix(h_iso, h_sk, alpha[3])
+
+
 @needs_interp
-@pytest.mark.parametrize("variant,kernel", [("mhc", "sinkhorn"), ("isohc", "iso"), ("hc", "linear")])
+@pytest.mark.parametrize("M,n,C", [(37, 4, 13), (9, 3, 5), (9, 8, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interp_hybrid_coefficients_match_plain_ops(tops, M, n, C, dtype):
+    """The fused hybrid kernel = the gates and (1 − λ)·Iso-NS + λ·Sinkhorn in plain ops:
+    outputs and every gradient, ∂λ included; then gradcheck and gradgradcheck of the op."""
+    from hyperconn.ops import triton_coefficients as tc
+    x, phi, bias, alpha = _coefficient_inputs(M, n, C, dtype)
+    inputs = (x, phi, bias, torch.cat([alpha, torch.tensor([0.3], dtype=dtype)]))
+    h_pre, h_post, h_res, out, rinv = tc.hybrid_coefficients_forward(*inputs, 1e-6, 7, 12)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    want = _plain_hybrid_coefficients(*leaves, 1e-6, 7, 12)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(w.shape, generator=gen, dtype=dtype) for w in want]
+    want_grads = torch.autograd.grad(want, leaves, grads)
+    got_grads = tc.hybrid_coefficients_backward(*inputs, out, rinv, *grads, 7, 12, groups=3)
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for a, b in zip((h_pre, h_post, h_res, *got_grads), (*want, *want_grads)):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+    if dtype == torch.float64 and n == 3:
+        args = [t.detach().clone().requires_grad_() for t in _coefficient_inputs(4, 3, 2, dtype, seed=2)]
+        args[3] = torch.tensor([0.7, 1.1, 0.9, 0.4], dtype=dtype, requires_grad=True)
+
+        def fused(x, phi, bias, alpha):
+            return torch.ops.hyperconn.hybrid_coefficients(x, phi, bias, alpha, 1e-6, 5, 6)[:3]
+        assert torch.autograd.gradcheck(fused, args, fast_mode=True)
+        assert torch.autograd.gradgradcheck(fused, args, fast_mode=True)
+    with pytest.raises(ValueError, match="alpha: expected .* λ, shape \\(4,\\)"):
+        tc.hybrid_coefficients_forward(*inputs[:3], alpha, 1e-6, 7, 12)
+
+
+@needs_interp
+@pytest.mark.parametrize("variant,kernel", [("mhc", "sinkhorn"), ("isohc", "iso"), ("hc", "linear"),
+                                            ("hybrid", "hybrid")])
 def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
     """A dynamic mhc / isohc layer on the Triton backend computes its coefficients in the
     fused op (one call per forward), with the output and every gradient of the unfused
     ops; a variant that changes one of the maps, or another backward / method, is not fused."""
     from hyperconn import HyperConnection
     from hyperconn.ops import triton_coefficients as tc
-    from hyperconn.variants import HC, MHC, IsoHC, Variant
+    from hyperconn.variants import HC, MHC, Hybrid, IsoHC, Variant
     calls = []
     real = tc._forward  # (x, phi, bias, alpha, eps, res map, iters, steps)
     monkeypatch.setattr(tc, "_forward", lambda *a: calls.append(a[5]) or real(*a))
@@ -693,7 +734,7 @@ def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
     gen = torch.Generator().manual_seed(3)
     x, g = torch.randn(2, 5, 4, 37, generator=gen), torch.randn(2, 5, 4, 37, generator=gen)
     fused_out, fused_grads = _layer_grads(layer, x, g)
-    want_calls = [{"sinkhorn": tc.SINKHORN, "iso": tc.ISO, "linear": tc.LINEAR}[kernel]]
+    want_calls = [{"sinkhorn": tc.SINKHORN, "iso": tc.ISO, "linear": tc.LINEAR, "hybrid": tc.HYBRID}[kernel]]
     assert calls == want_calls
     monkeypatch.setattr(tops, "FUSE_COEFFICIENTS", False)
     plain_out, plain_grads = _layer_grads(layer, x, g)
@@ -720,14 +761,17 @@ def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
         def dynamic_activation(self, raw):
             return raw.clamp(-1, 1)
     assert HC(4).fused_maps() == ("linear", 0) and Clipped(4).fused_maps() is None
+    assert Hybrid(4, hybrid_lambda=0.25).fused_maps() == ("hybrid", 20, 12, 0.25)
+    assert Hybrid(4, iso_method="cayley").fused_maps() is None
+    assert Hybrid(4, sinkhorn_backward="implicit").fused_maps() is None
 
 
 @needs_interp
 @pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid", "mhc-lite"])
 def test_interp_triton_layer_compiles_fullgraph(tops, variant):
     """A layer on the Triton backend traces whole under torch.compile (every kernel an
-    opaque custom op, no graph break; mhc and isohc through their fused coefficient ops,
-    hybrid through sinkhorn_tokens and odd_polynomial, mhc-lite through basis_mixture),
+    opaque custom op, no graph break; hc, mhc, isohc and hybrid through their fused
+    coefficient ops, mhc-lite through basis_mixture),
     and the compiled forward and backward equal eager's."""
     from hyperconn import HyperConnection
     torch.manual_seed(0)
@@ -746,7 +790,7 @@ def test_interp_triton_layer_compiles_fullgraph(tops, variant):
     for a, b in zip((got_out, *got_grads), (want_out, *want_grads)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
     kernels = {"hc": ["linear_coefficients"], "mhc": ["sinkhorn_coefficients"], "isohc": ["iso_coefficients"],
-               "hybrid": ["rms_projection", "sinkhorn_tokens", "odd_polynomial"], "mhc-lite": ["basis_mixture"]}[variant]
+               "hybrid": ["hybrid_coefficients"], "mhc-lite": ["basis_mixture"]}[variant]
     want_ops = {f"hyperconn.{k}.default" for k in kernels + ["stream_pre", "stream_merge"]}
     assert want_ops <= traced, traced
 
@@ -788,15 +832,10 @@ def test_interp_custom_ops_pass_opcheck(tops):
                                                                requires_grad=True),)),
              (torch.ops.hyperconn.basis_mixture.default, (torch.randn(5, 6, generator=g, requires_grad=True),
                                                           torch.rand(6, 3, 3, generator=g))),
-             (torch.ops.hyperconn.sinkhorn_coefficients.default,
-              (x, phi, torch.randn(24, generator=g, requires_grad=True),
-               torch.rand(3, generator=g).requires_grad_(), 1e-6, 5)),
-             (torch.ops.hyperconn.iso_coefficients.default,
-              (x, phi, torch.randn(24, generator=g, requires_grad=True),
-               torch.rand(3, generator=g).requires_grad_(), 1e-6, 5)),
-             (torch.ops.hyperconn.linear_coefficients.default,
-              (x, phi, torch.randn(24, generator=g, requires_grad=True),
-               torch.rand(3, generator=g).requires_grad_(), 1e-6, 0))]
+             *[(getattr(torch.ops.hyperconn, f"{kind}_coefficients").default,
+                (x, phi, torch.randn(24, generator=g, requires_grad=True),
+                 torch.rand(4 if kind == "hybrid" else 3, generator=g).requires_grad_(), 1e-6, 5, 4))
+               for kind in ("sinkhorn", "iso", "linear", "hybrid")]]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
@@ -855,18 +894,22 @@ def test_cuda_triton_matches_reference(case, dtype):
 
 @pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
 @pytest.mark.parametrize("kind,n", [("sinkhorn", 1), ("sinkhorn", 4), ("sinkhorn", 8), ("iso", 3), ("iso", 4),
-                                    ("iso", 8), ("linear", 4)])
+                                    ("iso", 8), ("linear", 4), ("hybrid", 4)])
 def test_cuda_fused_coefficients_match_plain_ops(kind, n):
     from hyperconn.ops import triton_coefficients as tc
-    k = {"sinkhorn": 20, "iso": 12, "linear": 0}[kind]
-    plain = {"sinkhorn": _plain_coefficients, "iso": _plain_iso_coefficients, "linear": _plain_linear_coefficients}[kind]
-    inputs = [t.cuda() for t in _coefficient_inputs(4099, n, 515, torch.float32)]
-    h_pre, h_post, h_res, out, rinv = getattr(tc, f"{kind}_coefficients_forward")(*inputs, 1e-6, k)
+    ks = {"sinkhorn": (20,), "iso": (12,), "linear": (), "hybrid": (20, 12)}[kind]
+    plain = {"sinkhorn": _plain_coefficients, "iso": _plain_iso_coefficients, "linear": _plain_linear_coefficients,
+             "hybrid": _plain_hybrid_coefficients}[kind]
+    inputs = _coefficient_inputs(4099, n, 515, torch.float32)
+    if kind == "hybrid":
+        inputs = (*inputs[:3], torch.cat([inputs[3], torch.tensor([0.3])]))
+    inputs = [t.cuda() for t in inputs]
+    h_pre, h_post, h_res, out, rinv = getattr(tc, f"{kind}_coefficients_forward")(*inputs, 1e-6, *ks)
     leaves = [t.clone().requires_grad_() for t in inputs]
-    want = plain(*leaves, 1e-6, k)
+    want = plain(*leaves, 1e-6, *ks)
     grads = [torch.randn_like(w) for w in want]
     want_grads = torch.autograd.grad(want, leaves, grads)
-    got_grads = getattr(tc, f"{kind}_coefficients_backward")(*inputs, out, rinv, *grads, k)
+    got_grads = getattr(tc, f"{kind}_coefficients_backward")(*inputs, out, rinv, *grads, *ks)
     for a, b in zip((h_pre, h_post, h_res, *got_grads), (*want, *want_grads)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
 

@@ -10,15 +10,11 @@ handle them. Imported only when Triton is selected.
     hyperconn::odd_polynomial(x0, schedule)                  → X_S       (+ _backward)
     hyperconn::cayley(a)                                     → Q         (backward: closed form)
     hyperconn::basis_mixture(logits, basis)                  → H         (+ _backward)
-    hyperconn::sinkhorn_coefficients(x, φ, bias, α, eps, iters)
-                                → H_pre, H_post, H_res, out, r       (+ _backward)
-    hyperconn::iso_coefficients(x, φ, bias, α, eps, steps)
-                                → H_pre, H_post, H_res, out, r       (+ _backward)
-    hyperconn::linear_coefficients(x, φ, bias, α, eps, 0)
+    hyperconn::{sinkhorn,iso,linear,hybrid}_coefficients(x, φ, bias, α, eps, iters, steps)
                                 → H_pre, H_post, H_res, out, r       (+ _backward)
 
-The last three are mhc's, isohc's and hc's whole coefficient paths (projection, then the
-gates and the Sinkhorn or Iso-NS, or hc's tanh) in one kernel forward and two backward (:mod:`.triton_coefficients`); the layer takes them through
+The last are mhc's, isohc's, hc's and hybrid's whole coefficient paths (projection, then
+the gates and the Sinkhorn, Iso-NS or their mix, or hc's tanh) in one kernel forward and two backward (:mod:`.triton_coefficients`); the layer takes them through
 :func:`fused_coefficients` when its variant declares maps this backend fuses
 (``Variant.fused_maps``). ``HYPERCONN_FUSED_COEFFICIENTS=0`` in the environment at import
 (or :data:`FUSE_COEFFICIENTS` = False) runs the unfused ops instead, for A/B measurements.
@@ -321,34 +317,45 @@ def basis_mixture(logits: Tensor, basis: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- fused coefficients
-def _plain_coefficients(x, phi, bias, alpha, eps, res_map):
-    """A fused coefficient op's map in plain differentiable ops (its double-backward path):
-    the projection, σ, 2σ and ``res_map`` on the (M, n, n) res logits; ``res_map=None``:
-    hc's, tanh on the projection and no maps."""
+def _plain_coefficients(x, phi, bias, alpha, eps, res, iters, steps):
+    """A fused coefficient op's map (``res``: a ``triton_coefficients`` map) in plain
+    differentiable ops, its double-backward path: the projection, then σ, 2σ and the res
+    map, or (hc) tanh and no maps."""
+    from ..projections import hybrid_mix
+    from ..projections.iso import iso_project
+    from .reference import sinkhorn_tokens
     from .torch_backend import plain_rms_projection
 
     n, acc = x.shape[-2], compute_dtype(x, phi)
     out = plain_rms_projection(x, phi, eps, acc).reshape(-1, phi.shape[-1])
     scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)]).to(acc)
-    if res_map is None:
+    if res == tc.LINEAR:
         raw = bias.to(acc) + scale * torch.tanh(out)
         return raw[:, :n], raw[:, n:2 * n], raw[:, 2 * n:].unflatten(-1, (n, n))
     raw = bias.to(acc) + scale * out
-    return (torch.sigmoid(raw[:, :n]), 2.0 * torch.sigmoid(raw[:, n:2 * n]), res_map(raw[:, 2 * n:].unflatten(-1, (n, n))))
+    z = raw[:, 2 * n:].unflatten(-1, (n, n))
+    if res == tc.SINKHORN:
+        h_res = sinkhorn_tokens(z, iters)
+    elif res == tc.ISO:
+        h_res = iso_project(z, "ns", steps, backend="torch")
+    else:
+        h_res = hybrid_mix(iso_project(z, "ns", steps, backend="torch"), sinkhorn_tokens(z, iters), alpha[3])
+    return torch.sigmoid(raw[:, :n]), 2.0 * torch.sigmoid(raw[:, n:2 * n]), h_res
 
 
-def _coefficients_op(name: str, forward, backward, res_map):
-    """Registers ``hyperconn::<name>(x, phi, bias, alpha, eps, k)`` (k: Sinkhorn rounds or
-    Newton-Schulz steps) → (H_pre, H_post, H_res, out, r) with its backward op, fake
-    implementations and autograd (exact double backward through ``res_map`` in plain ops)."""
+def _coefficients_op(name: str, res: int):
+    """Registers ``hyperconn::<name>(x, phi, bias, alpha, eps, iters, steps)`` → (H_pre,
+    H_post, H_res, out, r) for the map ``res`` (``iters``: Sinkhorn rounds, ``steps``:
+    Newton-Schulz steps; a map ignores what it does not use) with its backward op, fake
+    implementations and autograd (exact double backward through the plain ops)."""
 
     @torch.library.custom_op(f"hyperconn::{name}", mutates_args=())
-    def op(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, eps: float,
-           k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return forward(x, phi, bias, alpha, eps, k)
+    def op(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, eps: float, iters: int,
+           steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return tc._forward(x, phi, bias, alpha, eps, res, iters, steps)
 
     @op.register_fake
-    def _(x, phi, bias, alpha, eps, k):
+    def _(x, phi, bias, alpha, eps, iters, steps):
         acc = compute_dtype(x, phi)
         n, N = x.shape[-2], phi.shape[-1]
         m = x.numel() // (x.shape[-2] * x.shape[-1]) if x.dim() >= 2 else 0
@@ -357,18 +364,19 @@ def _coefficients_op(name: str, forward, backward, res_map):
 
     @torch.library.custom_op(f"hyperconn::{name}_backward", mutates_args=())
     def op_backward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, out: Tensor, rinv: Tensor,
-                    g_pre: Tensor, g_post: Tensor, g_res: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, k)
+                    g_pre: Tensor, g_post: Tensor, g_res: Tensor, iters: int,
+                    steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tc._backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, None)
 
     @op_backward.register_fake
-    def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, k):
+    def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters, steps):
         return x.new_empty(x.shape), phi.new_empty(phi.shape), bias.new_empty(bias.shape), alpha.new_empty(alpha.shape)
 
     def setup(ctx, inputs, output):
-        x, phi, bias, alpha, eps, k = inputs
+        x, phi, bias, alpha, eps, iters, steps = inputs
         ctx.save_for_backward(x, phi, bias, alpha, output[3], output[4])
         ctx.mark_non_differentiable(output[3], output[4])  # the saved projection and scale
-        ctx.eps, ctx.k = eps, k
+        ctx.eps, ctx.iters, ctx.steps = eps, iters, steps
 
     def grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv):
         x, phi, bias, alpha, out, rinv = ctx.saved_tensors
@@ -381,35 +389,21 @@ def _coefficients_op(name: str, forward, backward, res_map):
             need = ctx.needs_input_grad[:4]
             wanted = [t for t, w in zip((x, phi, bias, alpha), need) if w]
             if not wanted:
-                return None, None, None, None, None, None
-            h = _plain_coefficients(x, phi, bias, alpha, ctx.eps,
-                                    None if res_map is None else (lambda z: res_map(z, ctx.k)))
+                return (None,) * 7
+            h = _plain_coefficients(x, phi, bias, alpha, ctx.eps, res, ctx.iters, ctx.steps)
             got = iter(torch.autograd.grad(h, wanted, grads, create_graph=True, allow_unused=True))
-            return tuple(next(got) if w else None for w in need) + (None, None)
-        dx, dphi, dbias, dalpha = op_backward(x, phi, bias, alpha, out, rinv, *grads, ctx.k)
-        return dx, dphi, dbias, dalpha, None, None
+            return tuple(next(got) if w else None for w in need) + (None,) * 3
+        dx, dphi, dbias, dalpha = op_backward(x, phi, bias, alpha, out, rinv, *grads, ctx.iters, ctx.steps)
+        return dx, dphi, dbias, dalpha, None, None, None
 
     op.register_autograd(grad, setup_context=setup)
     return op
 
 
-def _plain_sinkhorn(z, iters):
-    from .reference import sinkhorn_tokens
-    return sinkhorn_tokens(z, iters)
-
-
-def _plain_iso(z, steps):
-    from ..projections.iso import iso_project
-    return iso_project(z, "ns", steps, backend="torch")
-
-
-_sinkhorn_coefficients = _coefficients_op("sinkhorn_coefficients", tc.sinkhorn_coefficients_forward,
-                                          tc.sinkhorn_coefficients_backward, _plain_sinkhorn)
-_iso_coefficients = _coefficients_op("iso_coefficients", tc.iso_coefficients_forward,
-                                     tc.iso_coefficients_backward, _plain_iso)
-_linear_coefficients = _coefficients_op("linear_coefficients", tc.linear_coefficients_forward,
-                                        tc.linear_coefficients_backward, None)
-_FUSED_OPS = {"sinkhorn": _sinkhorn_coefficients, "iso": _iso_coefficients, "linear": _linear_coefficients}
+_FUSED_OPS = {"sinkhorn": _coefficients_op("sinkhorn_coefficients", tc.SINKHORN),
+              "iso": _coefficients_op("iso_coefficients", tc.ISO),
+              "linear": _coefficients_op("linear_coefficients", tc.LINEAR),
+              "hybrid": _coefficients_op("hybrid_coefficients", tc.HYBRID)}
 
 
 def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
@@ -420,17 +414,29 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
     layer then runs the projection and the variant's maps as separate ops).
 
     ``maps``: the variant's :meth:`~hyperconn.variants.Variant.fused_maps`; fused here, for
-    n ≤ 8: ``("sinkhorn", iters)`` (σ, 2σ and the unrolled Sinkhorn of mhc) and
-    ``("iso", steps)`` (σ, 2σ and Iso-NS, ``iso_project(method="ns")``, of isohc; n ≥ 3) and
-    ``("linear", 0)`` (hc's tanh activation and identity maps)."""
+    n ≤ 8: ``("sinkhorn", iters)`` (σ, 2σ and the unrolled Sinkhorn of mhc), ``("iso",
+    steps)`` (σ, 2σ and Iso-NS, ``iso_project(method="ns")``, of isohc; n ≥ 3),
+    ``("linear", 0)`` (hc's tanh activation and identity maps) and ``("hybrid", iters, steps,
+    λ)`` ((1 − λ) Iso-NS + λ Sinkhorn; λ a float or a 0-dim tensor, differentiated; n ≥ 3)."""
     n = x.shape[-2]
-    op = _FUSED_OPS.get(maps[0])
+    kind = maps[0]
+    op = _FUSED_OPS.get(kind)
     if (not FUSE_COEFFICIENTS or op is None or n > tk.MAX_SINKHORN_N or x.numel() == 0
-            or (maps[0] == "iso" and n < 3)):
+            or (kind in ("iso", "hybrid") and n < 3)):
         return None
     xc = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(cdtype)
     bias = torch.cat([b_pre.to(cdtype), b_post.to(cdtype), b_res.to(cdtype).flatten()])
-    h_pre, h_post, h_res, _, _ = op(xc, phi.to(cdtype), bias, alpha.to(cdtype), float(eps), int(maps[1]))
+    alpha = alpha.to(cdtype)
+    iters = steps = 0
+    if kind == "sinkhorn":
+        iters = maps[1]
+    elif kind == "iso":
+        steps = maps[1]
+    elif kind == "hybrid":
+        iters, steps, lam = maps[1], maps[2], maps[3]
+        lam = lam.to(cdtype) if isinstance(lam, Tensor) else alpha.new_tensor(float(lam))
+        alpha = torch.cat([alpha, lam.reshape(1)])
+    h_pre, h_post, h_res, _, _ = op(xc, phi.to(cdtype), bias, alpha, float(eps), int(iters), int(steps))
     lead = x.shape[:-2]
     return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
 

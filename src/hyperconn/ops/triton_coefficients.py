@@ -48,10 +48,12 @@ from . import triton_kernels as tk
 from .triton_kernels import _acc, _bmm, _bmm_tn, _dot, _poly_step, _sinkhorn_iterate, _sinkhorn_vjp
 
 __all__ = ["sinkhorn_coefficients_forward", "sinkhorn_coefficients_backward", "iso_coefficients_forward",
-           "iso_coefficients_backward", "linear_coefficients_forward", "linear_coefficients_backward", "streams_of",
-           "SINKHORN", "ISO", "LINEAR"]
+           "iso_coefficients_backward", "linear_coefficients_forward", "linear_coefficients_backward",
+           "hybrid_coefficients_forward", "hybrid_coefficients_backward", "streams_of", "SINKHORN", "ISO", "LINEAR",
+           "HYBRID"]
 
-SINKHORN, ISO, LINEAR = 0, 1, 2  # the kernels' RES map (LINEAR: hc's tanh activation, identity maps)
+SINKHORN, ISO, LINEAR, HYBRID = 0, 1, 2, 3  # the kernels' RES map (LINEAR: hc's tanh, identity maps;
+#                                            HYBRID: (1 − λ) Iso-NS + λ Sinkhorn, λ = alpha[3])
 
 
 @triton.jit
@@ -132,13 +134,15 @@ def _iso_forward(z, u, coef_ptr, STEPS, S: tl.constexpr, MP: tl.constexpr):
 
 @triton.jit
 def _iso_vjp(z, g, u, coef_ptr, hist_ptr, h_base, h_mask, STEPS, S: tl.constexpr, MP: tl.constexpr):
-    """∂z of _iso_forward for output gradient g (BM, SP, SP), fp64, zero-padded; the iterates
-    go through the scratch rows ``h_base`` (BM, MP, MP) + step·MP² of ``hist_ptr``."""
+    """(∂z of _iso_forward for output gradient g (BM, SP, SP), and its output H), fp64,
+    zero-padded; the iterates go through the scratch rows ``h_base`` (BM, MP, MP) +
+    step·MP² of ``hist_ptr``."""
     a, gram, s, zero, eye = _iso_start(z, u, S, MP)
     x = a / s[:, None, None]
     for st in range(STEPS):  # recompute X_0 … X_{STEPS−1}
         tl.store(hist_ptr + h_base + st * (MP * MP), x, mask=h_mask)
         x = _poly_step(x, tl.load(coef_ptr + 3 * st), tl.load(coef_ptr + 3 * st + 1), tl.load(coef_ptr + 3 * st + 2))
+    h = _bmm_nt(_bmm(u, tl.where(zero, eye, x)), u) + (tl.zeros((1, 1, 1), tl.float64) + 1.0) / S
     tl.debug_barrier()  # the reverse sweep reads what this program wrote
     gx = tl.where(zero, 0.0, _bmm_tn(u, _bmm(g, u)))  # ∂Q = Uᵀ G U; nothing flows into a zero block
     for r in range(STEPS):
@@ -157,7 +161,7 @@ def _iso_vjp(z, g, u, coef_ptr, hist_ptr, h_base, h_mask, STEPS, S: tl.constexpr
     s5 = s * s * s * s * s
     ga = gx / s[:, None, None] - (inner / s5)[:, None, None] * _bmm(a, gram)
     ga = tl.where(zero, 0.0, ga)
-    return _bmm_nt(_bmm(u, ga), u)
+    return _bmm_nt(_bmm(u, ga), u), h
 
 
 @triton.jit
@@ -218,9 +222,15 @@ def _coef_maps_fwd(tok, tmask, bias_ptr, alpha_ptr, out_ptr, pre_ptr, post_ptr, 
         h_pre, h_post = tl.sigmoid(raw_pre), 2.0 * tl.sigmoid(raw_post)
         if RES == 0:
             h = tl.exp(_sinkhorn_iterate(tl.where(rmask, z, float("-inf")), ITERS))
-        else:
+        elif RES == 1:
             h = _iso_forward(tl.where(rmask, z, 0.0).to(tl.float64), _helmert_tile(u_ptr, BM, SP, MP), coef_ptr,
                              STEPS, S, MP)
+        else:  # hybrid: (1 − λ) Iso + λ Sinkhorn, λ = alpha[3]
+            lam = tl.load(alpha_ptr + 3).to(tl.float64)
+            h_sk = tl.exp(_sinkhorn_iterate(tl.where(rmask, z, float("-inf")), ITERS)).to(tl.float64)
+            h_iso = _iso_forward(tl.where(rmask, z, 0.0).to(tl.float64), _helmert_tile(u_ptr, BM, SP, MP), coef_ptr,
+                                 STEPS, S, MP)
+            h = (1.0 - lam) * h_iso + lam * h_sk
     tl.store(pre_ptr + tok[:, None] * S + s[None, :], h_pre, mask=gmask)
     tl.store(post_ptr + tok[:, None] * S + s[None, :], h_post, mask=gmask)
     tl.store(res_ptr + tok[:, None, None] * (S * S) + rel, h.to(res_ptr.dtype.element_ty), mask=rmask)
@@ -228,7 +238,7 @@ def _coef_maps_fwd(tok, tmask, bias_ptr, alpha_ptr, out_ptr, pre_ptr, post_ptr, 
 
 @triton.jit
 def _coef_maps_bwd_kernel(out_ptr, rinv_ptr, bias_ptr, alpha_ptr, gpre_ptr, gpost_ptr, gres_ptr,
-                          draw_ptr, gp_ptr, rs_ptr, hist_ptr, u_ptr, coef_ptr, M, K, STEPS,
+                          draw_ptr, gp_ptr, rs_ptr, hist_ptr, hist2_ptr, dlam_ptr, u_ptr, coef_ptr, M, K, STEPS,
                           RES: tl.constexpr, ITERS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
                           MP: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
     tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
@@ -259,8 +269,18 @@ def _coef_maps_bwd_kernel(out_ptr, rinv_ptr, bias_ptr, alpha_ptr, gpre_ptr, gpos
         f_pre, f_post, f_res = 1.0, 1.0, 1.0
         # The res map: recompute and reverse-sweep its iterations.
         z = _acc(tl.load(bias_ptr + 2 * S + rel, mask=rmask, other=0.0), F64) + a_res * o_res
-        d_res = _res_map_vjp(z, g, rmask, tok, tmask, hist_ptr, u_ptr, coef_ptr, STEPS, RES, ITERS, S, SP, MP, BM,
-                             F64)
+        if RES == 3:  # hybrid: both maps' gradients, and ∂λ = Σ ⟨g, H_sk − H_iso⟩ per token
+            lam = _acc(tl.load(alpha_ptr + 3), F64)
+            d_sk, h_sk = _res_map_vjp(z, g, rmask, tok, tmask, hist_ptr, u_ptr, coef_ptr, STEPS, 0, ITERS, S, SP,
+                                      MP, BM, F64)
+            d_iso, h_iso = _res_map_vjp(z, g, rmask, tok, tmask, hist2_ptr, u_ptr, coef_ptr, STEPS, 1, ITERS, S, SP,
+                                        MP, BM, F64)
+            d_res = (1.0 - lam) * d_iso + lam * d_sk
+            diff = tl.where(rmask, g * (h_sk - h_iso), 0.0)
+            tl.store(dlam_ptr + tok, tl.sum(tl.sum(diff, axis=2), axis=1), mask=tmask)
+        else:
+            d_res, _ = _res_map_vjp(z, g, rmask, tok, tmask, hist_ptr, u_ptr, coef_ptr, STEPS, RES, ITERS, S, SP, MP,
+                                    BM, F64)
     d_res = tl.where(rmask, d_res, 0.0)
     tl.store(draw_ptr + gate, d_pre, mask=gmask)
     tl.store(draw_ptr + gate + S, d_post, mask=gmask)
@@ -279,20 +299,24 @@ def _coef_maps_bwd_kernel(out_ptr, rinv_ptr, bias_ptr, alpha_ptr, gpre_ptr, gpos
 def _res_map_vjp(z, g, rmask, tok, tmask, hist_ptr, u_ptr, coef_ptr, STEPS, RES: tl.constexpr,
                  ITERS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr,
                  F64: tl.constexpr):
-    """∂z of the Sinkhorn (RES = 0) or Iso-NS (RES = 1) res map for gradient g (BM, SP, SP)."""
+    """(∂z, H) of the Sinkhorn (RES = 0) or Iso-NS (RES = 1) res map for gradient g
+    (BM, SP, SP), in the compute dtype; H is the map's output, recomputed."""
     if RES == 0:
         k = tl.arange(0, SP)
         h_offs = tok[:, None] * (ITERS * 2 * SP) + k[None, :]
         h_mask = tmask[:, None] & (k < SP)[None, :]
-        d_res = _sinkhorn_vjp(tl.where(rmask, z, float("-inf")), g, hist_ptr, h_offs, h_mask, k, ITERS, S, SP)
+        zs = tl.where(rmask, z, float("-inf"))
+        d_res = _sinkhorn_vjp(zs, g, hist_ptr, h_offs, h_mask, k, ITERS, S, SP)
+        h = tl.exp(_sinkhorn_iterate(zs, ITERS))
     else:
         t = tl.arange(0, MP)
         tile = t[None, :, None] * MP + t[None, None, :]
         h_base = tok[:, None, None] * (STEPS * MP * MP) + tile
-        d_res = _acc(_iso_vjp(tl.where(rmask, z, 0.0).to(tl.float64), g.to(tl.float64),
-                              _helmert_tile(u_ptr, BM, SP, MP), coef_ptr, hist_ptr, h_base,
-                              tmask[:, None, None] & (tile >= 0), STEPS, S, MP), F64)
-    return d_res
+        d64, h64 = _iso_vjp(tl.where(rmask, z, 0.0).to(tl.float64), g.to(tl.float64),
+                            _helmert_tile(u_ptr, BM, SP, MP), coef_ptr, hist_ptr, h_base,
+                            tmask[:, None, None] & (tile >= 0), STEPS, S, MP)
+        d_res, h = _acc(d64, F64), _acc(h64, F64)
+    return d_res, h
 
 
 # ====================================================================== launchers
@@ -310,15 +334,20 @@ def streams_of(bias: torch.Tensor) -> int:
     return n
 
 
-def _layout(x, phi, bias, alpha):
+def _layout(x, phi, bias, alpha, res=SINKHORN):
     n = streams_of(bias)
     K, N = phi.shape
     if x.dim() < 2 or x.shape[-2] * x.shape[-1] != K or x.shape[-2] != n:
         raise ValueError(f"x: expected (..., n={n}, C) with n·C = {K} rows of phi, got {tuple(x.shape)}")
     if N != bias.shape[0]:
         raise ValueError(f"phi: expected (n·C, {bias.shape[0]}) columns to match the biases, got {tuple(phi.shape)}")
-    if tuple(alpha.shape) != (3,):
+    if res == HYBRID and tuple(alpha.shape) != (4,):
+        raise ValueError(f"alpha: expected the three scales (pre, post, res) and λ, shape (4,), got "
+                         f"{tuple(alpha.shape)}")
+    if res != HYBRID and tuple(alpha.shape) != (3,):
         raise ValueError(f"alpha: expected the three scales (pre, post, res) of shape (3,), got {tuple(alpha.shape)}")
+    if res in (ISO, HYBRID) and n < 3:
+        raise ValueError(f"bias: the fused Iso-NS coefficients need n ≥ 3 streams, got n = {n}")
     acc = compute_dtype(x, phi)
     x2 = x.contiguous().view(-1, K)
     NP, BM, BK = tk._rms_tiles(K, N, acc)
@@ -344,20 +373,20 @@ def _map_tokens(res: int, SP: int, MP: int, acc: torch.dtype) -> int:
     kept at ≤ 2048 values (at 32 tokens they spilled registers from n = 4 on, tens of KB
     per thread at n = 8, compiled for sm_90); fp64 Sinkhorn at n > 4 a little over 255
     registers at 32 (80 B of stack; none at 16)."""
-    if res == ISO:
+    if res in (ISO, HYBRID):
         return max(1, min(16, 2048 // (SP * SP * MP)))
     return 16 if acc == torch.float64 and SP > 4 else 32
 
 
 def _forward(x, phi, bias, alpha, eps, res, iters, steps):
-    n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha)
+    n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha, res)
     SP, MP = tk._np2(n), tk._np2(max(n - 1, 1))
     out = torch.empty((M, N), dtype=acc, device=x.device)
     rinv = torch.empty((M,), dtype=acc, device=x.device)
     h_pre = torch.empty((M, n), dtype=acc, device=x.device)
     h_post = torch.empty((M, n), dtype=acc, device=x.device)
     h_res = torch.empty((M, n, n), dtype=acc, device=x.device)
-    u, coef = _iso_constants(n, steps, x.device) if res == ISO else (rinv, rinv)  # unused by Sinkhorn
+    u, coef = _iso_constants(n, steps, x.device) if res in (ISO, HYBRID) else (rinv, rinv)  # else unused
     _coef_fwd_kernel[(triton.cdiv(M, BM),)](
         x2, phi.to(acc).contiguous(), bias.to(acc).contiguous(), alpha.to(acc).contiguous(), out, rinv,
         h_pre, h_post, h_res, u, coef, M, K, float(eps), int(steps), RES=res, ITERS=int(iters), S=n, SP=SP,
@@ -366,28 +395,35 @@ def _forward(x, phi, bias, alpha, eps, res, iters, steps):
 
 
 def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, groups):
-    n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha)
+    n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha, res)
     SP, MP = tk._np2(n), tk._np2(max(n - 1, 1))
     draw = torch.empty((M, N), dtype=acc, device=x.device)
     gp = torch.empty((M, N), dtype=acc, device=x.device)
     rs = torch.empty((M,), dtype=acc, device=x.device)
-    if res == ISO:  # scratch for the recomputed iterates
-        u, coef = _iso_constants(n, steps, x.device)
-        hist = torch.empty((M, int(steps), MP, MP), dtype=torch.float64, device=x.device)
-    elif res == SINKHORN:
-        u = coef = rs
+    # Scratch for the recomputed iterates (Sinkhorn's log-scalings, Iso-NS's X_t), and ∂λ
+    # per token (hybrid); what a map does not use is a placeholder.
+    u = coef = hist = hist2 = dlam = rs
+    if res in (SINKHORN, HYBRID):
         hist = torch.empty((M, int(iters), 2, SP), dtype=acc, device=x.device)
-    else:  # LINEAR: no iterations, no scratch
-        u = coef = hist = rs
+    if res in (ISO, HYBRID):
+        u, coef = _iso_constants(n, steps, x.device)
+        hist2 = torch.empty((M, int(steps), MP, MP), dtype=torch.float64, device=x.device)
+    if res == ISO:
+        hist = hist2
+    if res == HYBRID:
+        dlam = torch.empty((M,), dtype=acc, device=x.device)
     grads = [g.to(acc).contiguous() for g in (g_pre, g_post, g_res)]
     BMI = _map_tokens(res, SP, MP, acc)  # no GEMM here: the maps' own tile
     _coef_maps_bwd_kernel[(triton.cdiv(M, BMI),)](
-        out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, u, coef,
-        M, K, int(steps), RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, BM=BMI, F64=acc == torch.float64)
+        out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, hist2, dlam,
+        u, coef, M, K, int(steps), RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, BM=BMI,
+        F64=acc == torch.float64)
     dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups)
     per_col = (draw * (torch.tanh(out) if res == LINEAR else out)).sum(0)  # ∂α_g = Σ ∂raw ⊙ activation
-    dalpha = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
-    return dx.view(x.shape), dphi, draw.sum(0).to(bias.dtype), dalpha.to(alpha.dtype)
+    dalpha = [per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()]
+    if res == HYBRID:
+        dalpha.append(dlam.sum())
+    return dx.view(x.shape), dphi, draw.sum(0).to(bias.dtype), torch.stack(dalpha).to(alpha.dtype)
 
 
 def sinkhorn_coefficients_forward(x, phi, bias, alpha, eps, iters):
@@ -428,11 +464,24 @@ def iso_coefficients_forward(x, phi, bias, alpha, eps, steps):
         ValueError: for shapes that do not fit together, or n < 3 (the 1×1 and empty blocks
             of n ≤ 2 are special cases of ``iso_project``, left to it).
     """
-    if streams_of(bias) < 3:
-        raise ValueError(f"bias: the fused Iso-NS coefficients need n ≥ 3 streams, got n = {streams_of(bias)}")
     return _forward(x, phi, bias, alpha, eps, ISO, 1, steps)
 
 
 def iso_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, steps, groups=None):
     """(∂x, ∂φ, ∂bias, ∂alpha) of :func:`iso_coefficients_forward`."""
     return _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, ISO, 1, steps, groups)
+
+
+def hybrid_coefficients_forward(x, phi, bias, alpha, eps, iters, steps):
+    """As :func:`sinkhorn_coefficients_forward` for hybrid: H_res = (1 − λ)·Iso-NS(raw_res,
+    ``steps``) + λ·Sinkhorn(raw_res, ``iters``), with alpha (4,) = (α_pre, α_post, α_res, λ).
+
+    Raises:
+        ValueError: for shapes that do not fit together, alpha not (4,), or n < 3.
+    """
+    return _forward(x, phi, bias, alpha, eps, HYBRID, iters, steps)
+
+
+def hybrid_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters, steps, groups=None):
+    """(∂x, ∂φ, ∂bias, ∂alpha (4,), the last ∂λ) of :func:`hybrid_coefficients_forward`."""
+    return _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, HYBRID, iters, steps, groups)

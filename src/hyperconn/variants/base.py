@@ -286,7 +286,10 @@ class Variant(nn.Module):
         :meth:`_keeps_maps_of`). Known descriptions, fused by the Triton backend:
         ``("sinkhorn", iters)`` (identity activation, σ / 2σ gates, the unrolled Sinkhorn:
         mhc), ``("iso", steps)`` (the same gates, ``iso_project(method="ns", steps=)``:
-        isohc) and ``("linear", 0)`` (tanh activation, identity maps: hc)."""
+        isohc), ``("linear", 0)`` (tanh activation, identity maps: hc) and ``("hybrid",
+        iters, steps, λ)`` (the gates, (1 − λ)·Iso-NS + λ·Sinkhorn; λ a float or a tensor
+        that gets its gradient: hybrid). A spec is asked for at every forward, so it may
+        carry the variant's current parameters."""
         return None
 
     def _keeps_maps_of(self, owner: type) -> bool:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..projections import hybrid_mix, iso_project
+from ..projections.iso import NS_COEFFICIENTS
 from .base import Variant
 from .isohc import describe_iso
 from .mhc import describe_sinkhorn, sinkhorn_map
@@ -53,6 +54,12 @@ class Hybrid(Variant):
         h_iso = iso_project(raw_res, self.options.iso_method, self.options.iso_steps, backend=self.kernels)
         h_birk = sinkhorn_map(raw_res, self.options, self.kernels)
         return hybrid_mix(h_iso, h_birk, self.lam)
+
+    def fused_maps(self):
+        o = self.options
+        if self._keeps_maps_of(Hybrid) and o.iso_method == "ns" and o.sinkhorn_backward == "unrolled":
+            return ("hybrid", o.sinkhorn_iters, o.iso_steps or len(NS_COEFFICIENTS), self.lam)
+        return None
 
     @classmethod
     def describe_options(cls, options):
