@@ -5,14 +5,14 @@
 #   bash benchmarks/gpu/session.sh OUT_DIR [steps...]   # there (carry .gpu-wheels)
 #
 # steps (default: all, in this order, most important first; limits in seconds sum to
-# 8.5 min, and a step that hits its limit loses only itself):
+# 8.4 min, and a step that hits its limit loses only itself):
 #   env        GPU, versions; installs .gpu-wheels/ (if present) without network     40
-#   tests      CUDA kernel tests: every Triton kernel and layer against the torch path 150
+#   tests      CUDA kernel tests: every Triton kernel and layer against the torch path 140
 #   kernels    kernel GB/s against a device copy                                       30
-#   profile    GPU-busy vs wall per step at d = 768, eager: mhc and isohc with and
-#              without their fused coefficient kernels (the issue's <= 30 % target)    45
+#   profile    GPU-busy vs wall per step at d = 768, eager: hc, mhc, isohc, hybrid; mhc
+#              and isohc also without their fused coefficient kernels (<= 30 % target) 60
 #   wide       the same at d = 2048 (<= 12 %)                                          45
-#   compiled   torch.compile and CUDA graphs (wall within 1.2x of GPU-busy overhead)  100
+#   compiled   torch.compile and CUDA graphs (wall within 1.2x of GPU-busy overhead)   90
 #   layer      layer vs peer mHCv2 (>= 5x), isohc vs mhc (<= 1.3x)                     40
 #   model      whole-step wall time per variant                                        30
 #   recompute  activation memory and step time: none / per-layer / block recompute    30
@@ -47,13 +47,14 @@ for s in $steps; do
            if [ -d '$wheels' ]; then $py -m pip install -q --no-index --find-links '$wheels' '$wheels'/*.whl; fi; \
            $py -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; \
            $py -c 'import rich, hyper_connections; print(\"bench and peer importable\")'; git log -1 --format=%H" ;;
-    tests) step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
+    tests) step tests 140 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
     kernels) step kernels 30 $py benchmarks/bench_kernels.py --device cuda --dtype bf16 --tokens 65536 --dim 2048 --reps 20 ;;
-    profile) prof 45 profile --configs residual:bf16 hc:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused ;;
+    profile) prof 60 profile --configs residual:bf16 hc:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused \
+             hybrid:bf16 ;;
     wide) prof 45 wide --dim 2048 --heads 16 --configs residual:bf16 mhc:bf16 isohc:bf16 ;;
-    compiled) prof 100 compiled --configs residual:bf16:compile mhc:bf16:compile residual:bf16:graphs mhc:bf16:graphs ;;
+    compiled) prof 90 compiled --configs residual:bf16:compile mhc:bf16:compile residual:bf16:graphs mhc:bf16:graphs ;;
     layer) step layer 40 $py -m hyperconn.cli bench layer --device cuda --streams 4 --dims 512 --repeats 11 \
-             --cases residual hc mhc isohc peer-mhcv2 --out "$out/layer.json" ;;
+             --cases residual hc mhc isohc hybrid peer-mhcv2 --out "$out/layer.json" ;;
     model) step model 30 $py -m hyperconn.cli bench model --device cuda --variants residual mhc isohc \
              --stream-dtype bfloat16 --no-recompute --repeats 5 --no-memory --out "$out/model.json" ;;
     recompute) step recompute 30 $py benchmarks/bench_recompute.py --device cuda --dim 768 --seq 1024 --batch 8 \
