@@ -550,17 +550,17 @@ def test_interp_sinkhorn_coefficients_gradcheck_and_double_backward(tops):
     x = inputs[0]
 
     def fused(x, phi, bias, alpha):
-        return torch.ops.hyperconn.sinkhorn_coefficients(x, phi, bias, alpha, 1e-6, 4, 0)[:3]
+        return torch.ops.hyperconn.sinkhorn_coefficients(x, phi, bias, alpha, 1e-6, 4, 0, False)[:3]
 
     def linear(x, phi, bias, alpha):  # hc's
-        return torch.ops.hyperconn.linear_coefficients(x, phi, bias, alpha, 1e-6, 0, 0)[:3]
+        return torch.ops.hyperconn.linear_coefficients(x, phi, bias, alpha, 1e-6, 0, 0, False)[:3]
     # fast_mode: the Jacobian checked along random directions (the interpreter is slow).
     for op in (fused, linear):
         assert torch.autograd.gradcheck(op, inputs, fast_mode=True)
         assert torch.autograd.gradgradcheck(op, inputs, fast_mode=True)
     # Half-precision streams are read as they are, computed in fp32.
     xb = x.detach().bfloat16()
-    h = torch.ops.hyperconn.sinkhorn_coefficients(xb, *(t.detach().float() for t in inputs[1:]), 1e-6, 4, 0)
+    h = torch.ops.hyperconn.sinkhorn_coefficients(xb, *(t.detach().float() for t in inputs[1:]), 1e-6, 4, 0, False)
     want = _plain_coefficients(xb.float(), *(t.detach().float() for t in inputs[1:]), 1e-6, 4)
     for a, b in zip(h[:3], want):
         assert a.dtype == torch.float32
@@ -669,7 +669,7 @@ def test_interp_iso_coefficients_zero_block_and_double_backward(tops):
     inputs = [t.requires_grad_() for t in _coefficient_inputs(4, 3, 2, torch.float64, seed=2)]
 
     def fused(x, phi, bias, alpha):
-        return torch.ops.hyperconn.iso_coefficients(x, phi, bias, alpha, 1e-6, 0, 6)[:3]
+        return torch.ops.hyperconn.iso_coefficients(x, phi, bias, alpha, 1e-6, 0, 6, False)[:3]
     assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
     assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
     with pytest.raises(ValueError, match="n ≥ 3"):
@@ -709,11 +709,50 @@ def test_interp_hybrid_coefficients_match_plain_ops(tops, M, n, C, dtype):
         args[3] = torch.tensor([0.7, 1.1, 0.9, 0.4], dtype=dtype, requires_grad=True)
 
         def fused(x, phi, bias, alpha):
-            return torch.ops.hyperconn.hybrid_coefficients(x, phi, bias, alpha, 1e-6, 5, 6)[:3]
+            return torch.ops.hyperconn.hybrid_coefficients(x, phi, bias, alpha, 1e-6, 5, 6, False)[:3]
         assert torch.autograd.gradcheck(fused, args, fast_mode=True)
         assert torch.autograd.gradgradcheck(fused, args, fast_mode=True)
     with pytest.raises(ValueError, match="alpha: expected .* λ, shape \\(4,\\)"):
         tc.hybrid_coefficients_forward(*inputs[:3], alpha, 1e-6, 7, 12)
+
+
+@needs_interp
+@pytest.mark.parametrize("kind,ks,n,C", [("sinkhorn", (5, 0), 4, 13), ("iso", (0, 6), 3, 33), ("linear", (0, 0), 8, 5),
+                                        ("hybrid", (5, 6), 4, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_interp_fused_coefficients_read_the_branch_input(tops, kind, ks, n, C, dtype):
+    """With read=True the fused op also returns H_pre x (its own H_pre), and its backward
+    writes one ∂x for the coefficients and the read: the same as the coefficients plus
+    stream_pre (reference) differentiated by autograd; double backward and gradcheck too."""
+    gen = torch.Generator().manual_seed(5)
+    x, phi, bias, alpha = _coefficient_inputs(11, n, C, torch.float64 if dtype == torch.float64 else torch.float32)
+    if kind == "hybrid":
+        alpha = torch.cat([alpha, alpha.new_tensor([0.6])])
+    x = x.to(dtype)
+    op = getattr(torch.ops.hyperconn, f"{kind}_coefficients")
+    leaves = [t.clone().requires_grad_() for t in (x, phi, bias, alpha)]
+    got = op(*leaves, 1e-6, *ks, True)
+    assert got[5].dtype == dtype and got[5].shape == (11, C)
+    want_read = reference.stream_pre(leaves[0].detach().to(got[0].dtype), got[0].detach()).to(dtype)
+    # bf16: ≈2 ulps (the interpreter rounds fp32 → bf16 by truncation)
+    rtol = 1.6e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got[5], want_read, rtol=rtol, atol=rtol * want_read.abs().max().item())
+    plain = [t.clone().requires_grad_() for t in (x, phi, bias, alpha)]
+    h = op(*plain, 1e-6, *ks, False)
+    u = reference.stream_pre(plain[0].to(h[0].dtype), h[0]).to(dtype)
+    g = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (*h[:3], u)]
+    want = torch.autograd.grad([*h[:3], u], plain, g)
+    have = torch.autograd.grad([*got[:3], got[5]], leaves, g)
+    for a, b in zip(have, want):
+        tol = 1e-12 if dtype == torch.float64 else (2e-2 if dtype == torch.bfloat16 else 2e-5)
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+    if dtype == torch.float64 and kind == "sinkhorn":
+        args = [t.detach().clone().requires_grad_() for t in _coefficient_inputs(4, 3, 2, dtype, seed=2)]
+
+        def with_read(x, phi, bias, alpha):
+            return op(x, phi, bias, alpha, 1e-6, 4, 0, True)[5]
+        assert torch.autograd.gradcheck(with_read, args, fast_mode=True)
+        assert torch.autograd.gradgradcheck(with_read, args, fast_mode=True)
 
 
 @needs_interp
@@ -728,7 +767,7 @@ def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
     from hyperconn.variants import HC, MHC, Hybrid, IsoHC, Variant
     calls = []
     real = tc._forward  # (x, phi, bias, alpha, eps, res map, iters, steps)
-    monkeypatch.setattr(tc, "_forward", lambda *a: calls.append(a[5]) or real(*a))
+    monkeypatch.setattr(tc, "_forward", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
     torch.manual_seed(0)
     layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant=variant, kernels="triton")
     gen = torch.Generator().manual_seed(3)
@@ -791,8 +830,10 @@ def test_interp_triton_layer_compiles_fullgraph(tops, variant):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
     kernels = {"hc": ["linear_coefficients"], "mhc": ["sinkhorn_coefficients"], "isohc": ["iso_coefficients"],
                "hybrid": ["hybrid_coefficients"], "mhc-lite": ["basis_mixture"]}[variant]
-    want_ops = {f"hyperconn.{k}.default" for k in kernels + ["stream_pre", "stream_merge"]}
+    fused = variant != "mhc-lite"  # its coefficient op also reads H_pre x: no stream_pre
+    want_ops = {f"hyperconn.{k}.default" for k in kernels + ["stream_merge"] + ([] if fused else ["stream_pre"])}
     assert want_ops <= traced, traced
+    assert fused == ("hyperconn.stream_pre.default" not in traced), traced
 
 
 @needs_interp
@@ -834,8 +875,8 @@ def test_interp_custom_ops_pass_opcheck(tops):
                                                           torch.rand(6, 3, 3, generator=g))),
              *[(getattr(torch.ops.hyperconn, f"{kind}_coefficients").default,
                 (x, phi, torch.randn(24, generator=g, requires_grad=True),
-                 torch.rand(4 if kind == "hybrid" else 3, generator=g).requires_grad_(), 1e-6, 5, 4))
-               for kind in ("sinkhorn", "iso", "linear", "hybrid")]]
+                 torch.rand(4 if kind == "hybrid" else 3, generator=g).requires_grad_(), 1e-6, 5, 4, read))
+               for kind in ("sinkhorn", "iso", "linear", "hybrid") for read in (False, True)]]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)

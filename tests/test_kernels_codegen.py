@@ -62,9 +62,9 @@ def _coefficient_kernels(res: int, n: int, dtype: torch.dtype):
     names = ["x_ptr", "phi_ptr", "bias_ptr", "alpha_ptr", "out_ptr", "rinv_ptr", "pre_ptr", "post_ptr", "res_ptr"]
     fwd_ptrs = {k: f"*{acc}" for k in names}
     fwd_ptrs["x_ptr"] = "*bf16" if acc == "fp32" else "*fp64"  # bf16 streams: the common case
-    fwd_ptrs.update(u_ptr="*fp64", coef_ptr="*fp64")
-    fwd = (tc._coef_fwd_kernel, fwd_ptrs, dict(M="i32", K="i32", eps="fp32", STEPS="i32"),
-           dict(common, NP=NP, BM=BM, BK=BK, BMI=min(BM, BMI)))
+    fwd_ptrs.update(read_ptr=fwd_ptrs["x_ptr"], u_ptr="*fp64", coef_ptr="*fp64")
+    fwd = (tc._coef_fwd_kernel, fwd_ptrs, dict(M="i32", K="i32", C="i32", eps="fp32", STEPS="i32"),
+           dict(common, NP=NP, BM=BM, BK=BK, BMI=min(BM, BMI), READ=True, BC=tc.read_block(768, SP)))  # with H_pre x
     names = ["out_ptr", "rinv_ptr", "bias_ptr", "alpha_ptr", "gpre_ptr", "gpost_ptr", "gres_ptr", "draw_ptr",
              "gp_ptr", "rs_ptr"]
     bwd_ptrs = {k: f"*{acc}" for k in names}
@@ -132,9 +132,10 @@ def _op_kernels(op: str, n: int, dtype: torch.dtype) -> dict:
         N = n * n + 2 * n
         NP, BM, BK = tk._rms_tiles(n * C, N, torch.float64 if f64 else torch.float32)
         NPb, BMb, BKb, warps = tk._rms_bwd_tiles(n * C, N)
+        # backward with PRE: the fused layer's case, which adds the ∂x of H_pre x (bf16 ∂read)
+        bwd = dict(N=N, NP=NPb, BM=BMb, BK=BKb, S=n, PRE=True, F64=f64)
         return {"forward": _args(tk._rms_proj_fwd_kernel, dict(N=N, NP=NP, BM=BM, BK=BK, F64=f64), acc, x=dt),
-                "backward": _args(tk._rms_proj_bwd_kernel, dict(N=N, NP=NPb, BM=BMb, BK=BKb, F64=f64), acc, x=dt,
-                                  dx=dt) + (warps,)}
+                "backward": _args(tk._rms_proj_bwd_kernel, bwd, acc, x=dt, dx=dt, gu=dt) + (warps,)}
     if op in ("odd_polynomial", "cayley"):
         m, _, MP, BM = tk._small_square_tiles(torch.empty(1, n - 1, n - 1), op)
         tiles = dict(MM=m, MP=MP, BM=BM, F64=f64)

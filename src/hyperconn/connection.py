@@ -378,18 +378,20 @@ class HyperConnection(nn.Module):
         raw_res = b_res + a_res * proj[..., 2 * n:].unflatten(-1, self.mixer.res_logit_shape)
         return raw_pre, raw_post, raw_res
 
-    def _coefficients(self, x: torch.Tensor, slot, backend, state: dict):
-        """(H_pre, H_post, H_res) on ``backend``: one fused op where the backend fuses the
-        variant's maps into the projection (``Variant.fused_maps``; the Triton backend for
-        mhc), else the projection and then the variant's maps."""
+    def _coefficients(self, x: torch.Tensor, slot, backend, state: dict, read: bool = False):
+        """(H_pre, H_post, H_res, H_pre x or None) on ``backend``: one fused op where the
+        backend fuses the variant's maps into the projection (``Variant.fused_maps``; the
+        Triton backend for hc, mhc, isohc, hybrid), which with ``read`` also returns the
+        branch input H_pre x (one ∂x for both in backward); else the projection, the
+        variant's maps and None (the caller runs stream_pre)."""
         fused = getattr(backend, "fused_coefficients", None) if self.dynamic else None
         maps = self.mixer.fused_maps() if fused is not None else None
         if maps is not None:
             h = fused(x, self.phi, self.norm_eps, self.b_pre, self.b_post, self.b_res, self.alpha,
-                      self.coefficient_dtype, maps)
+                      self.coefficient_dtype, maps, read)
             if h is not None:
                 return h
-        return self.mixer(*self.raw_coefficients(x, slot, backend), state=state)
+        return (*self.mixer(*self.raw_coefficients(x, slot, backend), state=state), None)
 
     def coefficients(self, x: torch.Tensor):
         """(H_pre, H_post, H_res) for input x (..., n, C): (..., n), (..., n), (..., n, n)
@@ -472,7 +474,7 @@ class HyperConnection(nn.Module):
         slot = StreamGradSlot() if (self.dynamic and backend is ops.torch_backend and x.dtype == torch.float32
                                     and self.coefficient_dtype == torch.float32
                                     and not torch.compiler.is_compiling()) else None
-        h_pre, h_post, h_res = self._coefficients(x, slot, backend, state)
+        h_pre, h_post, h_res, branch_input = self._coefficients(x, slot, backend, state, read=True)
         after = self._observe(h_pre, h_post, h_res, x) if self._observers else ()
 
         def merge(y):
@@ -481,14 +483,16 @@ class HyperConnection(nn.Module):
             for fn in after:
                 fn(out)
             return out
-        return backend.stream_pre(x, h_pre, slot), merge
+        if branch_input is None:
+            branch_input = backend.stream_pre(x, h_pre, slot)
+        return branch_input, merge
 
     def _pre_single_pass(self, x: torch.Tensor, carried: Optional[torch.Tensor], state: dict):
         """Single-pass split: (this layer's read, finish(y) → (x_next, next layer's read))."""
         self._check_input(x)
         backend = ops.select(self.kernels, x)
         # The layer's H_pre (from x) is the *next* layer's read; its own read was carried in.
-        h_next, h_post, h_res = self._coefficients(x, None, backend, state)
+        h_next, h_post, h_res, _ = self._coefficients(x, None, backend, state)
         after = self._observe(h_next, h_post, h_res, x) if self._observers else ()
         if carried is None:  # the first layer reads a fixed stream: stream 0 (as Megatron-LM's single pass)
             carried = x[..., 0, :].contiguous()

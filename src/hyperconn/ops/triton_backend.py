@@ -10,8 +10,8 @@ handle them. Imported only when Triton is selected.
     hyperconn::odd_polynomial(x0, schedule)                  → X_S       (+ _backward)
     hyperconn::cayley(a)                                     → Q         (backward: closed form)
     hyperconn::basis_mixture(logits, basis)                  → H         (+ _backward)
-    hyperconn::{sinkhorn,iso,linear,hybrid}_coefficients(x, φ, bias, α, eps, iters, steps)
-                                → H_pre, H_post, H_res, out, r       (+ _backward)
+    hyperconn::{sinkhorn,iso,linear,hybrid}_coefficients(x, φ, bias, α, eps, iters, steps, read)
+                                → H_pre, H_post, H_res, out, r, H_pre x   (+ _backward)
 
 The last are mhc's, isohc's, hc's and hybrid's whole coefficient paths (projection, then
 the gates and the Sinkhorn, Iso-NS or their mix, or hc's tanh) in one kernel forward and two backward (:mod:`.triton_coefficients`); the layer takes them through
@@ -344,57 +344,68 @@ def _plain_coefficients(x, phi, bias, alpha, eps, res, iters, steps):
 
 
 def _coefficients_op(name: str, res: int):
-    """Registers ``hyperconn::<name>(x, phi, bias, alpha, eps, iters, steps)`` → (H_pre,
-    H_post, H_res, out, r) for the map ``res`` (``iters``: Sinkhorn rounds, ``steps``:
-    Newton-Schulz steps; a map ignores what it does not use) with its backward op, fake
-    implementations and autograd (exact double backward through the plain ops)."""
+    """Registers ``hyperconn::<name>(x, phi, bias, alpha, eps, iters, steps, read)`` →
+    (H_pre, H_post, H_res, out, r, read) for the map ``res`` (``iters``: Sinkhorn rounds,
+    ``steps``: Newton-Schulz steps; a map ignores what it does not use; ``read``: also the
+    branch input H_pre x (M, C) in x.dtype, else an empty tensor) with its backward op,
+    fake implementations and autograd (exact double backward through the plain ops)."""
 
     @torch.library.custom_op(f"hyperconn::{name}", mutates_args=())
-    def op(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, eps: float, iters: int,
-           steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return tc._forward(x, phi, bias, alpha, eps, res, iters, steps)
+    def op(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, eps: float, iters: int, steps: int,
+           read: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        *h, u = tc._forward(x, phi, bias, alpha, eps, res, iters, steps, read)
+        return (*h, x.new_empty((0,)) if u is None else u)
 
     @op.register_fake
-    def _(x, phi, bias, alpha, eps, iters, steps):
+    def _(x, phi, bias, alpha, eps, iters, steps, read):
         acc = compute_dtype(x, phi)
         n, N = x.shape[-2], phi.shape[-1]
         m = x.numel() // (x.shape[-2] * x.shape[-1]) if x.dim() >= 2 else 0
         return (x.new_empty((m, n), dtype=acc), x.new_empty((m, n), dtype=acc), x.new_empty((m, n, n), dtype=acc),
-                x.new_empty((m, N), dtype=acc), x.new_empty((m,), dtype=acc))
+                x.new_empty((m, N), dtype=acc), x.new_empty((m,), dtype=acc),
+                x.new_empty((m, x.shape[-1]) if read else (0,)))
 
     @torch.library.custom_op(f"hyperconn::{name}_backward", mutates_args=())
     def op_backward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, out: Tensor, rinv: Tensor,
-                    g_pre: Tensor, g_post: Tensor, g_res: Tensor, iters: int,
+                    g_pre: Tensor, g_post: Tensor, g_res: Tensor, h_pre: Tensor, g_read: Tensor, iters: int,
                     steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return tc._backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, None)
+        return tc._backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, None,
+                            h_pre, g_read if g_read.numel() else None)
 
     @op_backward.register_fake
-    def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters, steps):
+    def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, h_pre, g_read, iters, steps):
         return x.new_empty(x.shape), phi.new_empty(phi.shape), bias.new_empty(bias.shape), alpha.new_empty(alpha.shape)
 
     def setup(ctx, inputs, output):
-        x, phi, bias, alpha, eps, iters, steps = inputs
-        ctx.save_for_backward(x, phi, bias, alpha, output[3], output[4])
+        x, phi, bias, alpha, eps, iters, steps, read = inputs
+        ctx.save_for_backward(x, phi, bias, alpha, output[3], output[4], output[0])
         ctx.mark_non_differentiable(output[3], output[4])  # the saved projection and scale
-        ctx.eps, ctx.iters, ctx.steps = eps, iters, steps
+        ctx.eps, ctx.iters, ctx.steps, ctx.read = eps, iters, steps, read
 
-    def grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv):
-        x, phi, bias, alpha, out, rinv = ctx.saved_tensors
+    def grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv, g_read):
+        x, phi, bias, alpha, out, rinv, h_pre = ctx.saved_tensors
         n, m = x.shape[-2], out.shape[0]
         grads = [out.new_zeros(shape) if g is None else g
                  for g, shape in zip((g_pre, g_post, g_res), ((m, n), (m, n), (m, n, n)))]
+        if not ctx.read or g_read is None:
+            g_read = x.new_empty((0,))
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the forward recomputed in plain ops, so double
             # backward is exact (the kernels' outputs are not connected to the inputs).
             need = ctx.needs_input_grad[:4]
             wanted = [t for t, w in zip((x, phi, bias, alpha), need) if w]
             if not wanted:
-                return (None,) * 7
+                return (None,) * 8
             h = _plain_coefficients(x, phi, bias, alpha, ctx.eps, res, ctx.iters, ctx.steps)
-            got = iter(torch.autograd.grad(h, wanted, grads, create_graph=True, allow_unused=True))
-            return tuple(next(got) if w else None for w in need) + (None,) * 3
-        dx, dphi, dbias, dalpha = op_backward(x, phi, bias, alpha, out, rinv, *grads, ctx.iters, ctx.steps)
-        return dx, dphi, dbias, dalpha, None, None, None
+            outs, gs = list(h), list(grads)
+            if g_read.numel():
+                outs.append(torch.einsum("mj,mjc->mc", h[0], x.reshape(m, n, -1).to(h[0].dtype)))
+                gs.append(g_read.to(outs[-1].dtype))
+            got = iter(torch.autograd.grad(outs, wanted, gs, create_graph=True, allow_unused=True))
+            return tuple(next(got) if w else None for w in need) + (None,) * 4
+        dx, dphi, dbias, dalpha = op_backward(x, phi, bias, alpha, out, rinv, *grads, h_pre, g_read, ctx.iters,
+                                              ctx.steps)
+        return dx, dphi, dbias, dalpha, None, None, None, None
 
     op.register_autograd(grad, setup_context=setup)
     return op
@@ -407,11 +418,14 @@ _FUSED_OPS = {"sinkhorn": _coefficients_op("sinkhorn_coefficients", tc.SINKHORN)
 
 
 def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-                       alpha: Tensor, cdtype: torch.dtype, maps: tuple) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+                       alpha: Tensor, cdtype: torch.dtype, maps: tuple,
+                       read: bool = False) -> Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]:
     """A dynamic layer's (H_pre (..., n), H_post (..., n), H_res (..., n, n)) in ``cdtype``
     from its streams x (..., n, C), projection φ (n·C, n² + 2n), static logits and the α
-    scales (3,), by one fused op; or None where this backend does not fuse ``maps`` (the
-    layer then runs the projection and the variant's maps as separate ops).
+    scales (3,), by one fused op, and with ``read`` its branch input H_pre x (..., C) in
+    x's dtype (else None), whose backward then writes one ∂x for both; or None where this
+    backend does not fuse ``maps`` (the layer then runs the projection and the variant's
+    maps as separate ops).
 
     ``maps``: the variant's :meth:`~hyperconn.variants.Variant.fused_maps`; fused here, for
     n ≤ 8: ``("sinkhorn", iters)`` (σ, 2σ and the unrolled Sinkhorn of mhc), ``("iso",
@@ -436,9 +450,11 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
         iters, steps, lam = maps[1], maps[2], maps[3]
         lam = lam.to(cdtype) if isinstance(lam, Tensor) else alpha.new_tensor(float(lam))
         alpha = torch.cat([alpha, lam.reshape(1)])
-    h_pre, h_post, h_res, _, _ = op(xc, phi.to(cdtype), bias, alpha, float(eps), int(iters), int(steps))
+    h_pre, h_post, h_res, _, _, u = op(xc, phi.to(cdtype), bias, alpha, float(eps), int(iters), int(steps),
+                                       bool(read))
     lead = x.shape[:-2]
-    return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
+    return (h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n),
+            u.view(*lead, x.shape[-1]).to(x.dtype) if read else None)
 
 
 # ---------------------------------------------------------------------- backend API

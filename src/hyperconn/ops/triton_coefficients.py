@@ -166,10 +166,10 @@ def _iso_vjp(z, g, u, coef_ptr, hist_ptr, h_base, h_mask, STEPS, S: tl.constexpr
 
 @triton.jit
 def _coef_fwd_kernel(x_ptr, phi_ptr, bias_ptr, alpha_ptr, out_ptr, rinv_ptr, pre_ptr, post_ptr, res_ptr,
-                     u_ptr, coef_ptr, M, K, eps, STEPS, RES: tl.constexpr, ITERS: tl.constexpr,
+                     read_ptr, u_ptr, coef_ptr, M, K, C, eps, STEPS, RES: tl.constexpr, ITERS: tl.constexpr,
                      S: tl.constexpr, SP: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
                      NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BMI: tl.constexpr,
-                     F64: tl.constexpr):
+                     READ: tl.constexpr, BC: tl.constexpr, F64: tl.constexpr):
     tok = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     tmask = tok < M
     # The RMS-scaled projection: as _rms_proj_fwd_kernel.
@@ -194,15 +194,53 @@ def _coef_fwd_kernel(x_ptr, phi_ptr, bias_ptr, alpha_ptr, out_ptr, rinv_ptr, pre
     # BM = 32 they would spill registers; the GEMM above needs BM ≥ 16).
     for sb in tl.static_range(BM // BMI):
         sub = (tl.program_id(0) * BM + sb * BMI + tl.arange(0, BMI)).to(tl.int64)
-        _coef_maps_fwd(sub, sub < M, bias_ptr, alpha_ptr, out_ptr, pre_ptr, post_ptr, res_ptr, u_ptr, coef_ptr,
-                       STEPS, RES, ITERS, S, SP, MP, N, BMI, F64)
+        h_pre = _coef_maps_fwd(sub, sub < M, bias_ptr, alpha_ptr, out_ptr, pre_ptr, post_ptr, res_ptr, u_ptr,
+                               coef_ptr, STEPS, RES, ITERS, S, SP, MP, N, BMI, F64)
+        if READ:  # the branch input H_pre x, from the rows this program read above (in L2 now)
+            _stream_read(x_ptr, read_ptr, h_pre, sub, sub < M, K, C, S, SP, BMI, BC, F64)
+
+
+@triton.jit
+def _stream_read(x_ptr, read_ptr, h_pre, tok, tmask, K, C, S: tl.constexpr, SP: tl.constexpr, BM: tl.constexpr,
+                 BC: tl.constexpr, F64: tl.constexpr):
+    """read[t] = Σ_j h_pre[t, j] x[t, j, :] for tokens ``tok`` (BM,), h_pre (BM, SP)."""
+    s = tl.arange(0, SP)[None, :]
+    for c0 in range(0, C, BC):
+        cs = c0 + tl.arange(0, BC)
+        mask = tmask[:, None] & (cs < C)[None, :]
+        u = _acc(tl.zeros((BM, BC), tl.float32), F64)
+        for j in tl.static_range(S):
+            hj = tl.sum(tl.where(s == j, h_pre, 0.0), axis=1)
+            xj = _acc(tl.load(x_ptr + tok[:, None] * K + j * C + cs[None, :], mask=mask, other=0.0), F64)
+            u += hj[:, None] * xj
+        tl.store(read_ptr + tok[:, None] * C + cs[None, :], u.to(read_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _stream_read_dots_kernel(x_ptr, g_ptr, dh_ptr, C, S: tl.constexpr, SP: tl.constexpr, BC: tl.constexpr,
+                             F64: tl.constexpr):
+    """dh[t, j] = ⟨x[t, j, :], g[t, :]⟩: the gradient of H_pre from the read's (one token
+    per program, its rows read once)."""
+    t = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, SP)
+    rmask = rows < S
+    dh = _acc(tl.zeros((SP,), tl.float32), F64)
+    for c0 in range(0, C, BC):
+        cs = c0 + tl.arange(0, BC)
+        cmask = cs < C
+        g = _acc(tl.load(g_ptr + t * C + cs, mask=cmask, other=0.0), F64)
+        x = _acc(tl.load(x_ptr + t * S * C + rows[:, None] * C + cs[None, :], mask=rmask[:, None] & cmask[None, :],
+                         other=0.0), F64)
+        dh += tl.sum(x * g[None, :], axis=1)
+    tl.store(dh_ptr + t * S + rows, dh, mask=rmask)
 
 
 @triton.jit
 def _coef_maps_fwd(tok, tmask, bias_ptr, alpha_ptr, out_ptr, pre_ptr, post_ptr, res_ptr, u_ptr, coef_ptr, STEPS,
                    RES: tl.constexpr, ITERS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, MP: tl.constexpr,
                    N: tl.constexpr, BM: tl.constexpr, F64: tl.constexpr):
-    """H_pre, H_post, H_res of tokens ``tok`` (BM,) from their stored projection ``out``."""
+    """H_pre, H_post, H_res of tokens ``tok`` (BM,) from their stored projection ``out``;
+    returns H_pre (BM, SP)."""
     s, gate, gmask, rel, res, rmask = _group_tiles(tok, tmask, S, SP, N)
     a_pre = tl.load(alpha_ptr + 0)
     a_post = tl.load(alpha_ptr + 1)
@@ -234,6 +272,7 @@ def _coef_maps_fwd(tok, tmask, bias_ptr, alpha_ptr, out_ptr, pre_ptr, post_ptr, 
     tl.store(pre_ptr + tok[:, None] * S + s[None, :], h_pre, mask=gmask)
     tl.store(post_ptr + tok[:, None] * S + s[None, :], h_post, mask=gmask)
     tl.store(res_ptr + tok[:, None, None] * (S * S) + rel, h.to(res_ptr.dtype.element_ty), mask=rmask)
+    return h_pre
 
 
 @triton.jit
@@ -378,7 +417,15 @@ def _map_tokens(res: int, SP: int, MP: int, acc: torch.dtype) -> int:
     return 16 if acc == torch.float64 and SP > 4 else 32
 
 
-def _forward(x, phi, bias, alpha, eps, res, iters, steps):
+def read_block(C: int, SP: int) -> int:
+    """C-chunk of the forward's H_pre x: 32 (16 at n > 4) keeps the kernel spill-free on
+    sm_90 (64 spilled 72 B at n = 4, 848 B at n = 8)."""
+    return min(tk._np2(C), 32 if SP <= 4 else 16)
+
+
+def _forward(x, phi, bias, alpha, eps, res, iters, steps, read=False):
+    """(H_pre, H_post, H_res, out, r, read) of the map ``res``; ``read`` (M, C) in x.dtype,
+    H_pre x, computed in the same kernel when asked for, else None."""
     n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha, res)
     SP, MP = tk._np2(n), tk._np2(max(n - 1, 1))
     out = torch.empty((M, N), dtype=acc, device=x.device)
@@ -387,14 +434,20 @@ def _forward(x, phi, bias, alpha, eps, res, iters, steps):
     h_post = torch.empty((M, n), dtype=acc, device=x.device)
     h_res = torch.empty((M, n, n), dtype=acc, device=x.device)
     u, coef = _iso_constants(n, steps, x.device) if res in (ISO, HYBRID) else (rinv, rinv)  # else unused
+    C = K // n
+    stream_read = torch.empty((M, C), dtype=x.dtype, device=x.device) if read else None
     _coef_fwd_kernel[(triton.cdiv(M, BM),)](
         x2, phi.to(acc).contiguous(), bias.to(acc).contiguous(), alpha.to(acc).contiguous(), out, rinv,
-        h_pre, h_post, h_res, u, coef, M, K, float(eps), int(steps), RES=res, ITERS=int(iters), S=n, SP=SP,
-        MP=MP, N=N, NP=NP, BM=BM, BK=BK, BMI=min(BM, _map_tokens(res, SP, MP, acc)), F64=acc == torch.float64)
-    return h_pre, h_post, h_res, out, rinv
+        h_pre, h_post, h_res, rinv if stream_read is None else stream_read, u, coef, M, K, C, float(eps), int(steps),
+        RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, NP=NP, BM=BM, BK=BK,
+        BMI=min(BM, _map_tokens(res, SP, MP, acc)), READ=read, BC=read_block(C, SP), F64=acc == torch.float64)
+    return h_pre, h_post, h_res, out, rinv, stream_read
 
 
-def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, groups):
+def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, groups, h_pre=None,
+              g_read=None):
+    """(∂x, ∂φ, ∂bias, ∂alpha) of :func:`_forward`; with ``g_read`` (M, C), the gradient of
+    its read, and the forward's ``h_pre``, ∂x includes the read's."""
     n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha, res)
     SP, MP = tk._np2(n), tk._np2(max(n - 1, 1))
     draw = torch.empty((M, N), dtype=acc, device=x.device)
@@ -412,13 +465,21 @@ def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, 
         hist = hist2
     if res == HYBRID:
         dlam = torch.empty((M,), dtype=acc, device=x.device)
+    pre = None
+    if g_read is not None:  # ∂H_pre from the read: ⟨x[j], ∂read⟩ per token (one more read of x)
+        g_read = g_read.reshape(M, K // n).contiguous()
+        dh = torch.empty((M, n), dtype=acc, device=x.device)
+        _stream_read_dots_kernel[(M,)](x2, g_read, dh, K // n, S=n, SP=SP, BC=min(128, tk._np2(K // n)),
+                                       F64=acc == torch.float64)
+        g_pre = dh + g_pre.to(acc)
+        pre = (h_pre.to(acc), g_read)
     grads = [g.to(acc).contiguous() for g in (g_pre, g_post, g_res)]
     BMI = _map_tokens(res, SP, MP, acc)  # no GEMM here: the maps' own tile
     _coef_maps_bwd_kernel[(triton.cdiv(M, BMI),)](
         out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, hist2, dlam,
         u, coef, M, K, int(steps), RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, BM=BMI,
         F64=acc == torch.float64)
-    dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups)
+    dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups, pre)
     per_col = (draw * (torch.tanh(out) if res == LINEAR else out)).sum(0)  # ∂α_g = Σ ∂raw ⊙ activation
     dalpha = [per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()]
     if res == HYBRID:
@@ -436,7 +497,7 @@ def sinkhorn_coefficients_forward(x, phi, bias, alpha, eps, iters):
     Raises:
         ValueError: for shapes that do not fit together (see :func:`streams_of`).
     """
-    return _forward(x, phi, bias, alpha, eps, SINKHORN, iters, 0)
+    return _forward(x, phi, bias, alpha, eps, SINKHORN, iters, 0)[:5]
 
 
 def sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters, groups=None):
@@ -448,7 +509,7 @@ def sinkhorn_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post
 def linear_coefficients_forward(x, phi, bias, alpha, eps, _unused=0):
     """As :func:`sinkhorn_coefficients_forward` for hc: H_pre, H_post, H_res = bias +
     α_g·tanh(out), no maps (the last argument is ignored: the op signature is shared)."""
-    return _forward(x, phi, bias, alpha, eps, LINEAR, 1, 0)
+    return _forward(x, phi, bias, alpha, eps, LINEAR, 1, 0)[:5]
 
 
 def linear_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, _unused=0, groups=None):
@@ -464,7 +525,7 @@ def iso_coefficients_forward(x, phi, bias, alpha, eps, steps):
         ValueError: for shapes that do not fit together, or n < 3 (the 1×1 and empty blocks
             of n ≤ 2 are special cases of ``iso_project``, left to it).
     """
-    return _forward(x, phi, bias, alpha, eps, ISO, 1, steps)
+    return _forward(x, phi, bias, alpha, eps, ISO, 1, steps)[:5]
 
 
 def iso_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, steps, groups=None):
@@ -479,7 +540,7 @@ def hybrid_coefficients_forward(x, phi, bias, alpha, eps, iters, steps):
     Raises:
         ValueError: for shapes that do not fit together, alpha not (4,), or n < 3.
     """
-    return _forward(x, phi, bias, alpha, eps, HYBRID, iters, steps)
+    return _forward(x, phi, bias, alpha, eps, HYBRID, iters, steps)[:5]
 
 
 def hybrid_coefficients_backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, iters, steps, groups=None):
