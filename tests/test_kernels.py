@@ -854,6 +854,47 @@ def test_interp_kernel_constants_are_made_once_per_device(tops):
 
 
 @needs_interp
+def test_interp_constants_prepared_and_user_code_not_skipped(tops, monkeypatch):
+    """prepare_constants makes an isohc / hybrid layer's kernel constants ahead of the first
+    step (HyperConnection does it at construction and .to() on CUDA); a layer with a hook on
+    its variant, or a subclass overriding raw_coefficients, keeps the unfused path, so that
+    user code still runs."""
+    from hyperconn import HyperConnection
+    from hyperconn.ops import triton_coefficients as tc
+    from hyperconn.ops import triton_kernels as tk
+    from hyperconn.variants import Hybrid, IsoHC, MHC
+    monkeypatch.setattr(tk, "_DEVICE_CONSTANTS", {})
+    cpu = torch.device("cpu")
+    tops.prepare_constants(MHC(4), 4, cpu)
+    assert tk._DEVICE_CONSTANTS == {}
+    tops.prepare_constants(IsoHC(5, iso_steps=7), 5, cpu)
+    tops.prepare_constants(Hybrid(4), 4, cpu)
+    keys = {k[:2] for k in tk._DEVICE_CONSTANTS}
+    assert {("helmert", 5), ("ns", 7), ("helmert", 4), ("ns", 12)} <= keys, keys
+    assert sum(k[0] == "poly" for k in tk._DEVICE_CONSTANTS) == 2
+
+    calls = []
+    real = tc._forward
+    monkeypatch.setattr(tc, "_forward", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    x = torch.randn(3, 4, 16)
+    layer = HyperConnection(16, 4, torch.nn.Linear(16, 16), variant="mhc", kernels="triton")
+    layer(x)
+    assert len(calls) == 1
+    seen = []
+    handle = layer.mixer.register_forward_hook(lambda mod, args, out: seen.append(1))
+    layer(x)
+    assert len(calls) == 1 and seen == [1]  # the hook ran: the unfused path
+    handle.remove()
+
+    class Scaled(HyperConnection):
+        def raw_coefficients(self, x, grad_slot=None, backend=None):
+            pre, post, res = super().raw_coefficients(x, grad_slot, backend)
+            return 2 * pre, post, res
+    Scaled(16, 4, torch.nn.Linear(16, 16), variant="mhc", kernels="triton")(x)
+    assert len(calls) == 1
+
+
+@needs_interp
 def test_interp_custom_ops_pass_opcheck(tops):
     """Every registered Triton op: schema, autograd registration, fake (meta) implementation
     and AOT dispatch with dynamic shapes, which is what torch.compile and CUDA graphs rely on."""

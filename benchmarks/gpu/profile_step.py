@@ -23,6 +23,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +70,16 @@ def build(config: str, args):
     return step
 
 
-def baseline_of(config: str) -> str:
-    """The residual config a config is compared with: same dtype and compile mode
-    (``unfused`` changes nothing for the residual model)."""
-    return ":".join(["residual"] + [p for p in config.split(":")[1:] if p != "unfused"])
+def baseline_of(config: str, configs) -> Optional[str]:
+    """The residual config among ``configs`` that ``config`` is compared with: same dtype
+    and compile mode, in any order (``unfused`` changes nothing for the residual model);
+    None if there is none."""
+    want = {p for p in config.split(":")[1:] if p not in ("unfused", "fp32")}
+    for c in configs:
+        parts = c.split(":")
+        if parts[0] == "residual" and {p for p in parts[1:] if p != "fp32"} == want:
+            return c
+    return None
 
 
 def measure(step, args) -> dict:
@@ -148,7 +155,7 @@ def main():
           "| wall overhead / busy overhead |")
     print("|---|---|---|---|---|---|---|")
     for c, r in results.items():
-        ref = results.get(baseline_of(c))
+        ref = results.get(baseline_of(c, results))
         rw = f"{r['wall_ms'] / ref['wall_ms']:.3f}" if ref else "-"
         rb = f"{r['gpu_busy_ms'] / ref['gpu_busy_ms']:.3f}" if ref else "-"
         extra_busy = r["gpu_busy_ms"] - ref["gpu_busy_ms"] if ref else 0.0

@@ -5,14 +5,15 @@
 #   bash benchmarks/gpu/session.sh OUT_DIR [steps...]   # there (carry .gpu-wheels)
 #
 # steps (default: all, in this order, most important first; limits in seconds sum to
-# 8.4 min, and a step that hits its limit loses only itself):
+# 8.6 min, and a step that hits its limit loses only itself; each profile config is
+# saved as it finishes):
 #   env        GPU, versions; installs .gpu-wheels/ (if present) without network     40
-#   tests      CUDA kernel tests: every Triton kernel and layer against the torch path 140
+#   tests      CUDA kernel tests: every Triton kernel and layer against the torch path 120
 #   kernels    kernel GB/s against a device copy                                       30
 #   profile    GPU-busy vs wall per step at d = 768, eager: hc, mhc, isohc, hybrid; mhc
 #              and isohc also without their fused coefficient kernels (<= 30 % target) 60
 #   wide       the same at d = 2048 (<= 12 %)                                          45
-#   compiled   torch.compile and CUDA graphs (wall within 1.2x of GPU-busy overhead)   90
+#   compiled   torch.compile and CUDA graphs (wall within 1.2x of GPU-busy overhead)  120
 #   layer      layer vs peer mHCv2 (>= 5x), isohc vs mhc (<= 1.3x)                     40
 #   model      whole-step wall time per variant                                        30
 #   recompute  activation memory and step time: none / per-layer / block recompute    30
@@ -20,7 +21,7 @@
 set -uo pipefail
 out=${1:?usage: session.sh OUT_DIR [steps...]}; shift
 steps=${*:-env tests kernels profile wide compiled layer model recompute}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the steps run from the repository root
 here=$(cd "$(dirname "$0")/../.." && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
@@ -44,15 +45,17 @@ cd "$here"
 for s in $steps; do
   case $s in
     env) step env 40 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; \
-           if [ -d '$wheels' ]; then $py -m pip install -q --no-index --find-links '$wheels' '$wheels'/*.whl; fi; \
+           if [ -d '$wheels' ]; then $py -m pip install -q --no-index --no-deps '$wheels'/*.whl; fi; \
            $py -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; \
-           $py -c 'import rich, hyper_connections; print(\"bench and peer importable\")'; git log -1 --format=%H" ;;
-    tests) step tests 140 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
+           $py -c 'import rich, pytest; print(\"bench and tests importable\")'; \
+           $py -c 'import hyper_connections' || echo 'peer not importable: the layer step skips it'; \
+           git log -1 --format=%H 2>/dev/null || true" ;;
+    tests) step tests 120 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
     kernels) step kernels 30 $py benchmarks/bench_kernels.py --device cuda --dtype bf16 --tokens 65536 --dim 2048 --reps 20 ;;
     profile) prof 60 profile --configs residual:bf16 hc:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused \
              hybrid:bf16 ;;
     wide) prof 45 wide --dim 2048 --heads 16 --configs residual:bf16 mhc:bf16 isohc:bf16 ;;
-    compiled) prof 90 compiled --configs residual:bf16:compile mhc:bf16:compile residual:bf16:graphs mhc:bf16:graphs ;;
+    compiled) prof 120 compiled --configs residual:bf16:compile mhc:bf16:compile mhc:bf16:graphs ;;
     layer) step layer 40 $py -m hyperconn.cli bench layer --device cuda --streams 4 --dims 512 --repeats 11 \
              --cases residual hc mhc isohc hybrid peer-mhcv2 --out "$out/layer.json" ;;
     model) step model 30 $py -m hyperconn.cli bench model --device cuda --variants residual mhc isohc \

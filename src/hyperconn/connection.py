@@ -304,6 +304,28 @@ class HyperConnection(nn.Module):
                 raise ConfigError("alpha_init", f"expected None or a finite number, got {alpha_init!r}")
             self.alpha = nn.Parameter(torch.full((3,), float(alpha)))  # pre, post, res
         self._observers: "OrderedDict[int, Callable]" = OrderedDict()
+        self._prepare_kernel_constants()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._prepare_kernel_constants()  # after .to() / .cuda(): the layer's new device
+        return out
+
+    def _prepare_kernel_constants(self) -> None:
+        """Make the constants this layer's Triton kernels read (Newton-Schulz schedules, the
+        Helmert basis) on its device now, from module code: made lazily in the first step,
+        they would be allocated inside a CUDA-graph memory pool (torch.compile's
+        ``mode="reduce-overhead"`` warms up in it) and could be freed with it."""
+        param = next(self.parameters(recurse=False), None)
+        if param is None or param.device.type != "cuda" or param.is_meta:
+            return
+        try:
+            if ops.resolve_backend(self.kernels, param) != "triton":
+                return
+        except (RuntimeError, ValueError):
+            return
+        with torch.no_grad():
+            ops.dispatch._triton_ops().prepare_constants(self.mixer, self.streams, param.device)
 
     # ------------------------------------------------------------------ observers
     def register_observer(self, fn: Callable) -> RemovableHandle:
@@ -384,7 +406,7 @@ class HyperConnection(nn.Module):
         Triton backend for hc, mhc, isohc, hybrid), which with ``read`` also returns the
         branch input H_pre x (one ∂x for both in backward); else the projection, the
         variant's maps and None (the caller runs stream_pre)."""
-        fused = getattr(backend, "fused_coefficients", None) if self.dynamic else None
+        fused = getattr(backend, "fused_coefficients", None) if self._may_fuse() else None
         maps = self.mixer.fused_maps() if fused is not None else None
         if maps is not None:
             h = fused(x, self.phi, self.norm_eps, self.b_pre, self.b_post, self.b_res, self.alpha,
@@ -392,6 +414,15 @@ class HyperConnection(nn.Module):
             if h is not None:
                 return h
         return (*self.mixer(*self.raw_coefficients(x, slot, backend), state=state), None)
+
+    def _may_fuse(self) -> bool:
+        """Whether a fused op may stand in for ``raw_coefficients`` and the variant's call:
+        dynamic coefficients, and no user code it would skip (a subclass's
+        ``raw_coefficients``, hooks on the variant module)."""
+        m = self.mixer
+        return (self.dynamic and type(self).raw_coefficients is HyperConnection.raw_coefficients
+                and not (m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                         or nn.modules.module._global_forward_pre_hooks))
 
     def coefficients(self, x: torch.Tensor):
         """(H_pre, H_post, H_res) for input x (..., n, C): (..., n), (..., n), (..., n, n)

@@ -38,7 +38,7 @@ from . import triton_coefficients as tc
 from . import triton_kernels as tk
 
 __all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "cayley",
-           "basis_mixture", "fused_coefficients", "FUSE_COEFFICIENTS", "NAME", "INTERPRETED", "MAX_POLY_M", "MAX_MIXTURE_K"]
+           "basis_mixture", "fused_coefficients", "prepare_constants", "FUSE_COEFFICIENTS", "NAME", "INTERPRETED", "MAX_POLY_M", "MAX_MIXTURE_K"]
 
 NAME = "triton"
 INTERPRETED = tk.INTERPRETED
@@ -417,6 +417,25 @@ _FUSED_OPS = {"sinkhorn": _coefficients_op("sinkhorn_coefficients", tc.SINKHORN)
               "hybrid": _coefficients_op("hybrid_coefficients", tc.HYBRID)}
 
 
+def prepare_constants(variant, streams: int, device: torch.device) -> None:
+    """Make the device constants ``variant``'s kernels read (the fused Iso-NS op's Helmert
+    basis and schedule; the Newton-Schulz kernel's schedule) on ``device`` now; see
+    ``HyperConnection._prepare_kernel_constants``."""
+    from ..projections.iso import _DEFAULT_STEPS, _schedule
+
+    options = getattr(variant, "options", None)
+    method = getattr(options, "iso_method", None)
+    if method not in ("ns", "ns-cubic"):
+        return
+    steps = options.iso_steps or _DEFAULT_STEPS[method]
+    maps = variant.fused_maps()
+    if maps is not None and maps[0] in ("iso", "hybrid") and 3 <= streams <= tk.MAX_SINKHORN_N:
+        tc._iso_constants(streams, steps, device)
+    if 2 <= streams <= tk.MAX_POLY_M + 1:  # the unfused path's odd_polynomial kernel, in fp64
+        tk._poly_layout(torch.empty((1, streams - 1, streams - 1), dtype=torch.float64, device=device),
+                        _schedule(method, steps))
+
+
 def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
                        alpha: Tensor, cdtype: torch.dtype, maps: tuple,
                        read: bool = False) -> Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]:
@@ -448,7 +467,9 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
         steps = maps[1]
     elif kind == "hybrid":
         iters, steps, lam = maps[1], maps[2], maps[3]
-        lam = lam.to(cdtype) if isinstance(lam, Tensor) else alpha.new_tensor(float(lam))
+        # A float λ becomes a device tensor by a fill, not a host-to-device copy (which would
+        # sync every step and break CUDA-graph capture).
+        lam = lam.to(cdtype) if isinstance(lam, Tensor) else alpha.new_full((1,), float(lam))
         alpha = torch.cat([alpha, lam.reshape(1)])
     h_pre, h_post, h_res, _, _, u = op(xc, phi.to(cdtype), bias, alpha, float(eps), int(iters), int(steps),
                                        bool(read))

@@ -652,16 +652,20 @@ def device_constant(key: tuple, make, device) -> torch.Tensor:
     """``make()`` (a CPU tensor) on ``device``, made once per (key, device) and then reused:
     a host-to-device copy cannot run inside a CUDA graph capture, so the constants a kernel
     needs (schedules, bases) must already be on the device when a captured step calls it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device now
+        device = torch.device("cuda", torch.cuda.current_device())
     full_key = (*key, str(device))
     if full_key not in _DEVICE_CONSTANTS:
-        _DEVICE_CONSTANTS[full_key] = make().to(device)
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode the first call is in
+            _DEVICE_CONSTANTS[full_key] = make().to(device)
     return _DEVICE_CONSTANTS[full_key]
 
 
 def _poly_layout(x, schedule):
     m, x3, MP, BM = _small_square_tiles(x, "x0")
     dtype = _acc_dtype(x)
-    flat = tuple(float(v) for v in torch.as_tensor(schedule, dtype=torch.float64).flatten().tolist())  # (a, b, c)…
+    flat = tuple(float(v) for step in schedule for v in (step if isinstance(step, (list, tuple)) else (step,)))
     coef = device_constant(("poly", flat, dtype), lambda: torch.tensor(flat, dtype=dtype).reshape(-1, 3), x.device)
     return m, x3, MP, BM, coef
 

@@ -103,17 +103,28 @@ def _helmert(n: int, dtype: torch.dtype) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _helmert_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Kept per device, so a step inside a CUDA graph capture finds it there (a host-to-
-    # device copy cannot be captured). Callers only read it.
-    return _helmert(n, dtype).to(device)
+    # device copy cannot be captured). Callers only read it. A plain tensor even when the
+    # first call is under inference_mode (an inference tensor could not be saved later).
+    with torch.inference_mode(False), torch.no_grad():
+        return _helmert(n, dtype).to(device)
 
 
 def helmert_basis(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """(n, n−1) orthonormal basis of the complement of the all-ones vector (shared, read-only)."""
-    if torch.compiler.is_compiling():
-        # Built in the graph (a constant after tracing): Dynamo would trace through the
-        # cache anyway, and warn that it does.
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling() or device.type not in ("cpu", "cuda") or _fake_mode_active():
+        # Built fresh: in a graph being traced (a constant after tracing; Dynamo would trace
+        # through the cache and warn), or on a device whose tensors must not be kept
+        # (meta, fake tensors).
         return _helmert(n, dtype).to(device)
-    return _helmert_on(n, dtype, torch.device("cpu") if device is None else torch.device(device))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _helmert_on(n, dtype, device)
+
+
+def _fake_mode_active() -> bool:
+    from torch._guards import detect_fake_mode  # public since torch 2.1, under _guards
+    return detect_fake_mode() is not None
 
 
 def _ns_scale(a: torch.Tensor) -> torch.Tensor:
