@@ -419,10 +419,11 @@ class HyperConnection(nn.Module):
         """Whether a fused op may stand in for ``raw_coefficients`` and the variant's call:
         dynamic coefficients, and no user code it would skip (a subclass's
         ``raw_coefficients``, hooks on the variant module)."""
-        m = self.mixer
+        m, glob = self.mixer, nn.modules.module
+        hooks = (m._forward_hooks, m._forward_pre_hooks, getattr(glob, "_global_forward_hooks", None),
+                 getattr(glob, "_global_forward_pre_hooks", None))
         return (self.dynamic and type(self).raw_coefficients is HyperConnection.raw_coefficients
-                and not (m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                         or nn.modules.module._global_forward_pre_hooks))
+                and not any(hooks))
 
     def coefficients(self, x: torch.Tensor):
         """(H_pre, H_post, H_res) for input x (..., n, C): (..., n), (..., n), (..., n, n)
