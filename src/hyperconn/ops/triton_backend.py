@@ -14,9 +14,10 @@ handle them. Imported only when Triton is selected.
                                 → H_pre, H_post, H_res, out, r, H_pre x   (+ _backward)
 
 The last are mhc's, isohc's, hc's and hybrid's whole coefficient paths (projection, then
-the gates and the Sinkhorn, Iso-NS or their mix, or hc's tanh) in one kernel forward and two backward (:mod:`.triton_coefficients`); the layer takes them through
-:func:`fused_coefficients` when its variant declares maps this backend fuses
-(``Variant.fused_maps``). ``HYPERCONN_FUSED_COEFFICIENTS=0`` in the environment at import
+the gates and the Sinkhorn, Iso-NS or their mix, or hc's tanh; with ``read`` also the
+branch input H_pre x) in one kernel forward and three backward
+(:mod:`.triton_coefficients`); the layer takes them through :func:`fused_coefficients`
+when its variant declares maps this backend fuses (``Variant.fused_maps``). ``HYPERCONN_FUSED_COEFFICIENTS=0`` in the environment at import
 (or :data:`FUSE_COEFFICIENTS` = False) runs the unfused ops instead, for A/B measurements.
 
 The RMS projection kernel reads the streams once forward (the GEMM and the sum of squares
@@ -38,7 +39,8 @@ from . import triton_coefficients as tc
 from . import triton_kernels as tk
 
 __all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "cayley",
-           "basis_mixture", "fused_coefficients", "prepare_constants", "FUSE_COEFFICIENTS", "NAME", "INTERPRETED", "MAX_POLY_M", "MAX_MIXTURE_K"]
+           "basis_mixture", "fused_coefficients", "prepare_constants", "FUSE_COEFFICIENTS", "NAME", "INTERPRETED",
+           "MAX_POLY_M", "MAX_MIXTURE_K"]
 
 NAME = "triton"
 INTERPRETED = tk.INTERPRETED
