@@ -1,40 +1,43 @@
-"""mHC's whole coefficient path in two Triton kernels, forward and backward.
+"""A dynamic layer's whole coefficient path in Triton kernels: the projection, the
+activations and the variant's maps (mhc, isohc, hc, hybrid), with the branch input.
 
-Unfused, a dynamic mhc layer computes its coefficients in about ten launches: the RMS
-projection, a slice, a bias and an α scale per group, σ and 2σ, then the Sinkhorn kernel,
-and as many again backward. Here:
+Unfused, a dynamic mhc layer computes its coefficients in about ten launches (the RMS
+projection, a slice, a bias and an α scale per group, σ and 2σ, the Sinkhorn kernel)
+plus ``stream_pre``, and as many again backward; isohc about thirty. Here:
 
-forward (one kernel, ``BM`` tokens per program):
+forward (one kernel, ``BM`` tokens per program for the GEMM, the maps in sub-blocks):
     out = (vec(x) φ) · r,  r = (mean(x²) + ε)^(-1/2)          one read of the streams
-    raw = bias + α_g · out         (groups g: pre | post | res; layout [n | n | n·n])
-    H_pre = σ(raw_pre),  H_post = 2σ(raw_post),  H_res = Sinkhorn(raw_res)
+    raw = bias + α_g · act(out)    (groups g: pre | post | res; layout [n | n | n·n])
+    H_pre, H_post, H_res = the map ``RES`` of raw (below)
+    read = Σ_j H_pre[j] x[j]       (optional: the tile's rows again, from L2)
 
 The GEMM tile holds a token's N = n² + 2n outputs in one row, which Triton cannot reshape
-into the (n, n) Sinkhorn tile in registers; so the epilogue stores ``out`` (which the
+into the (n, n) tile of a map in registers; so the epilogue stores ``out`` (which the
 backward needs anyway), synchronises the program and reads it back as (BM, n) and
 (BM, n, n) tiles from L1/L2 — M·N values, against the M·n·C of the streams.
 
-backward (the maps kernel, then the projection's backward kernel of :mod:`.triton_kernels`):
-    ∂raw: σ' for the gates, the reverse sweep of the unrolled Sinkhorn (iterates
-    recomputed, log-scalings in a scratch buffer, as :func:`.triton_kernels.sinkhorn_backward`);
-    ∂out = α_g ∂raw, and from it, in the same kernel, the two per-token operands of the
-    projection's backward: ∂out·r and the RMS term −r²/K ⟨∂out, out⟩;
-    ∂bias = Σ_tokens ∂raw and ∂α_g = Σ ∂raw ⊙ out over the group (two reductions, torch).
+The maps (``RES``):
+    SINKHORN (mhc): act = id, H_pre = σ, H_post = 2σ, H_res = the unrolled log-domain
+        Sinkhorn (columns then rows, ``iters`` times);
+    ISO (isohc, n ≥ 3): the same gates, H_res = ``iso_project(method="ns")``: A = Uᵀ Z U
+        on the complement of 1 (U the Helmert basis), a zero block replaced by I,
+        X0 = A / ‖AᵀA‖_F^{1/2}, the Newton-Schulz schedule, H = 11ᵀ/n + U Q Uᵀ, in fp64
+        (the torch path runs its steps in fp64 too);
+    LINEAR (hc): act = tanh, no maps (H = raw);
+    HYBRID (hybrid, n ≥ 3): the gates, H_res = (1 − λ)·ISO + λ·SINKHORN, λ = alpha[3].
 
-Same map and gradient as the layer's unfused ops (σ, 2σ, the unrolled log-domain
-Sinkhorn: columns then rows, ``iters`` times). Arithmetic in fp32 (fp64 for fp64 inputs);
-half-precision streams are read as stored.
+backward (a ⟨x, ∂read⟩ kernel when the read was asked for, the maps kernel, then the
+projection's backward kernel of :mod:`.triton_kernels`):
+    ∂raw: σ′ for the gates, the reverse sweeps of the Sinkhorn / Newton-Schulz steps
+    (iterates recomputed into scratch buffers), through the Iso-NS scale
+    ∂A = ∂X0/s − ⟨∂X0, A⟩ A(AᵀA)/s⁵ (s = ‖AᵀA‖_F^{1/2}), ∂λ = Σ ⟨∂H, H_sk − H_iso⟩;
+    ∂out = α_g ∂raw · act′, and from it, in the same kernel, the projection backward's
+    per-token operands ∂out·r and −r²/K ⟨∂out, out⟩; the projection backward writes
+    ∂x = (∂out·r) φᵀ + x·(RMS term) + H_pre[j]·∂read in one store, and ∂φ;
+    ∂bias = Σ_tokens ∂raw and ∂α_g = Σ ∂raw ⊙ act over the group (torch reductions).
 
-hc's coefficients (``RES = 2``) are the simplest case: H = bias + α_g·tanh(out) for all
-three, no map; backward ∂out = α_g ∂H (1 − tanh²).
-
-The same two kernels compute isohc's coefficients (``RES = 1``) with Iso-NS in place of
-the Sinkhorn, as :func:`hyperconn.iso_project` with ``method="ns"`` does it for n ≥ 3:
-A = Uᵀ Z U on the complement of 1 (U the Helmert basis), a zero block replaced by I,
-X0 = A / ‖AᵀA‖_F^{1/2}, the Newton-Schulz schedule, H = 11ᵀ/n + U Q Uᵀ, all in fp64 (the
-torch path runs its steps in fp64 too). Backward reverses it: Uᵀ G U, the reverse sweep
-of the steps (iterates recomputed into a scratch buffer, as the ``odd_polynomial``
-kernel), ∂A = ∂X0/s − ⟨∂X0, A⟩ A(AᵀA)/s⁵ for s = ‖AᵀA‖_F^{1/2}, and U ∂A Uᵀ.
+Same maps and gradients as the layer's unfused ops. Arithmetic in fp32 (fp64 for fp64
+inputs); half-precision streams are read as stored and the read is stored in their dtype.
 """
 
 from __future__ import annotations
