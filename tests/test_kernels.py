@@ -805,6 +805,86 @@ def test_interp_layer_takes_the_fused_path(tops, monkeypatch, variant, kernel):
     assert Hybrid(4, sinkhorn_backward="implicit").fused_maps() is None
 
 
+def _fold_probe(monkeypatch, tc):
+    """Record, per fused-coefficient backward, whether it was handed the merge's ∂x."""
+    seen = []
+    real = tc._backward
+
+    def probe(*a, **k):  # (x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, groups,
+        #                    h_pre, g_read, pending)
+        seen.append(k.get("pending", a[15] if len(a) > 15 else None) is not None)
+        return real(*a, **k)
+    monkeypatch.setattr(tc, "_backward", probe)
+    return seen
+
+
+@needs_interp
+@pytest.mark.parametrize("variant,dtype", [("mhc", torch.float32), ("isohc", torch.float32), ("hc", torch.bfloat16),
+                                           ("hybrid", torch.float64)])
+def test_interp_fused_backward_adds_the_merge_dx(tops, monkeypatch, variant, dtype):
+    """In a plain backward the merge leaves its ∂x in the layer's slot and the fused
+    coefficient op adds it in the projection backward's store (one ∂x per layer); every
+    gradient equals the same layer's without a slot, also with finish called twice, a
+    retained graph walked twice, a backward to the branch alone first, and create_graph
+    (where nothing is deferred)."""
+    from hyperconn import HyperConnection
+    from hyperconn.ops import triton_coefficients as tc
+    torch.manual_seed(0)
+    layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant=variant, kernels="triton").to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    x0, g = (torch.randn(2, 5, 4, 37, generator=gen).to(dtype) for _ in range(2))
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+
+    def run(twice=False, create_graph=False, retain=False, branch_first=False):
+        x = x0.clone().requires_grad_()
+        if twice:
+            u, finish = layer.pre(x)
+            out = finish(layer.branch(u)) + 0.5 * finish(torch.sin(u))
+        else:
+            out = layer(x)
+        wrt = [x, *layer.parameters()]
+        if branch_first:
+            torch.autograd.grad(out, list(layer.branch.parameters()), g, retain_graph=True)
+        if retain:
+            torch.autograd.grad(out, wrt, g, retain_graph=True)
+        return torch.autograd.grad(out, wrt, g, create_graph=create_graph)
+
+    cases = {"plain": {}, "twice": {"twice": True}, "retain": {"retain": True}, "branch_first": {"branch_first": True},
+             "create_graph": {"create_graph": True}}
+    seen = _fold_probe(monkeypatch, tc)
+    got = {name: run(**kw) for name, kw in cases.items()}
+    # one fused backward kernel per walk that reaches the coefficients (retain: two; the walk
+    # to the branch alone: none; create_graph differentiates plain ops), each given the merge's ∂x
+    assert seen == [True] * 5, seen
+    monkeypatch.setattr(tops, "FOLD_MERGE_GRAD", False)  # the A/B switch: autograd adds the two ∂x
+    seen.clear()
+    for name, kw in cases.items():
+        want = run(**kw)
+        for a, b in zip(got[name], want):
+            scale = max(1.0, b.double().abs().max().item())
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+    assert not any(seen)
+
+
+@needs_interp
+def test_interp_fused_backward_keeps_the_merge_dx_where_it_cannot_add_it(tops, monkeypatch):
+    """No fold where the fused op's ∂x and the merge's differ in layout (non-contiguous
+    streams), and none on the unfused path (no fused op arms the slot); gradients still
+    equal the torch backend's."""
+    seen = _fold_probe(monkeypatch, __import__("hyperconn.ops.triton_coefficients", fromlist=["_"]))
+    ref, fast = _layer_pair("mhc", 4, 37, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 2, 4, 37, generator=gen).transpose(0, 1)  # (2, 5, 4, 37), not contiguous
+    g = torch.randn(2, 5, 4, 37, generator=gen)
+    assert not x.is_contiguous()
+    for a, b in zip(_layer_grads(fast, x, g)[1], _layer_grads(ref, x, g)[1]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item()))
+    assert seen == [False]
+    monkeypatch.setattr(tops, "FUSE_COEFFICIENTS", False)
+    _check_layer_backends("mhc", torch.device("cpu"), torch.float32, 2e-5)
+    assert seen == [False]  # the unfused path runs no fused backward at all
+
+
 @needs_interp
 @pytest.mark.parametrize("variant", ["hc", "mhc", "isohc", "hybrid", "mhc-lite"])
 def test_interp_triton_layer_compiles_fullgraph(tops, variant):

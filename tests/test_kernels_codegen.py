@@ -132,10 +132,11 @@ def _op_kernels(op: str, n: int, dtype: torch.dtype) -> dict:
         N = n * n + 2 * n
         NP, BM, BK = tk._rms_tiles(n * C, N, torch.float64 if f64 else torch.float32)
         NPb, BMb, BKb, warps = tk._rms_bwd_tiles(n * C, N)
-        # backward with PRE: the fused layer's case, which adds the ∂x of H_pre x (bf16 ∂read)
-        bwd = dict(N=N, NP=NPb, BM=BMb, BK=BKb, S=n, PRE=True, F64=f64)
+        # backward with PRE and ACC: the fused layer's case, which adds the ∂x of H_pre x (bf16
+        # ∂read) and the merge's pending ∂x in the same store
+        bwd = dict(N=N, NP=NPb, BM=BMb, BK=BKb, S=n, PRE=True, ACC=True, F64=f64)
         return {"forward": _args(tk._rms_proj_fwd_kernel, dict(N=N, NP=NP, BM=BM, BK=BK, F64=f64), acc, x=dt),
-                "backward": _args(tk._rms_proj_bwd_kernel, bwd, acc, x=dt, dx=dt, gu=dt) + (warps,)}
+                "backward": _args(tk._rms_proj_bwd_kernel, bwd, acc, x=dt, dx=dt, gu=dt, pending=dt) + (warps,)}
     if op in ("odd_polynomial", "cayley"):
         m, _, MP, BM = tk._small_square_tiles(torch.empty(1, n - 1, n - 1), op)
         tiles = dict(MM=m, MP=MP, BM=BM, F64=f64)

@@ -177,3 +177,34 @@ def test_layer_stale_buffer_from_partial_backward_is_ignored():
     h_pre = layer.mixer.map_pre_post(layer.b_pre + layer.alpha[0] * proj[..., :n], proj[..., n:2 * n])[0]
     (want,) = torch.autograd.grad(torch.einsum("...n,...nc->...c", h_pre, plain).square().sum(), [plain])
     torch.testing.assert_close(dx, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mhc", "hc"])
+def test_layer_finish_called_twice_sums_both_merges(variant):
+    """Two merges of one ``pre`` (finish called twice) both leave ∂x in the layer's slot:
+    the second adds to the first's (it overwrote it before: ∂x was off by the first
+    merge's whole contribution). Checked against the same layer written with plain autograd."""
+    from hyperconn import HyperConnection
+    torch.manual_seed(3)
+    layer = HyperConnection(8, 3, torch.nn.Linear(8, 8), variant=variant, alpha_init=0.3)
+    x = torch.randn(2, 4, 3, 8, requires_grad=True)
+    g1, g2 = torch.randn(2, 2, 4, 3, 8).unbind()
+    u, finish = layer.pre(x)
+    out1, out2 = finish(layer.branch(u)), finish(torch.sin(u))
+    got = torch.autograd.grad([out1, out2], [x, layer.phi], [g1, g2])
+    # plain: the same coefficients, the two merges written out
+    plain = x.detach().clone().requires_grad_()
+    n, C = 3, 8
+    flat = plain.reshape(2, 4, n * C)
+    proj = layer.mixer.dynamic_activation(
+        (flat @ layer.phi) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + layer.norm_eps))
+    a_pre, a_post, a_res = layer.alpha.unbind()
+    h_pre, h_post, h_res = layer.mixer(layer.b_pre + a_pre * proj[..., :n], layer.b_post + a_post * proj[..., n:2 * n],
+                                       layer.b_res + a_res * proj[..., 2 * n:].unflatten(-1, (n, n)))
+    v = torch.einsum("...n,...nc->...c", h_pre, plain)
+
+    def merge(y):
+        return torch.einsum("...ij,...jc->...ic", h_res, plain) + h_post[..., None] * y[..., None, :]
+    want = torch.autograd.grad([merge(layer.branch(v)), merge(torch.sin(v))], [plain, layer.phi], [g1, g2])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

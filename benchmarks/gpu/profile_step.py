@@ -2,12 +2,13 @@
 
     python benchmarks/gpu/profile_step.py --configs residual mhc mhc:bf16 mhc:bf16:compile
 
-A config is ``VARIANT[:STREAM_DTYPE][:compile|:graphs][:unfused]`` (STREAM_DTYPE ``fp32`` or
-``bf16``; ``graphs``: ``torch.compile(mode="reduce-overhead")``, forward and backward replayed
-as CUDA graphs, which takes the host's launch cost out of the wall time;
-``unfused`` turns off the fused Triton coefficient kernels, ``hyperconn::sinkhorn_coefficients``
-and ``hyperconn::iso_coefficients``, so mhc and isohc run the RMS projection, the activations
-and the res map as separate ops: the A/B of those kernels). Every
+A config is ``VARIANT[:STREAM_DTYPE][:compile|:graphs][:unfused|:nofold]`` (STREAM_DTYPE ``fp32``
+or ``bf16``; ``graphs``: ``torch.compile(mode="reduce-overhead")``, forward and backward
+replayed as CUDA graphs, which takes the host's launch cost out of the wall time;
+``unfused`` turns off the fused Triton coefficient kernels (``hyperconn::sinkhorn_coefficients``
+and the others), so the variant runs the RMS projection, the activations and the res map as
+separate ops: the A/B of those kernels; ``nofold`` keeps them but lets autograd add the
+merge's ∂x to theirs instead of the projection backward's store: the A/B of that fold). Every
 model is the ``hyperconn bench model`` CUDA default (12 blocks, C = 768, 12 heads, seq
 1024, batch 8, bf16 autocast, fused AdamW); n = 4 except residual. For each config:
 median wall time per step (synchronised), GPU-busy time per step (sum of kernel times
@@ -36,7 +37,7 @@ DTYPES = {"fp32": None, "bf16": "bfloat16"}
 
 def build(config: str, args):
     parts = config.split(":")
-    variant, dtype, compiled, fused = parts[0], "fp32", None, True
+    variant, dtype, compiled, fused, fold = parts[0], "fp32", None, True, True
     for p in parts[1:]:
         if p == "compile":
             compiled = "default"
@@ -44,6 +45,8 @@ def build(config: str, args):
             compiled = "reduce-overhead"
         elif p == "unfused":
             fused = False
+        elif p == "nofold":
+            fold = False
         elif p in DTYPES:
             dtype = p
         else:
@@ -51,7 +54,7 @@ def build(config: str, args):
     n = 1 if variant == "residual" else args.streams
     # Read by the layer at every call (and by torch.compile when it traces), so setting it
     # here, before this config's steps, applies to this config only.
-    triton_backend.FUSE_COEFFICIENTS = fused
+    triton_backend.FUSE_COEFFICIENTS, triton_backend.FOLD_MERGE_GRAD = fused, fold
     cfg = GPTConfig(vocab_size=256, seq_len=args.seq, n_layer=args.layers, n_head=args.heads, n_embd=args.dim,
                     connection=ConnectionConfig(variant, streams=n), stream_dtype=DTYPES[dtype])
     model = GPT(cfg).cuda().train()
@@ -72,9 +75,9 @@ def build(config: str, args):
 
 def baseline_of(config: str, configs) -> Optional[str]:
     """The residual config among ``configs`` that ``config`` is compared with: same dtype
-    and compile mode, in any order (``unfused`` changes nothing for the residual model);
+    and compile mode, in any order (``unfused``, ``nofold`` change nothing for the residual model);
     None if there is none."""
-    want = {p for p in config.split(":")[1:] if p not in ("unfused", "fp32")}
+    want = {p for p in config.split(":")[1:] if p not in ("unfused", "nofold", "fp32")}
     for c in configs:
         parts = c.split(":")
         if parts[0] == "residual" and {p for p in parts[1:] if p != "fp32"} == want:

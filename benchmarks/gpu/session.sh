@@ -52,7 +52,7 @@ for s in $steps; do
            git log -1 --format=%H 2>/dev/null || true" ;;
     tests) step tests 120 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not interpreter_suite" -rs ;;
     kernels) step kernels 30 $py benchmarks/bench_kernels.py --device cuda --dtype bf16 --tokens 65536 --dim 2048 --reps 20 ;;
-    profile) prof 60 profile --configs residual:bf16 hc:bf16 mhc:bf16 mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused \
+    profile) prof 60 profile --configs residual:bf16 hc:bf16 mhc:bf16 mhc:bf16:nofold mhc:bf16:unfused isohc:bf16 isohc:bf16:unfused \
              hybrid:bf16 ;;
     wide) prof 45 wide --dim 2048 --heads 16 --configs residual:bf16 mhc:bf16 isohc:bf16 ;;
     compiled) prof 120 compiled --configs residual:bf16:compile mhc:bf16:compile mhc:bf16:graphs ;;

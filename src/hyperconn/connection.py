@@ -404,13 +404,13 @@ class HyperConnection(nn.Module):
         """(H_pre, H_post, H_res, H_pre x or None) on ``backend``: one fused op where the
         backend fuses the variant's maps into the projection (``Variant.fused_maps``; the
         Triton backend for hc, mhc, isohc, hybrid), which with ``read`` also returns the
-        branch input H_pre x (one ∂x for both in backward); else the projection, the
-        variant's maps and None (the caller runs stream_pre)."""
+        branch input H_pre x (one ∂x for both in backward, and with ``slot`` the merge's
+        too); else the projection, the variant's maps and None (the caller runs stream_pre)."""
         fused = getattr(backend, "fused_coefficients", None) if self._may_fuse() else None
         maps = self.mixer.fused_maps() if fused is not None else None
         if maps is not None:
             h = fused(x, self.phi, self.norm_eps, self.b_pre, self.b_post, self.b_res, self.alpha,
-                      self.coefficient_dtype, maps, read)
+                      self.coefficient_dtype, maps, read, slot)
             if h is not None:
                 return h
         return (*self.mixer(*self.raw_coefficients(x, slot, backend), state=state), None)
@@ -500,12 +500,7 @@ class HyperConnection(nn.Module):
                 return x + y.unsqueeze(-2).to(x.dtype)
             return x.squeeze(-2), add
         backend = ops.select(self.kernels, x)  # once per call: every op below runs on it
-        # One ∂x buffer for the layer's three fp32 stream ops (torch backend, dynamic
-        # coefficients, the projection being the op that returns it; not while
-        # torch.compile traces).
-        slot = StreamGradSlot() if (self.dynamic and backend is ops.torch_backend and x.dtype == torch.float32
-                                    and self.coefficient_dtype == torch.float32
-                                    and not torch.compiler.is_compiling()) else None
+        slot = self._grad_slot(x, backend)
         h_pre, h_post, h_res, branch_input = self._coefficients(x, slot, backend, state, read=True)
         after = self._observe(h_pre, h_post, h_res, x) if self._observers else ()
 
@@ -518,6 +513,19 @@ class HyperConnection(nn.Module):
         if branch_input is None:
             branch_input = backend.stream_pre(x, h_pre, slot)
         return branch_input, merge
+
+    def _grad_slot(self, x: torch.Tensor, backend) -> Optional[StreamGradSlot]:
+        """One ∂x buffer for this call's stream ops (see :mod:`hyperconn.ops.grad_slot`), or
+        None: only with dynamic coefficients (the op that returns the sum is then always in
+        the graph) and never while torch.compile traces. Torch backend: fp32 streams and
+        coefficients (its hand-written CPU ops); Triton: the fused coefficient op takes it."""
+        if not self.dynamic or torch.compiler.is_compiling():
+            return None
+        if backend is ops.torch_backend:
+            fp32 = x.dtype == torch.float32 and self.coefficient_dtype == torch.float32
+            return StreamGradSlot() if fp32 else None
+        make = getattr(backend, "grad_slot", None)
+        return make(x, self.coefficient_dtype) if make is not None else None
 
     def _pre_single_pass(self, x: torch.Tensor, carried: Optional[torch.Tensor], state: dict):
         """Single-pass split: (this layer's read, finish(y) → (x_next, next layer's read))."""

@@ -24,7 +24,7 @@ only imported when selected.
 """
 
 from . import reference, torch_backend
-from .cpu import StreamGradSlot
+from .grad_slot import StreamGradSlot
 from .newton_schulz import odd_polynomial_iteration
 from .dispatch import (BACKENDS, ENV_VAR, resolve_backend, rms_projection, select, sinkhorn_tokens,
                        stream_merge, stream_pre, triton_available)

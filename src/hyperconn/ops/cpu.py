@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import cpu_native
+from .grad_slot import StreamGradSlot, defer, deferring, pending
 
 __all__ = ["stream_pre", "rms_projection", "merge_streams", "sinkhorn_tokens", "odd_polynomial_iteration",
            "StreamGradSlot"]
@@ -45,42 +46,8 @@ def _native(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and cpu_native.available())
 
 
-class StreamGradSlot:
-    """Lets the three ops of one layer write ∂x into a single buffer.
-
-    Pass the same slot to :func:`merge_streams`, :func:`stream_pre` and
-    :func:`rms_projection` of one layer call. Autograd runs their backward in that order
-    whenever all three are in the graph (the merge consumes the branch output built from
-    ``stream_pre``, and both consume coefficients built from ``rms_projection``), so the
-    merge leaves its ∂x in the slot and returns none, ``stream_pre`` adds its part in
-    place, and ``rms_projection`` adds its own and returns the sum: one (..., n, C)
-    buffer instead of three plus two sums. Only plain backward passes defer; with
-    ``create_graph=True`` (grad mode on inside backward) every op returns its own ∂x.
-    HyperConnection uses a slot only when its coefficients are dynamic, so the
-    projection that finally returns the buffer is always part of the graph.
-    """
-
-    __slots__ = ("grad", "task")
-
-    def __init__(self):
-        self.grad = None
-        self.task = None  # the backward pass (graph task) that left ``grad``
-
-
-# The id of the running backward pass: a buffer left by an earlier partial backward
-# (retain_graph=True, the projection never reached) must not be picked up by a later one.
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-
-
-def _deferring(slot) -> bool:
-    return slot is not None and _graph_task_id is not None and not torch.is_grad_enabled()
-
-
-def _pending(slot):
-    """The ∂x buffer the merge left in this backward pass, or None."""
-    if _deferring(slot) and slot.grad is not None and slot.task == _graph_task_id():
-        return slot.grad
-    return None
+# The slot and its rules live in .grad_slot (the Triton path shares them).
+_deferring, _pending = deferring, pending
 
 
 def _no_autocast(t: torch.Tensor):
@@ -282,7 +249,8 @@ class _MergeStreams(torch.autograd.Function):
                 g, _tokens(x).contiguous(), h_res.reshape(-1, n, n).contiguous(), h_post.reshape(-1, n).contiguous(),
                 y.reshape(-1, C).contiguous(), None if grad_x is None else grad_x.view(-1, n, C), needs[1:4])
             if grad_x is not None and _deferring(ctx.slot):
-                ctx.slot.grad, ctx.slot.task, grad_x = grad_x, _graph_task_id(), None
+                defer(ctx.slot, grad_x)
+                grad_x = None
             return (grad_x, None if grad_res is None else grad_res.view(h_res.shape),
                     None if grad_post is None else grad_post.view(h_post.shape),
                     None if grad_y is None else grad_y.view(y.shape), None)
@@ -294,7 +262,8 @@ class _MergeStreams(torch.autograd.Function):
                 grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
                 torch.bmm(h_t, g, out=grad_x.view(-1, n, C))
             if _deferring(ctx.slot):                     # stream_pre and rms_projection add theirs
-                ctx.slot.grad, ctx.slot.task, grad_x = grad_x, _graph_task_id(), None
+                defer(ctx.slot, grad_x)
+                grad_x = None
         if needs[1]:                                                                 # ⟨g[i], x[j]⟩
             grad_res = torch.bmm(g, _tokens(x).mT).view(h_res.shape)
         if needs[2]:                                                                 # ⟨g[i], y⟩

@@ -3,7 +3,7 @@
 Rules (one place, so the public ops and the layer run the same arithmetic):
 
 - fp32 / fp64 streams: the hand-written ops of :mod:`.cpu` (∂x written once, optionally
-  into a layer's shared :class:`~.cpu.StreamGradSlot`);
+  into a layer's shared :class:`~.grad_slot.StreamGradSlot`);
 - fp16 / bf16 streams: the :mod:`.reference` ops (fp32 coefficients, fp32 accumulation,
   output in the stream dtype: rounding H_res to bf16 would break its row sums by ~1e-3);
 - the RMS-scaled coefficient projection: on CUDA, plain ops (autocast and
@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import cpu, reference
-from .cpu import StreamGradSlot
+from .grad_slot import StreamGradSlot
 
 __all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "NAME"]
 

@@ -20,6 +20,11 @@ branch input H_pre x) in one kernel forward and three backward
 when its variant declares maps this backend fuses (``Variant.fused_maps``). ``HYPERCONN_FUSED_COEFFICIENTS=0`` in the environment at import
 (or :data:`FUSE_COEFFICIENTS` = False) runs the unfused ops instead, for A/B measurements.
 
+In eager mode a layer also hands the merge's ∂x to its fused coefficient op through a
+:class:`~.grad_slot.StreamGradSlot`: the merge's backward leaves it there and the
+projection backward adds it in its own store, so autograd gets one ∂x per layer instead
+of two to add (``HYPERCONN_FOLD_MERGE_GRAD=0`` or :data:`FOLD_MERGE_GRAD` = False: not).
+
 The RMS projection kernel reads the streams once forward (the GEMM and the sum of squares
 together) and once backward (∂x and ∂φ together); the plain ops it replaces read them
 twice forward and three times backward (the GEMM, the norm, then the two backward GEMMs
@@ -37,17 +42,20 @@ from torch import Tensor
 from .._dtypes import compute_dtype
 from . import triton_coefficients as tc
 from . import triton_kernels as tk
+from .grad_slot import StreamGradSlot, defer, deferring, take
 
 __all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "odd_polynomial_iteration", "cayley",
-           "basis_mixture", "fused_coefficients", "prepare_constants", "FUSE_COEFFICIENTS", "NAME", "INTERPRETED",
-           "MAX_POLY_M", "MAX_MIXTURE_K"]
+           "basis_mixture", "fused_coefficients", "grad_slot", "prepare_constants", "FUSE_COEFFICIENTS",
+           "FOLD_MERGE_GRAD", "NAME", "INTERPRETED", "MAX_POLY_M", "MAX_MIXTURE_K"]
 
 NAME = "triton"
 INTERPRETED = tk.INTERPRETED
 MAX_POLY_M = tk.MAX_POLY_M
 MAX_MIXTURE_K = tk.MAX_MIXTURE_K
-# Decided once, at import; tests and A/B benchmarks may set the attribute.
-FUSE_COEFFICIENTS = os.environ.get("HYPERCONN_FUSED_COEFFICIENTS", "1").strip().lower() not in ("0", "false", "off", "no")
+# Decided once, at import; tests and A/B benchmarks may set the attributes.
+_OFF = ("0", "false", "off", "no")
+FUSE_COEFFICIENTS = os.environ.get("HYPERCONN_FUSED_COEFFICIENTS", "1").strip().lower() not in _OFF
+FOLD_MERGE_GRAD = os.environ.get("HYPERCONN_FOLD_MERGE_GRAD", "1").strip().lower() not in _OFF
 
 
 # ---------------------------------------------------------------------- stream_pre
@@ -369,13 +377,14 @@ def _coefficients_op(name: str, res: int):
 
     @torch.library.custom_op(f"hyperconn::{name}_backward", mutates_args=())
     def op_backward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, out: Tensor, rinv: Tensor,
-                    g_pre: Tensor, g_post: Tensor, g_res: Tensor, h_pre: Tensor, g_read: Tensor, iters: int,
-                    steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    g_pre: Tensor, g_post: Tensor, g_res: Tensor, h_pre: Tensor, g_read: Tensor, g_x: Tensor,
+                    iters: int, steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # g_read, g_x: empty when absent; g_x is a ∂x so far (the merge's), added to ∂x.
         return tc._backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, None,
-                            h_pre, g_read if g_read.numel() else None)
+                            h_pre, g_read if g_read.numel() else None, g_x if g_x.numel() else None)
 
     @op_backward.register_fake
-    def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, h_pre, g_read, iters, steps):
+    def _(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, h_pre, g_read, g_x, iters, steps):
         return x.new_empty(x.shape), phi.new_empty(phi.shape), bias.new_empty(bias.shape), alpha.new_empty(alpha.shape)
 
     def setup(ctx, inputs, output):
@@ -384,7 +393,8 @@ def _coefficients_op(name: str, res: int):
         ctx.mark_non_differentiable(output[3], output[4])  # the saved projection and scale
         ctx.eps, ctx.iters, ctx.steps, ctx.read = eps, iters, steps, read
 
-    def grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv, g_read):
+    def grad(ctx, g_pre, g_post, g_res, _g_out, _g_rinv, g_read, pending=None):
+        """(∂x, ∂φ, ∂bias, ∂alpha, None × 4); ``pending``: the merge's ∂x, from a slot."""
         x, phi, bias, alpha, out, rinv, h_pre = ctx.saved_tensors
         n, m = x.shape[-2], out.shape[0]
         grads = [out.new_zeros(shape) if g is None else g
@@ -405,12 +415,55 @@ def _coefficients_op(name: str, res: int):
                 gs.append(g_read.to(outs[-1].dtype))
             got = iter(torch.autograd.grad(outs, wanted, gs, create_graph=True, allow_unused=True))
             return tuple(next(got) if w else None for w in need) + (None,) * 4
-        dx, dphi, dbias, dalpha = op_backward(x, phi, bias, alpha, out, rinv, *grads, h_pre, g_read, ctx.iters,
+        dx, dphi, dbias, dalpha = op_backward(x, phi, bias, alpha, out, rinv, *grads, h_pre, g_read,
+                                              x.new_empty((0,)) if pending is None else pending, ctx.iters,
                                               ctx.steps)
         return dx, dphi, dbias, dalpha, None, None, None, None
 
     op.register_autograd(grad, setup_context=setup)
+    op.slot_grad, op.slot_setup = grad, setup  # for _SlotCoefficients (eager, one ∂x per layer)
     return op
+
+
+class _SlotCoefficients(torch.autograd.Function):
+    """A fused coefficient op with the read, in eager mode with a layer's
+    :class:`~.grad_slot.StreamGradSlot`: the same forward and backward as the op's own
+    autograd, but the backward takes the merge's ∂x out of the slot and adds it in the
+    projection backward's store, so autograd has one ∂x to accumulate, not two (one pass
+    over the streams fewer, and no read of the second). ``torch.compile`` never sees it:
+    the layer passes no slot while tracing."""
+
+    @staticmethod
+    def forward(ctx, x, phi, bias, alpha, eps, iters, steps, op, slot):
+        output = op(x, phi, bias, alpha, eps, iters, steps, True)
+        op.slot_setup(ctx, (x, phi, bias, alpha, eps, iters, steps, True), output)
+        ctx.op, ctx.slot = op, slot
+        slot.armed = True  # the merge of this layer call may now leave its ∂x here
+        return output
+
+    @staticmethod
+    def backward(ctx, g_pre, g_post, g_res, g_out, g_rinv, g_read):
+        return (*ctx.op.slot_grad(ctx, g_pre, g_post, g_res, g_out, g_rinv, g_read, take(ctx.slot)), None)
+
+
+class _SlotMerge(torch.autograd.Function):
+    """``hyperconn::stream_merge`` in eager mode with a layer's slot: backward leaves ∂x in
+    the slot when a fused coefficient op armed it (that op adds and returns it), else
+    returns it as the op's own autograd does."""
+
+    @staticmethod
+    def forward(ctx, x, h_res, h_post, y, block_c, slot):
+        _stream_merge_setup(ctx, (x, h_res, h_post, y, block_c), None)
+        ctx.slot = slot
+        return _stream_merge(x, h_res, h_post, y, block_c)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dhr, dhp, dy, _ = _stream_merge_grad(ctx, grad)
+        if ctx.slot.armed and ctx.needs_input_grad[0] and deferring(ctx.slot):
+            defer(ctx.slot, dx)
+            dx = None
+        return dx, dhr, dhp, dy, None, None
 
 
 _FUSED_OPS = {"sinkhorn": _coefficients_op("sinkhorn_coefficients", tc.SINKHORN),
@@ -439,8 +492,9 @@ def prepare_constants(variant, streams: int, device: torch.device) -> None:
 
 
 def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-                       alpha: Tensor, cdtype: torch.dtype, maps: tuple,
-                       read: bool = False) -> Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]:
+                       alpha: Tensor, cdtype: torch.dtype, maps: tuple, read: bool = False,
+                       slot: Optional[StreamGradSlot] = None) -> Optional[tuple[Tensor, Tensor, Tensor,
+                                                                                Optional[Tensor]]]:
     """A dynamic layer's (H_pre (..., n), H_post (..., n), H_res (..., n, n)) in ``cdtype``
     from its streams x (..., n, C), projection φ (n·C, n² + 2n), static logits and the α
     scales (3,), by one fused op, and with ``read`` its branch input H_pre x (..., C) in
@@ -452,7 +506,11 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
     n ≤ 8: ``("sinkhorn", iters)`` (σ, 2σ and the unrolled Sinkhorn of mhc), ``("iso",
     steps)`` (σ, 2σ and Iso-NS, ``iso_project(method="ns")``, of isohc; n ≥ 3),
     ``("linear", 0)`` (hc's tanh activation and identity maps) and ``("hybrid", iters, steps,
-    λ)`` ((1 − λ) Iso-NS + λ Sinkhorn; λ a float or a 0-dim tensor, differentiated; n ≥ 3)."""
+    λ)`` ((1 − λ) Iso-NS + λ Sinkhorn; λ a float or a 0-dim tensor, differentiated; n ≥ 3).
+
+    ``slot``: the layer's :class:`~.grad_slot.StreamGradSlot` (from :func:`grad_slot`);
+    with ``read``, streams the op reads as they are and a plain backward pass, the op's
+    backward also adds the ∂x that :func:`stream_merge` left in it (one ∂x per layer)."""
     n = x.shape[-2]
     kind = maps[0]
     op = _FUSED_OPS.get(kind)
@@ -473,24 +531,43 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
         # sync every step and break CUDA-graph capture).
         lam = lam.to(cdtype) if isinstance(lam, Tensor) else alpha.new_full((1,), float(lam))
         alpha = torch.cat([alpha, lam.reshape(1)])
-    h_pre, h_post, h_res, _, _, u = op(xc, phi.to(cdtype), bias, alpha, float(eps), int(iters), int(steps),
-                                       bool(read))
+    args = (xc, phi.to(cdtype), bias, alpha, float(eps), int(iters), int(steps))
+    if slot is not None and read and xc is x and x.is_contiguous() and not torch.compiler.is_compiling():
+        # x itself goes in (no cast node between the merge's ∂x and this op's), contiguous
+        # (the merge's ∂x has the kernel's layout).
+        h_pre, h_post, h_res, _, _, u = _SlotCoefficients.apply(*args, op, slot)
+    else:
+        h_pre, h_post, h_res, _, _, u = op(*args, bool(read))
     lead = x.shape[:-2]
     return (h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n),
             u.view(*lead, x.shape[-1]).to(x.dtype) if read else None)
 
 
 # ---------------------------------------------------------------------- backend API
+def grad_slot(x: Tensor, cdtype: torch.dtype) -> Optional[StreamGradSlot]:
+    """A slot for one layer call on streams ``x`` (dynamic coefficients), through which
+    :func:`stream_merge` hands its ∂x to the fused coefficient op's backward; None while
+    ``torch.compile`` traces (the ops stay opaque custom ops with their own autograd) and
+    with :data:`FOLD_MERGE_GRAD` off (``HYPERCONN_FOLD_MERGE_GRAD=0``: autograd adds the
+    two ∂x, for A/B measurements)."""
+    return StreamGradSlot() if FOLD_MERGE_GRAD and not torch.compiler.is_compiling() else None
+
+
 def stream_pre(x: Tensor, h_pre: Tensor, slot=None, *, block_c: Optional[int] = None) -> Tensor:
     """Triton ``Σ_j h_pre[j] x[j]``; shapes as :func:`hyperconn.ops.stream_pre`. ``slot``
-    is ignored (the kernels write each gradient once already); ``block_c`` overrides the C
-    tile (tests use it to exercise multi-block loops)."""
+    is ignored (its ∂x is returned; a layer whose coefficients are fused reads H_pre x in
+    the fused op instead); ``block_c`` overrides the C tile (tests use it to exercise
+    multi-block loops)."""
     return _stream_pre(x, h_pre, int(block_c or 0))
 
 
-def stream_merge(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, slot=None, *,
+def stream_merge(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, slot: Optional[StreamGradSlot] = None, *,
                  block_c: Optional[int] = None) -> Tensor:
-    """Triton ``h_res @ x + h_post ⊗ y``; reads the streams once, writes the result once."""
+    """Triton ``h_res @ x + h_post ⊗ y``; reads the streams once, writes the result once.
+    ``slot``: the layer's slot; when the layer's fused coefficient op armed it, a plain
+    backward leaves ∂x there for that op to add (see :mod:`.grad_slot`)."""
+    if slot is not None and slot.armed and not torch.compiler.is_compiling():
+        return _SlotMerge.apply(x, h_res, h_post, y, int(block_c or 0), slot)
     return _stream_merge(x, h_res, h_post, y, int(block_c or 0))
 
 

@@ -33,7 +33,8 @@ projection's backward kernel of :mod:`.triton_kernels`):
     ∂A = ∂X0/s − ⟨∂X0, A⟩ A(AᵀA)/s⁵ (s = ‖AᵀA‖_F^{1/2}), ∂λ = Σ ⟨∂H, H_sk − H_iso⟩;
     ∂out = α_g ∂raw · act′, and from it, in the same kernel, the projection backward's
     per-token operands ∂out·r and −r²/K ⟨∂out, out⟩; the projection backward writes
-    ∂x = (∂out·r) φᵀ + x·(RMS term) + H_pre[j]·∂read in one store, and ∂φ;
+    ∂x = (∂out·r) φᵀ + x·(RMS term) + H_pre[j]·∂read (+ the merge's ∂x, when the layer
+    left it in a :class:`~.grad_slot.StreamGradSlot`) in one store, and ∂φ;
     ∂bias = Σ_tokens ∂raw and ∂α_g = Σ ∂raw ⊙ act over the group (torch reductions).
 
 Same maps and gradients as the layer's unfused ops. Arithmetic in fp32 (fp64 for fp64
@@ -448,9 +449,10 @@ def _forward(x, phi, bias, alpha, eps, res, iters, steps, read=False):
 
 
 def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, steps, groups, h_pre=None,
-              g_read=None):
+              g_read=None, pending=None):
     """(∂x, ∂φ, ∂bias, ∂alpha) of :func:`_forward`; with ``g_read`` (M, C), the gradient of
-    its read, and the forward's ``h_pre``, ∂x includes the read's."""
+    its read, and the forward's ``h_pre``, ∂x includes the read's; with ``pending`` (x's
+    shape and dtype, contiguous: the merge's ∂x of the same streams) ∂x includes it too."""
     n, K, N, x2, M, acc, NP, BM, BK = _layout(x, phi, bias, alpha, res)
     SP, MP = tk._np2(n), tk._np2(max(n - 1, 1))
     draw = torch.empty((M, N), dtype=acc, device=x.device)
@@ -482,7 +484,7 @@ def _backward(x, phi, bias, alpha, out, rinv, g_pre, g_post, g_res, res, iters, 
         out, rinv, bias.to(acc).contiguous(), alpha.to(acc).contiguous(), *grads, draw, gp, rs, hist, hist2, dlam,
         u, coef, M, K, int(steps), RES=res, ITERS=int(iters), S=n, SP=SP, MP=MP, N=N, BM=BMI,
         F64=acc == torch.float64)
-    dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups, pre)
+    dx, dphi = tk.rms_projection_operands_backward(x2, phi, gp, rs, groups, pre, pending)
     per_col = (draw * (torch.tanh(out) if res == LINEAR else out)).sum(0)  # ∂α_g = Σ ∂raw ⊙ activation
     dalpha = [per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()]
     if res == HYBRID:

@@ -205,12 +205,14 @@ def _rms_proj_fwd_kernel(x_ptr, phi_ptr, out_ptr, rinv_ptr, M, K, eps,
 
 
 @triton.jit
-def _rms_proj_bwd_kernel(x_ptr, phi_ptr, gp_ptr, rs_ptr, dx_ptr, dphi_ptr, h_ptr, gu_ptr, M, K, C, GROUPS,
-                         N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                         S: tl.constexpr, PRE: tl.constexpr, F64: tl.constexpr):
+def _rms_proj_bwd_kernel(x_ptr, phi_ptr, gp_ptr, rs_ptr, dx_ptr, dphi_ptr, h_ptr, gu_ptr, pending_ptr, M, K, C,
+                         GROUPS, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                         S: tl.constexpr, PRE: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr):
     # dx = gp φᵀ + x·rs (per token), dφ = xᵀ gp; gp = ∂out · r (M, N), rs the RMS term (M,).
     # PRE: also the ∂x of u = H_pre x in the same store, dx[j, c] += h[j]·gu[c] (h (M, S),
     # gu (M, C)), so a layer that reads H_pre x from the streams writes one ∂x, not two.
+    # ACC: and the layer's ∂x so far (the merge's, (M, K) in x's dtype), so autograd does
+    # not add the two in another pass over the streams.
     kb, grp = tl.program_id(0), tl.program_id(1)
     ks = kb * BK + tl.arange(0, BK)
     cols = tl.arange(0, NP)
@@ -232,6 +234,8 @@ def _rms_proj_bwd_kernel(x_ptr, phi_ptr, gp_ptr, rs_ptr, dx_ptr, dphi_ptr, h_ptr
             hj = _acc(tl.load(h_ptr + tok[:, None] * S + j[None, :], mask=xmask, other=0.0), F64)
             gu = _acc(tl.load(gu_ptr + tok[:, None] * C + (ks - j * C)[None, :], mask=xmask, other=0.0), F64)
             dx += hj * gu
+        if ACC:
+            dx += _acc(tl.load(pending_ptr + tok[:, None] * K + ks[None, :], mask=xmask, other=0.0), F64)
         tl.store(dx_ptr + tok[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xmask)
         dphi += _dot(tl.trans(x), gp)
     tl.store(dphi_ptr + grp.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :], dphi,
@@ -615,14 +619,23 @@ def rms_projection_backward(x, phi, out, rinv, grad_out, groups=None):
     return dx.view(x.shape), dphi
 
 
-def rms_projection_operands_backward(x2, phi, gp, rs, groups=None, pre=None):
+def rms_projection_operands_backward(x2, phi, gp, rs, groups=None, pre=None, pending=None):
     """The projection backward's two passes given its per-token operands: ∂x = gp φᵀ + x·rs
     and ∂φ = xᵀ gp, for x2 (M, K) contiguous, gp = ∂out·r (M, N) and the RMS term rs (M,)
     in the compute dtype. ∂x in ``x2.dtype``, ∂φ in ``phi.dtype``; ``groups`` token groups
     keep partial ∂φ (summed here). ``pre``: (h (M, n), gu (M, C)) of a read u = Σ_j h[j] x[j]
-    whose ∂x (h[j]·gu) is added in the same store (K = n·C)."""
+    whose ∂x (h[j]·gu) is added in the same store (K = n·C); ``pending``: a ∂x so far
+    (M·K values in ``x2.dtype``, contiguous), added in the same store too.
+
+    Raises:
+        ValueError: if ``pending`` is not M·K contiguous values of ``x2.dtype`` on its device.
+    """
     (M, K), N = x2.shape, phi.shape[1]
     acc = _acc_dtype(x2, phi)
+    if pending is not None and (pending.numel() != M * K or pending.dtype != x2.dtype
+                                or pending.device != x2.device or not pending.is_contiguous()):
+        raise ValueError(f"pending: expected {M * K} contiguous {x2.dtype} values on {x2.device}, "
+                         f"got {tuple(pending.shape)} {pending.dtype} on {pending.device}")
     NP, BM, BK, warps = _rms_bwd_tiles(K, N)
     groups = max(1, min(triton.cdiv(M, BM), groups or 16))
     dx = torch.empty_like(x2)
@@ -630,8 +643,9 @@ def rms_projection_operands_backward(x2, phi, gp, rs, groups=None, pre=None):
     h, gu = (rs, rs) if pre is None else (pre[0].contiguous(), pre[1].contiguous())
     S = 1 if pre is None else h.shape[-1]
     _rms_proj_bwd_kernel[(triton.cdiv(K, BK), groups)](
-        x2, phi.contiguous(), gp, rs, dx, dphi, h, gu, M, K, K // S, groups, N=N, NP=NP, BM=BM, BK=BK,
-        S=S, PRE=pre is not None, F64=acc == torch.float64, num_warps=warps)
+        x2, phi.contiguous(), gp, rs, dx, dphi, h, gu, rs if pending is None else pending, M, K, K // S, groups,
+        N=N, NP=NP, BM=BM, BK=BK, S=S, PRE=pre is not None, ACC=pending is not None, F64=acc == torch.float64,
+        num_warps=warps)
     return dx, dphi.sum(0).to(phi.dtype)
 
 
