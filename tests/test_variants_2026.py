@@ -106,6 +106,32 @@ def test_kromhc_equals_torch_kron_of_its_factors(n):
     assert layer.mixer.res_logit_shape == (sum(1 if f == 2 else 6 for f in kron_factors(n)),)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 6, 8, 9, 12, 18, 24])
+def test_kromhc_one_mixture_equals_its_factors_with_gradients(n):
+    """The single softmax mixture over the Kronecker products of the factors' permutations
+    (what map_res runs) equals the factor-by-factor product, values and gradients, in
+    float64; gradcheck on the mixture path."""
+    mixer = far_layer("kromhc", n).mixer.double()
+    assert mixer.one_mixture
+    raw = (3 * torch.randn(5, *mixer.res_logit_shape, dtype=torch.float64)).requires_grad_()
+    h, want = mixer.map_res(raw, {}), mixer.map_res_factored(raw)
+    torch.testing.assert_close(h, want, rtol=1e-12, atol=1e-14)
+    g = torch.randn_like(h)
+    torch.testing.assert_close(torch.autograd.grad(h, raw, g)[0], torch.autograd.grad(want, raw, g)[0],
+                               rtol=1e-10, atol=1e-12)
+    if n <= 6:
+        assert torch.autograd.gradcheck(lambda r: mixer.map_res(r, {}), (raw[:2].detach().requires_grad_(),))
+
+
+def test_kromhc_beyond_128_combinations_multiplies_factors_out():
+    """n = 36 = 2·2·3·3: 144 combinations, more than the mixture kernel takes, so the
+    factors are multiplied out (and still exactly doubly stochastic)."""
+    layer = far_layer("kromhc", 36)
+    assert not layer.mixer.one_mixture
+    h = layer.coefficients(torch.randn(8, 36, 16))[2]
+    assert (h.sum(-1) - 1).abs().max() < 1e-5 and (h.sum(-2) - 1).abs().max() < 1e-5 and h.min() >= 0
+
+
 @pytest.mark.parametrize("n", [5, 7, 10])
 def test_kromhc_refuses_other_n_naming_streams(n):
     with pytest.raises(ValueError, match="^streams: variant 'kromhc' needs n = 2\\^a·3\\^b"):

@@ -10,17 +10,28 @@ iterations, from O(log n) logits: a + 6b per token instead of n².
 
 Init: each factor's identity logit is ``res_init`` (default 4): p = σ(4) = 0.982 for a
 2×2 factor, so for n = 4 the diagonal of H_res starts at 0.964.
+
+Computed as one mixture: p = σ(ℓ) is the softmax of (ℓ, 0) over the factor's two
+permutations, and a Kronecker product of softmax mixtures is the softmax mixture of the
+Kronecker products of their permutations, with the sums of their logits:
+⊗_f Σ_k w_f,k P_f,k = Σ_(k_1…k_m) softmax(Σ_f ℓ_f,k_f) ⊗_f P_f,k_f. So H_res =
+``basis_mixture(ℓ Sᵀ, B)`` for a fixed 0/1 selection S (combinations × logits) and basis B
+of the combinations' permutation matrices: 4 at n = 4, 12 at n = 6, 36 at n = 9; one
+kernel on CUDA instead of a sigmoid, stacks, a mixture and Kronecker products per factor.
+Beyond 128 combinations (n = 27, 36, …) the factors are computed and multiplied out.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from ..projections.mixture import basis_mixture
+from ..projections.mixture import MAX_KERNEL_K, basis_mixture
 from .base import Variant
 from .mhc_lite import permutation_set
 
-__all__ = ["KromHC", "kron_factors"]
+__all__ = ["KromHC", "kron_factors", "kron_mixture"]
 
 
 def kron_factors(n: int) -> list[int]:
@@ -44,6 +55,32 @@ def _logits_per_factor(size: int) -> int:
     return 1 if size == 2 else 6
 
 
+def kron_mixture(factors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S (K, R), B (K, n, n)) with ⊗_f D_f(ℓ) = Σ_k softmax(ℓ Sᵀ)_k B_k for logits ℓ (R,):
+    one row per combination of the factors' permutations (the 2×2 identity with its logit,
+    the swap with a fixed 0; the 3×3 permutations, identity first, with theirs), B_k their
+    Kronecker product in ``torch.kron``'s order."""
+    perms3 = permutation_set(3)
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    choices, start = [], 0  # per factor: [(logit index or None, permutation matrix)]
+    for size in factors:
+        if size == 2:
+            choices.append([(start, torch.eye(2)), (None, swap)])
+        else:
+            choices.append([(start + k, perms3[k]) for k in range(6)])
+        start += _logits_per_factor(size)
+    rows, mats = [], []
+    for combo in itertools.product(*choices):
+        row, mat = torch.zeros(start), torch.ones(1, 1)
+        for index, perm in combo:
+            if index is not None:
+                row[index] = 1.0
+            mat = torch.kron(mat, perm)
+        rows.append(row)
+        mats.append(mat)
+    return torch.stack(rows), torch.stack(mats)
+
+
 class KromHC(Variant):
     """H_res = ⊗_f D_f: 2×2 factors [[p, 1−p], [1−p, p]], 3×3 factors over the 3! permutations."""
 
@@ -64,6 +101,13 @@ class KromHC(Variant):
         super().__init__(streams, layer_index, res_init, **kwargs)
         self.factors = kron_factors(streams)
         self.register_buffer("permutations3", permutation_set(3), persistent=False)
+        combos = 1
+        for f in self.factors:
+            combos *= 2 if f == 2 else 6
+        self.one_mixture = 1 <= len(self.factors) and combos <= MAX_KERNEL_K  # see the module doc
+        select, basis = kron_mixture(self.factors) if self.one_mixture else (torch.zeros(0), torch.zeros(0))
+        self.register_buffer("kron_select", select, persistent=False)
+        self.register_buffer("kron_basis", basis, persistent=False)
 
     @property
     def res_logit_shape(self):
@@ -88,6 +132,12 @@ class KromHC(Variant):
     def map_res(self, raw_res, state):
         if not self.factors:  # n = 1
             return torch.ones(*raw_res.shape[:-1], 1, 1, dtype=raw_res.dtype, device=raw_res.device)
+        if self.one_mixture:
+            return basis_mixture(raw_res @ self.kron_select.mT.to(raw_res.dtype), self.kron_basis, self.kernels)
+        return self.map_res_factored(raw_res)
+
+    def map_res_factored(self, raw_res):
+        """The same map, factor by factor: each D_f, then their Kronecker products."""
         h, start = None, 0
         for size in self.factors:
             k = _logits_per_factor(size)
