@@ -31,7 +31,9 @@ def _operands(M, n, C, dtype, seed=0):
     return dict(x=r(M, n, C), h=r(M, n), hr=r(M, n, n), y=r(M, C), g=r(M, n, C), gu=r(M, C))
 
 
-SHAPES = [(1, 1, 1), (7, 4, 33), (64, 4, 512), (5, 3, 17), (6, 2, 9), (9, 8, 64)]  # n = 1..4 fixed, 8 generic
+# n = 1..8 (the merge backward's per-n kernels), C tails of the 8/4-lane vectors
+SHAPES = [(1, 1, 1), (7, 4, 33), (64, 4, 512), (5, 3, 17), (6, 2, 9), (9, 8, 64), (3, 5, 24), (4, 6, 41),
+          (2, 7, 16)]
 
 
 @needs_native
@@ -68,6 +70,35 @@ def test_backward_kernels_match_einsum(M, n, C, dtype):
     fresh = torch.full_like(o["x"], float("nan"))
     assert cpu_native.pre_bwd(o["x"], o["h"], o["gu"], fresh, False, False) is None
     torch.testing.assert_close(fresh, outer, **_tol(dtype, C))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_backward_past_the_caches_matches_einsum_on_any_threads(dtype):
+    """An 8 MiB ∂x (at least kStreamBytes, C a multiple of the vector width): the merge
+    backward stores it with non-temporal stores where the CPU has them; same values as the
+    reference, bit for bit the same on 1 and 2 threads; a ∂x not 32-byte aligned (a view
+    one element in) takes ordinary stores and agrees too."""
+    M = 1024 if dtype == torch.float32 else 512
+    o = _operands(M, 4, 512, dtype, seed=4)
+    want = _ein("mij,mic->mjc", o["hr"], o["g"])
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            gx = torch.full_like(o["x"], float("nan"))
+            out = cpu_native.merge_bwd(o["g"], o["x"], o["hr"], o["h"], o["y"], gx, (True, True, True))
+            got.append((gx, *out))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got[0][0], want, **_tol(dtype, 512))
+    torch.testing.assert_close(got[0][3], _ein("mi,mic->mc", o["h"], o["g"]), **_tol(dtype, 512))
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+    shifted = torch.full((o["x"].numel() + 1,), float("nan"), dtype=dtype)[1:].view(o["x"].shape)
+    cpu_native.merge_bwd(o["g"], o["x"], o["hr"], o["h"], o["y"], shifted, (True, True, True))
+    assert torch.equal(shifted, got[0][0])
 
 
 @needs_native

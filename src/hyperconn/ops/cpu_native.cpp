@@ -28,6 +28,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -142,6 +145,108 @@ void merge_fwd(const T* __restrict x, const T* __restrict hr, const T* __restric
         for (int64_t c = 0; c < C; ++c) oi[c] += r * xj[c];
       }
     }
+  }
+}
+
+// A W-lane vector stored past the caches (a non-temporal store) where the ISA has one for
+// it (x86 with AVX: 8 fp32 or 4 fp64 lanes, 32-byte aligned), else an ordinary store.
+// Used for the merge backward's ∂x when it is larger than the caches: an ordinary store
+// first reads the line it writes (read-for-ownership), a third more traffic on a pass
+// that reads two stream tensors and writes one.
+template <typename V, typename T>
+inline void vstream(T* p, const V& v) {
+#if defined(__AVX__)
+  if constexpr (sizeof(T) == 4 && sizeof(V) == 32) {
+    _mm256_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<const __m256&>(v));
+    return;
+  } else if constexpr (sizeof(T) == 8 && sizeof(V) == 32) {
+    _mm256_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<const __m256d&>(v));
+    return;
+  }
+#endif
+  vstore(p, v);
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();  // non-temporal stores are weakly ordered: drain them before returning
+#endif
+}
+
+// Outputs at least this large bypass the caches (see vstream): a tensor of several MiB
+// would not stay cached for its next reader anyway; below it, it may (the model step's
+// 2 MiB ∂x is read again by the projection backward while still in L2/L3).
+constexpr int64_t kStreamBytes = int64_t(6) << 20;
+
+// The merge backward for n = N ≤ 8 with every output wanted: per token, the n² + n dot
+// products first (reading g's and x's rows in order, so the hardware prefetcher follows),
+// then ∂x and ∂y per W-lane chunk with g's n rows of the chunk in registers (from L1),
+// each output vector stored once instead of accumulated n times in memory.
+template <typename T, int N>
+void merge_bwd_small(const T* __restrict g, const T* __restrict x, const T* __restrict hr,
+                     const T* __restrict hp, const T* __restrict y,
+                     T* __restrict gx, T* __restrict ghr, T* __restrict ghp, T* __restrict gy,
+                     int64_t M, int64_t C, bool stream, int threads) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::W;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      const T* gm = g + m * N * C;
+      const T* xm = x + m * N * C;
+      const T* hrm = hr + m * N * N;
+      const T* hpm = hp + m * N;
+      const T* ym = y + m * C;
+      for (int i = 0; i < N; ++i) {
+        const T* gi = gm + i * C;
+        for (int j = 0; j < N; ++j) ghr[(m * N + i) * N + j] = dot(gi, xm + j * C, C);
+        ghp[m * N + i] = dot(gi, ym, C);
+      }
+      T* gxm = gx + m * N * C;
+      T* gym = gy + m * C;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        V gv[N];
+        for (int i = 0; i < N; ++i) gv[i] = vload<V>(gm + i * C + c);
+        for (int j = 0; j < N; ++j) {
+          V acc = hrm[j] * gv[0];
+          for (int i = 1; i < N; ++i) acc += hrm[i * N + j] * gv[i];
+          if (stream) vstream(gxm + j * C + c, acc); else vstore(gxm + j * C + c, acc);
+        }
+        V a = hpm[0] * gv[0];
+        for (int i = 1; i < N; ++i) a += hpm[i] * gv[i];
+        vstore(gym + c, a);
+      }
+      for (; c < C; ++c) {  // tail (never with stream: C is then a multiple of W)
+        for (int j = 0; j < N; ++j) {
+          T acc = hrm[j] * gm[c];
+          for (int i = 1; i < N; ++i) acc += hrm[i * N + j] * gm[i * C + c];
+          gxm[j * C + c] = acc;
+        }
+        T a = hpm[0] * gm[c];
+        for (int i = 1; i < N; ++i) a += hpm[i] * gm[i * C + c];
+        gym[c] = a;
+      }
+    }
+    if (stream) stream_fence();
+  }
+}
+
+template <typename T>
+bool merge_bwd_dispatch(const T* g, const T* x, const T* hr, const T* hp, const T* y, T* gx, T* ghr,
+                        T* ghp, T* gy, int64_t M, int64_t n, int64_t C, int threads) {
+  if (!(gx && ghr && ghp && gy)) return false;
+  constexpr int64_t W = Lanes<T>::W;
+  const bool stream = M * n * C * int64_t(sizeof(T)) >= kStreamBytes && C % W == 0 &&
+                      reinterpret_cast<uintptr_t>(gx) % 32 == 0;
+  switch (n) {
+#define HC_MERGE_BWD_N(K) \
+    case K: merge_bwd_small<T, K>(g, x, hr, hp, y, gx, ghr, ghp, gy, M, C, stream, threads); return true;
+    HC_MERGE_BWD_N(1) HC_MERGE_BWD_N(2) HC_MERGE_BWD_N(3) HC_MERGE_BWD_N(4)
+    HC_MERGE_BWD_N(5) HC_MERGE_BWD_N(6) HC_MERGE_BWD_N(7) HC_MERGE_BWD_N(8)
+#undef HC_MERGE_BWD_N
+    default: return false;
   }
 }
 
@@ -859,7 +964,8 @@ void proj_bwd(const T* x, const T* phi, const T* grad, const T* out, const T* in
   extern "C" void hc_merge_bwd_##S(const T* g, const T* x, const T* hr, const T* hp,    \
                                    const T* y, T* gx, T* ghr, T* ghp, T* gy, int64_t M,  \
                                    int64_t n, int64_t C, int threads) {                  \
-    merge_bwd<T>(g, x, hr, hp, y, gx, ghr, ghp, gy, M, n, C, threads);                   \
+    if (!merge_bwd_dispatch<T>(g, x, hr, hp, y, gx, ghr, ghp, gy, M, n, C, threads))     \
+      merge_bwd<T>(g, x, hr, hp, y, gx, ghr, ghp, gy, M, n, C, threads);                 \
   }                                                                                      \
   extern "C" void hc_sinkhorn_fwd_##S(const T* z, T* p, int64_t M, int64_t n, int iters, \
                                       int threads) {                                     \
@@ -899,4 +1005,4 @@ HC_EXPORT(double, f64)
 HC_EXPORT_PROJ(float, f32)
 HC_EXPORT_PROJ(double, f64)
 
-extern "C" int hc_abi_version() { return 4; }
+extern "C" int hc_abi_version() { return 5; }

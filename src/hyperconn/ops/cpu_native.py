@@ -50,7 +50,7 @@ __all__ = ["library", "available", "status", "force", "pre_fwd", "pre_bwd", "mer
 ENV_VAR = "HYPERCONN_CPU_NATIVE"
 _SOURCE = Path(__file__).with_name("cpu_native.cpp")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-_ABI = 4
+_ABI = 5
 
 _state: dict = {}   # "lib": CDLL | None, "why": str
 _forced: list = []  # stack of force() overrides (True / False)
