@@ -818,22 +818,36 @@ def _fold_probe(monkeypatch, tc):
     return seen
 
 
+FOLD_CASES = [("mhc", torch.float32), ("isohc", torch.float32), ("hc", torch.bfloat16), ("hybrid", torch.float64)]
+
+
 @needs_interp
-@pytest.mark.parametrize("variant,dtype", [("mhc", torch.float32), ("isohc", torch.float32), ("hc", torch.bfloat16),
-                                           ("hybrid", torch.float64)])
+@pytest.mark.parametrize("variant,dtype", FOLD_CASES)
 def test_interp_fused_backward_adds_the_merge_dx(tops, monkeypatch, variant, dtype):
     """In a plain backward the merge leaves its ∂x in the layer's slot and the fused
     coefficient op adds it in the projection backward's store (one ∂x per layer); every
     gradient equals the same layer's without a slot, also with finish called twice, a
     retained graph walked twice, a backward to the branch alone first, and create_graph
     (where nothing is deferred)."""
+    _check_fold(tops, monkeypatch, variant, dtype, torch.device("cpu"), 1.0)
+
+
+@pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("variant,dtype", FOLD_CASES)
+def test_cuda_fused_backward_adds_the_merge_dx(monkeypatch, variant, dtype):
+    """The interpreter test above on the GPU (its approximate exp and division: 5× the tolerance)."""
+    from hyperconn.ops import triton_backend
+    _check_fold(triton_backend, monkeypatch, variant, dtype, torch.device("cuda"), 5.0)
+
+
+def _check_fold(tops, monkeypatch, variant, dtype, device, loosen):
     from hyperconn import HyperConnection
     from hyperconn.ops import triton_coefficients as tc
     torch.manual_seed(0)
-    layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant=variant, kernels="triton").to(dtype)
+    layer = HyperConnection(37, 4, torch.nn.Linear(37, 37), variant=variant, kernels="triton").to(device, dtype)
     gen = torch.Generator().manual_seed(3)
-    x0, g = (torch.randn(2, 5, 4, 37, generator=gen).to(dtype) for _ in range(2))
-    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    x0, g = (torch.randn(2, 5, 4, 37, generator=gen).to(device, dtype) for _ in range(2))
+    tol = loosen * {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
 
     def run(twice=False, create_graph=False, retain=False, branch_first=False):
         x = x0.clone().requires_grad_()
