@@ -32,8 +32,8 @@ def _operands(M, n, C, dtype, seed=0):
 
 
 # n = 1..8 (the merge backward's per-n kernels), C tails of the 8/4-lane vectors
-SHAPES = [(1, 1, 1), (7, 4, 33), (64, 4, 512), (5, 3, 17), (6, 2, 9), (9, 8, 64), (3, 5, 24), (4, 6, 41),
-          (2, 7, 16)]
+SHAPES = [(1, 1, 1), (3, 1, 40), (7, 4, 33), (64, 4, 512), (5, 3, 17), (6, 2, 9), (9, 8, 64), (3, 5, 24),
+          (4, 6, 41), (2, 7, 16)]
 
 
 @needs_native

@@ -881,10 +881,11 @@ def _check_fold(tops, monkeypatch, variant, dtype, device, loosen):
 
 
 @needs_interp
-def test_interp_fused_backward_keeps_the_merge_dx_where_it_cannot_add_it(tops, monkeypatch):
-    """No fold where the fused op's ∂x and the merge's differ in layout (non-contiguous
-    streams), and none on the unfused path (no fused op arms the slot); gradients still
-    equal the torch backend's."""
+def test_interp_fused_backward_folds_only_what_it_can(tops, monkeypatch):
+    """The fold also for non-contiguous streams (both ∂x are contiguous in token order);
+    none when the coefficients were taken without grad (a pre under no_grad, a finish
+    under grad: the merge returns its ∂x), none on the unfused path (no fused op arms the
+    slot); gradients equal the torch backend's throughout."""
     seen = _fold_probe(monkeypatch, __import__("hyperconn.ops.triton_coefficients", fromlist=["_"]))
     ref, fast = _layer_pair("mhc", 4, 37, torch.device("cpu"))
     gen = torch.Generator().manual_seed(4)
@@ -893,10 +894,31 @@ def test_interp_fused_backward_keeps_the_merge_dx_where_it_cannot_add_it(tops, m
     assert not x.is_contiguous()
     for a, b in zip(_layer_grads(fast, x, g)[1], _layer_grads(ref, x, g)[1]):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item()))
-    assert seen == [False]
+    assert seen == [True]
+    xs = x.contiguous().requires_grad_()
+    dx = []
+    for layer in (fast, ref):
+        with torch.no_grad():
+            u, finish = layer.pre(xs)
+        dx.append(torch.autograd.grad(finish(layer.branch(u)), [xs], g)[0])
+    torch.testing.assert_close(dx[0], dx[1], rtol=2e-5, atol=2e-5)
+    assert seen == [True]  # the fused op's backward never ran (its outputs carry no graph)
     monkeypatch.setattr(tops, "FUSE_COEFFICIENTS", False)
     _check_layer_backends("mhc", torch.device("cpu"), torch.float32, 2e-5)
-    assert seen == [False]  # the unfused path runs no fused backward at all
+    assert seen == [True]  # the unfused path runs no fused backward at all
+
+
+def test_mixture_kernel_limits_agree_without_importing_triton():
+    """projections.mixture mirrors the kernel's limits (it must not import Triton); a
+    basis beyond the tile is refused by the kernel with the numbers."""
+    pytest.importorskip("triton")
+    from hyperconn.ops import triton_kernels as tk
+    from hyperconn.projections import mixture
+    assert (mixture.MAX_KERNEL_K, mixture.MAX_KERNEL_TILE) == (tk.MAX_MIXTURE_K, tk.MAX_MIXTURE_TILE)
+    assert mixture.kernel_takes(120, 25) and mixture.kernel_takes(16, 256) and not mixture.kernel_takes(36, 81)
+    assert not mixture.kernel_takes(129, 4)
+    with pytest.raises(ValueError, match=r"basis: expected K·E ≤ 4096 .* 36 matrices of 81 values \(64·128\)"):
+        tk._mixture_layout(torch.zeros(2, 36), torch.zeros(36, 9, 9))
 
 
 @needs_interp

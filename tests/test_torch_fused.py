@@ -208,3 +208,32 @@ def test_layer_finish_called_twice_sums_both_merges(variant):
     want = torch.autograd.grad([merge(layer.branch(v)), merge(torch.sin(v))], [plain, layer.phi], [g1, g2])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_pre_without_grad_then_finish_with_grad_keeps_the_merge_dx():
+    """Coefficients taken under no_grad, the merge under grad: no slot (the op that would
+    return the sum is not in the graph), so x still gets H_resᵀ g from the merge."""
+    from hyperconn import HyperConnection
+    torch.manual_seed(4)
+    layer = HyperConnection(8, 3, torch.nn.Linear(8, 8), variant="mhc", alpha_init=0.3)
+    x = torch.randn(2, 4, 3, 8, requires_grad=True)
+    g = torch.randn(2, 4, 3, 8)
+    with torch.no_grad():
+        u, finish = layer.pre(x)
+        h_res = layer.coefficients(x)[2]
+    (dx,) = torch.autograd.grad(finish(layer.branch(u)), [x], g)
+    torch.testing.assert_close(dx, torch.einsum("...ij,...ic->...jc", h_res, g), rtol=1e-5, atol=1e-6)
+
+
+def test_a_deferred_dx_no_op_takes_is_dropped_when_the_backward_ends():
+    """A backward to the branch alone runs the merge (which defers its ∂x) but never the
+    projection: the slot lets the buffer go when that backward pass ends."""
+    from hyperconn.ops import StreamGradSlot
+    slot = StreamGradSlot()
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    y = torch.randn(5, 8, requires_grad=True)
+    hr, hp = torch.rand(5, 3, 3), torch.rand(5, 3)
+    out = merge_streams(x, hr, hp, y, slot)
+    (dy,) = torch.autograd.grad(out, [y], torch.ones_like(out))
+    assert slot.task is not None and slot.grad is None  # deferred (a task was recorded), then dropped
+    torch.testing.assert_close(dy, hp.sum(-1, keepdim=True).expand(5, 8), rtol=1e-6, atol=1e-6)

@@ -32,6 +32,7 @@ from ._dtypes import compute_dtype
 from .errors import ConfigError
 from .inits import DEFAULT_INIT, get_init
 from .ops import StreamGradSlot
+from torch._C._functorch import is_functorch_wrapped_tensor
 from .variants import make_variant
 
 __all__ = ["HyperConnection", "expand_streams", "reduce_streams", "stream_offsets", "ExpandStreams", "ReduceStreams"]
@@ -516,10 +517,14 @@ class HyperConnection(nn.Module):
 
     def _grad_slot(self, x: torch.Tensor, backend) -> Optional[StreamGradSlot]:
         """One ∂x buffer for this call's stream ops (see :mod:`hyperconn.ops.grad_slot`), or
-        None: only with dynamic coefficients (the op that returns the sum is then always in
-        the graph) and never while torch.compile traces. Torch backend: fp32 streams and
-        coefficients (its hand-written CPU ops); Triton: the fused coefficient op takes it."""
-        if not self.dynamic or torch.compiler.is_compiling():
+        None: only with dynamic coefficients and when this call records a graph through x
+        (so the op that returns the sum is always in it: a ``pre`` under ``no_grad`` with a
+        ``finish`` under grad must not leave the merge's ∂x for an op that never runs), and
+        never while torch.compile traces or under torch.func transforms. Torch backend: fp32
+        streams and coefficients (its hand-written CPU ops); Triton: the fused coefficient
+        op takes it."""
+        if (not self.dynamic or not torch.is_grad_enabled() or not x.requires_grad
+                or torch.compiler.is_compiling() or is_functorch_wrapped_tensor(x)):
             return None
         if backend is ops.torch_backend:
             fp32 = x.dtype == torch.float32 and self.coefficient_dtype == torch.float32

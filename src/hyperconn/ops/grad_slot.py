@@ -32,8 +32,9 @@ class StreamGradSlot:
     when its coefficients are dynamic, so the projection is always part of the graph.
 
     Triton path (:mod:`.triton_backend`): a fused coefficient op that reads ``H_pre x``
-    *arms* the slot in its forward (``armed``), and the merge defers its ∂x only into an
-    armed slot, so a layer whose coefficients took another path gets every ∂x returned.
+    *arms* the slot in its forward (``armed``: the streams it read), and the merge defers
+    its ∂x only into a slot armed for its own x, so a layer whose coefficients took
+    another path gets every ∂x returned.
     """
 
     __slots__ = ("grad", "task", "armed")
@@ -41,7 +42,7 @@ class StreamGradSlot:
     def __init__(self):
         self.grad = None
         self.task = None  # the backward pass (graph task) that left ``grad``
-        self.armed = False
+        self.armed = None  # Triton: the streams tensor whose fused op will take the merge's ∂x
 
 
 # The id of the running backward pass (None on a torch without it: then nothing defers).
@@ -75,5 +76,15 @@ def defer(slot: StreamGradSlot, grad: torch.Tensor) -> None:
     held = pending(slot)
     if held is not None:
         held.add_(grad)
-    else:
-        slot.grad, slot.task = grad, _graph_task_id()
+        return
+    task = _graph_task_id()
+    slot.grad, slot.task = grad, task
+    # Dropped when this backward pass ends, taken or not: a partial backward that never
+    # reaches the op returning the sum (autograd.grad to the branch alone) must not keep a
+    # stream-sized buffer per layer alive for as long as the graph lives.
+    torch.autograd.Variable._execution_engine.queue_callback(lambda: _drop(slot, task))
+
+
+def _drop(slot: StreamGradSlot, task) -> None:
+    if slot.task == task:
+        slot.grad = None

@@ -438,7 +438,7 @@ class _SlotCoefficients(torch.autograd.Function):
         output = op(x, phi, bias, alpha, eps, iters, steps, True)
         op.slot_setup(ctx, (x, phi, bias, alpha, eps, iters, steps, True), output)
         ctx.op, ctx.slot = op, slot
-        slot.armed = True  # the merge of this layer call may now leave its ∂x here
+        slot.armed = x  # the merge of these streams may now leave its ∂x here
         return output
 
     @staticmethod
@@ -460,7 +460,7 @@ class _SlotMerge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dx, dhr, dhp, dy, _ = _stream_merge_grad(ctx, grad)
-        if ctx.slot.armed and ctx.needs_input_grad[0] and deferring(ctx.slot):
+        if ctx.needs_input_grad[0] and deferring(ctx.slot):
             defer(ctx.slot, dx)
             dx = None
         return dx, dhr, dhp, dy, None, None
@@ -509,8 +509,9 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
     λ)`` ((1 − λ) Iso-NS + λ Sinkhorn; λ a float or a 0-dim tensor, differentiated; n ≥ 3).
 
     ``slot``: the layer's :class:`~.grad_slot.StreamGradSlot` (from :func:`grad_slot`);
-    with ``read``, streams the op reads as they are and a plain backward pass, the op's
-    backward also adds the ∂x that :func:`stream_merge` left in it (one ∂x per layer)."""
+    with ``read``, streams the op reads as they are (no cast) and a plain backward pass,
+    the op's backward also adds the ∂x that :func:`stream_merge` left in it (one ∂x per
+    layer)."""
     n = x.shape[-2]
     kind = maps[0]
     op = _FUSED_OPS.get(kind)
@@ -532,9 +533,9 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
         lam = lam.to(cdtype) if isinstance(lam, Tensor) else alpha.new_full((1,), float(lam))
         alpha = torch.cat([alpha, lam.reshape(1)])
     args = (xc, phi.to(cdtype), bias, alpha, float(eps), int(iters), int(steps))
-    if slot is not None and read and xc is x and x.is_contiguous() and not torch.compiler.is_compiling():
-        # x itself goes in (no cast node between the merge's ∂x and this op's), contiguous
-        # (the merge's ∂x has the kernel's layout).
+    if slot is not None and read and xc is x and not torch.compiler.is_compiling():
+        # x itself goes in (no cast node between the merge's ∂x and this op's). Both ∂x
+        # are contiguous in token order, whatever x's strides.
         h_pre, h_post, h_res, _, _, u = _SlotCoefficients.apply(*args, op, slot)
     else:
         h_pre, h_post, h_res, _, _, u = op(*args, bool(read))
@@ -564,9 +565,9 @@ def stream_pre(x: Tensor, h_pre: Tensor, slot=None, *, block_c: Optional[int] = 
 def stream_merge(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, slot: Optional[StreamGradSlot] = None, *,
                  block_c: Optional[int] = None) -> Tensor:
     """Triton ``h_res @ x + h_post ⊗ y``; reads the streams once, writes the result once.
-    ``slot``: the layer's slot; when the layer's fused coefficient op armed it, a plain
-    backward leaves ∂x there for that op to add (see :mod:`.grad_slot`)."""
-    if slot is not None and slot.armed and not torch.compiler.is_compiling():
+    ``slot``: the layer's slot; when the layer's fused coefficient op armed it for these
+    streams, a plain backward leaves ∂x there for that op to add (see :mod:`.grad_slot`)."""
+    if slot is not None and slot.armed is x and not torch.compiler.is_compiling():
         return _SlotMerge.apply(x, h_res, h_post, y, int(block_c or 0), slot)
     return _stream_merge(x, h_res, h_post, y, int(block_c or 0))
 

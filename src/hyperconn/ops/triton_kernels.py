@@ -56,6 +56,8 @@ __all__ = ["stream_pre_forward", "stream_pre_backward", "stream_merge_forward", 
 MAX_SINKHORN_N = 8
 MAX_POLY_M = 8
 MAX_MIXTURE_K = 128  # mHC-lite's 5! = 120 permutations at n = 5
+MAX_MIXTURE_TILE = 4096  # K·E padded to powers of two: one token's (K, E) tile in registers
+#                          (5! × 5² → 128 × 32 compiles without spilling on sm_90)
 
 
 def _np2(v: int) -> int:
@@ -760,6 +762,9 @@ def _mixture_layout(logits, basis):
     if K > MAX_MIXTURE_K:
         raise ValueError(f"basis: expected at most {MAX_MIXTURE_K} matrices, got {K}")
     KP, EP = _np2(K), _np2(E)
+    if KP * EP > MAX_MIXTURE_TILE:
+        raise ValueError(f"basis: expected K·E ≤ {MAX_MIXTURE_TILE} after padding to powers of two, got "
+                         f"{K} matrices of {E} values ({KP}·{EP})")
     BM = max(1, min(64, 4096 // (KP * EP)))  # a (BM, KP, EP) product tile of ≤ 4096 values
     z = logits.contiguous().view(-1, K)
     return z, basis.contiguous().view(K, E).to(z.dtype), K, E, KP, EP, BM

@@ -13,9 +13,19 @@ from typing import Optional
 
 import torch
 
-__all__ = ["basis_mixture", "shift_basis"]
+__all__ = ["basis_mixture", "shift_basis", "kernel_takes"]
 
-MAX_KERNEL_K = 128  # kept equal to triton_kernels.MAX_MIXTURE_K without importing Triton
+MAX_KERNEL_K = 128  # kept equal to triton_kernels.MAX_MIXTURE_K and MAX_MIXTURE_TILE
+MAX_KERNEL_TILE = 4096  # without importing Triton (tests/test_kernels.py checks they agree)
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def kernel_takes(k: int, e: int) -> bool:
+    """Whether the Triton kernel takes a basis of ``k`` matrices of ``e`` values each."""
+    return k <= MAX_KERNEL_K and _pow2(k) * _pow2(e) <= MAX_KERNEL_TILE
 
 
 def shift_basis(n: int) -> torch.Tensor:
@@ -29,13 +39,16 @@ def basis_mixture(logits: torch.Tensor, basis: torch.Tensor, backend: Optional[s
     """``Σ_k softmax(logits)_k · basis[k]``: logits (..., K), a constant basis (K, *S) → (..., *S),
     in the logits' dtype; the basis gets no gradient.
 
-    ``backend``: as :func:`hyperconn.ops.resolve_backend`. With Triton (auto: CUDA tensors)
-    and K ≤ 128 one kernel computes the softmax and the combination per token, and one its
-    backward (``hyperconn::basis_mixture``); otherwise ``softmax`` and a GEMM.
+    ``backend``: as :func:`hyperconn.ops.resolve_backend`. With Triton (auto: CUDA tensors),
+    K ≤ 128 and a (K, E) tile of at most 4096 values padded to powers of two (E values per
+    matrix), one kernel computes the softmax and the combination per token, and one its
+    backward (``hyperconn::basis_mixture``); otherwise ``softmax`` and a GEMM, with autocast
+    off and, for fp32 on CUDA with TF32 allowed, in fp64 (a bf16 or TF32 product would
+    break the rows' sums by ~1e-3).
 
     Raises:
         ValueError: if ``basis`` does not have ``logits.shape[-1]`` matrices, or (explicit
-            ``backend="triton"``) more than 128.
+            ``backend="triton"``) more than the kernel takes.
     """
     if basis.dim() < 2 or basis.shape[0] != logits.shape[-1]:
         raise ValueError(f"basis: expected ({logits.shape[-1]}, *S) with at least one dimension in S, to match "
@@ -43,7 +56,12 @@ def basis_mixture(logits: torch.Tensor, basis: torch.Tensor, backend: Optional[s
     from ..ops import dispatch
 
     if logits.numel() and dispatch.resolve_backend(backend, logits, basis) == "triton" \
-            and (basis.shape[0] <= MAX_KERNEL_K or str(backend).strip().lower() == "triton"):
+            and (kernel_takes(basis.shape[0], basis[0].numel()) or str(backend).strip().lower() == "triton"):
         return dispatch._triton_ops().basis_mixture(logits, basis)
-    w = torch.softmax(logits, dim=-1)
-    return (w @ basis.detach().to(w.dtype).flatten(1)).unflatten(-1, basis.shape[1:])
+    with torch.autocast(logits.device.type, enabled=False):
+        w = torch.softmax(logits, dim=-1)
+        acc = w.dtype
+        if w.is_cuda and acc == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+            acc = torch.float64  # a tiny GEMM: exact sums are worth more than TF32's speed here
+        h = w.to(acc) @ basis.detach().to(acc).flatten(1)
+    return h.to(w.dtype).unflatten(-1, basis.shape[1:])

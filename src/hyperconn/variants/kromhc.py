@@ -14,11 +14,12 @@ Init: each factor's identity logit is ``res_init`` (default 4): p = σ(4) = 0.98
 Computed as one mixture: p = σ(ℓ) is the softmax of (ℓ, 0) over the factor's two
 permutations, and a Kronecker product of softmax mixtures is the softmax mixture of the
 Kronecker products of their permutations, with the sums of their logits:
-⊗_f Σ_k w_f,k P_f,k = Σ_(k_1…k_m) softmax(Σ_f ℓ_f,k_f) ⊗_f P_f,k_f. So H_res =
-``basis_mixture(ℓ Sᵀ, B)`` for a fixed 0/1 selection S (combinations × logits) and basis B
-of the combinations' permutation matrices: 4 at n = 4, 12 at n = 6, 36 at n = 9; one
-kernel on CUDA instead of a sigmoid, stacks, a mixture and Kronecker products per factor.
-Beyond 128 combinations (n = 27, 36, …) the factors are computed and multiplied out.
+⊗_f Σ_k w_f,k P_f,k = Σ_(k_1…k_m) softmax(Σ_f ℓ_f,k_f) ⊗_f P_f,k_f. So H_res is one
+``basis_mixture`` of the summed logits (a fixed index S picks each combination's: a
+gather and a sum) over the combinations' permutation matrices B: 4 at n = 4, 12 at n = 6,
+8 at n = 8; one kernel on CUDA instead of a sigmoid, stacks, a mixture and Kronecker
+products per factor. Where the mixture kernel would not take the (K, n²) basis (n = 9, 12
+and from 18 on) the factors are computed and multiplied out.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import itertools
 
 import torch
 
-from ..projections.mixture import MAX_KERNEL_K, basis_mixture
+from ..projections.mixture import basis_mixture, kernel_takes
 from .base import Variant
 from .mhc_lite import permutation_set
 
@@ -56,10 +57,12 @@ def _logits_per_factor(size: int) -> int:
 
 
 def kron_mixture(factors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S (K, R), B (K, n, n)) with ⊗_f D_f(ℓ) = Σ_k softmax(ℓ Sᵀ)_k B_k for logits ℓ (R,):
-    one row per combination of the factors' permutations (the 2×2 identity with its logit,
-    the swap with a fixed 0; the 3×3 permutations, identity first, with theirs), B_k their
-    Kronecker product in ``torch.kron``'s order."""
+    """(S (K, F), B (K, n, n)) with ⊗_f D_f(ℓ) = Σ_k softmax_k(Σ_f ℓ'[S_kf]) B_k, where ℓ'
+    is the R logits with a 0 appended (index R): one row per combination of the factors'
+    permutations (the 2×2 identity with its logit, the swap with the fixed 0; the 3×3
+    permutations, identity first, with theirs), B_k their Kronecker product in
+    ``torch.kron``'s order. An index, not a 0/1 matrix: a gather and a sum are exact under
+    autocast and TF32, a GEMM would not be."""
     perms3 = permutation_set(3)
     swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     choices, start = [], 0  # per factor: [(logit index or None, permutation matrix)]
@@ -71,14 +74,12 @@ def kron_mixture(factors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         start += _logits_per_factor(size)
     rows, mats = [], []
     for combo in itertools.product(*choices):
-        row, mat = torch.zeros(start), torch.ones(1, 1)
-        for index, perm in combo:
-            if index is not None:
-                row[index] = 1.0
+        mat = torch.ones(1, 1)
+        for _, perm in combo:
             mat = torch.kron(mat, perm)
-        rows.append(row)
+        rows.append([start if index is None else index for index, _ in combo])
         mats.append(mat)
-    return torch.stack(rows), torch.stack(mats)
+    return torch.tensor(rows, dtype=torch.long), torch.stack(mats)
 
 
 class KromHC(Variant):
@@ -104,8 +105,12 @@ class KromHC(Variant):
         combos = 1
         for f in self.factors:
             combos *= 2 if f == 2 else 6
-        self.one_mixture = 1 <= len(self.factors) and combos <= MAX_KERNEL_K  # see the module doc
-        select, basis = kron_mixture(self.factors) if self.one_mixture else (torch.zeros(0), torch.zeros(0))
+        # One mixture where the mixture kernel takes it (see the module doc): n = 2, 3, 4, 6,
+        # 8, 16; beyond, the (K, n²) basis outgrows the kernel's tile and a GEMM over it
+        # costs K·n² per token against ~n² for the factors.
+        self.one_mixture = 1 <= len(self.factors) and kernel_takes(combos, streams * streams)
+        select, basis = (kron_mixture(self.factors) if self.one_mixture
+                         else (torch.zeros(0, dtype=torch.long), torch.zeros(0)))
         self.register_buffer("kron_select", select, persistent=False)
         self.register_buffer("kron_basis", basis, persistent=False)
 
@@ -133,7 +138,8 @@ class KromHC(Variant):
         if not self.factors:  # n = 1
             return torch.ones(*raw_res.shape[:-1], 1, 1, dtype=raw_res.dtype, device=raw_res.device)
         if self.one_mixture:
-            return basis_mixture(raw_res @ self.kron_select.mT.to(raw_res.dtype), self.kron_basis, self.kernels)
+            padded = torch.cat([raw_res, raw_res.new_zeros(*raw_res.shape[:-1], 1)], -1)  # index R: the fixed 0
+            return basis_mixture(padded[..., self.kron_select].sum(-1), self.kron_basis, self.kernels)
         return self.map_res_factored(raw_res)
 
     def map_res_factored(self, raw_res):
