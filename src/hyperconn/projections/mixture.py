@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["basis_mixture", "shift_basis", "kernel_takes"]
+__all__ = ["basis_mixture", "shift_basis", "kernel_takes", "full_precision_matmul"]
 
 MAX_KERNEL_K = 128  # kept equal to triton_kernels.MAX_MIXTURE_K and MAX_MIXTURE_TILE
 MAX_KERNEL_TILE = 4096  # without importing Triton (tests/test_kernels.py checks they agree)
@@ -60,8 +60,16 @@ def basis_mixture(logits: torch.Tensor, basis: torch.Tensor, backend: Optional[s
         return dispatch._triton_ops().basis_mixture(logits, basis)
     with torch.autocast(logits.device.type, enabled=False):
         w = torch.softmax(logits, dim=-1)
-        acc = w.dtype
-        if w.is_cuda and acc == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-            acc = torch.float64  # a tiny GEMM: exact sums are worth more than TF32's speed here
-        h = w.to(acc) @ basis.detach().to(acc).flatten(1)
-    return h.to(w.dtype).unflatten(-1, basis.shape[1:])
+    return full_precision_matmul(w, basis.detach().flatten(1)).unflatten(-1, basis.shape[1:])
+
+
+def full_precision_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in ``a``'s dtype with no lower-precision shortcut: autocast off, and for fp32
+    on CUDA with TF32 allowed (``torch.get_float32_matmul_precision() != "highest"``) in
+    fp64. For the tiny products of the exact maps, whose row sums must stay exact: a bf16
+    or TF32 product breaks them by ~1e-3."""
+    with torch.autocast(a.device.type, enabled=False):
+        acc = a.dtype
+        if a.is_cuda and acc == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+            acc = torch.float64
+        return (a.to(acc) @ b.to(acc)).to(a.dtype)

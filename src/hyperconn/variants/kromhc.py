@@ -15,8 +15,8 @@ Computed as one mixture: p = σ(ℓ) is the softmax of (ℓ, 0) over the factor'
 permutations, and a Kronecker product of softmax mixtures is the softmax mixture of the
 Kronecker products of their permutations, with the sums of their logits:
 ⊗_f Σ_k w_f,k P_f,k = Σ_(k_1…k_m) softmax(Σ_f ℓ_f,k_f) ⊗_f P_f,k_f. So H_res is one
-``basis_mixture`` of the summed logits (a fixed index S picks each combination's: a
-gather and a sum) over the combinations' permutation matrices B: 4 at n = 4, 12 at n = 6,
+``basis_mixture`` of the summed logits (ℓ Sᵀ for a fixed 0/1 selection S, at full
+precision) over the combinations' permutation matrices B: 4 at n = 4, 12 at n = 6,
 8 at n = 8; one kernel on CUDA instead of a sigmoid, stacks, a mixture and Kronecker
 products per factor. Where the mixture kernel would not take the (K, n²) basis (n = 9, 12
 and from 18 on) the factors are computed and multiplied out.
@@ -28,7 +28,7 @@ import itertools
 
 import torch
 
-from ..projections.mixture import basis_mixture, kernel_takes
+from ..projections.mixture import basis_mixture, full_precision_matmul, kernel_takes
 from .base import Variant
 from .mhc_lite import permutation_set
 
@@ -57,12 +57,12 @@ def _logits_per_factor(size: int) -> int:
 
 
 def kron_mixture(factors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S (K, F), B (K, n, n)) with ⊗_f D_f(ℓ) = Σ_k softmax_k(Σ_f ℓ'[S_kf]) B_k, where ℓ'
-    is the R logits with a 0 appended (index R): one row per combination of the factors'
-    permutations (the 2×2 identity with its logit, the swap with the fixed 0; the 3×3
-    permutations, identity first, with theirs), B_k their Kronecker product in
-    ``torch.kron``'s order. An index, not a 0/1 matrix: a gather and a sum are exact under
-    autocast and TF32, a GEMM would not be."""
+    """(S (K, R), B (K, n, n)) with ⊗_f D_f(ℓ) = Σ_k softmax(ℓ Sᵀ)_k B_k for logits ℓ (R,):
+    one 0/1 row per combination of the factors' permutations, selecting each factor's
+    chosen logit (the 2×2 identity's; the swap has a fixed 0 and selects none; the 3×3
+    permutations, identity first, theirs), B_k their Kronecker product in ``torch.kron``'s
+    order. ℓ Sᵀ sums at most a few logits with exact 1s, exact in fp32 as long as the
+    product runs at full precision (``full_precision_matmul``: no autocast, no TF32)."""
     perms3 = permutation_set(3)
     swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     choices, start = [], 0  # per factor: [(logit index or None, permutation matrix)]
@@ -74,12 +74,14 @@ def kron_mixture(factors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         start += _logits_per_factor(size)
     rows, mats = [], []
     for combo in itertools.product(*choices):
-        mat = torch.ones(1, 1)
-        for _, perm in combo:
+        row, mat = torch.zeros(start), torch.ones(1, 1)
+        for index, perm in combo:
+            if index is not None:
+                row[index] = 1.0
             mat = torch.kron(mat, perm)
-        rows.append([start if index is None else index for index, _ in combo])
+        rows.append(row)
         mats.append(mat)
-    return torch.tensor(rows, dtype=torch.long), torch.stack(mats)
+    return torch.stack(rows), torch.stack(mats)
 
 
 class KromHC(Variant):
@@ -110,7 +112,7 @@ class KromHC(Variant):
         # costs K·n² per token against ~n² for the factors.
         self.one_mixture = 1 <= len(self.factors) and kernel_takes(combos, streams * streams)
         select, basis = (kron_mixture(self.factors) if self.one_mixture
-                         else (torch.zeros(0, dtype=torch.long), torch.zeros(0)))
+                         else (torch.zeros(0), torch.zeros(0)))
         self.register_buffer("kron_select", select, persistent=False)
         self.register_buffer("kron_basis", basis, persistent=False)
 
@@ -138,8 +140,8 @@ class KromHC(Variant):
         if not self.factors:  # n = 1
             return torch.ones(*raw_res.shape[:-1], 1, 1, dtype=raw_res.dtype, device=raw_res.device)
         if self.one_mixture:
-            padded = torch.cat([raw_res, raw_res.new_zeros(*raw_res.shape[:-1], 1)], -1)  # index R: the fixed 0
-            return basis_mixture(padded[..., self.kron_select].sum(-1), self.kron_basis, self.kernels)
+            logits = full_precision_matmul(raw_res, self.kron_select.mT.to(raw_res.dtype))
+            return basis_mixture(logits, self.kron_basis, self.kernels)
         return self.map_res_factored(raw_res)
 
     def map_res_factored(self, raw_res):
