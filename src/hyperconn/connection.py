@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor  # torch.func's wrapped tensors: no slot
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
@@ -32,7 +33,6 @@ from ._dtypes import compute_dtype
 from .errors import ConfigError
 from .inits import DEFAULT_INIT, get_init
 from .ops import StreamGradSlot
-from torch._C._functorch import is_functorch_wrapped_tensor
 from .variants import make_variant
 
 __all__ = ["HyperConnection", "expand_streams", "reduce_streams", "stream_offsets", "ExpandStreams", "ReduceStreams"]

@@ -1,5 +1,5 @@
 """Convex combinations of fixed matrices: the exact Birkhoff maps of mhc-lite, circulant
-and kromhc's 3×3 factors.
+and kromhc (its whole Kronecker product, see variants/kromhc.py).
 
     basis_mixture(logits, basis)     (..., K), (K, *S) → (..., *S)     softmax(logits) · basis
 
@@ -15,8 +15,10 @@ import torch
 
 __all__ = ["basis_mixture", "shift_basis", "kernel_takes", "full_precision_matmul"]
 
-MAX_KERNEL_K = 128  # kept equal to triton_kernels.MAX_MIXTURE_K and MAX_MIXTURE_TILE
-MAX_KERNEL_TILE = 4096  # without importing Triton (tests/test_kernels.py checks they agree)
+# The mixture kernel's limits, kept equal to triton_kernels.MAX_MIXTURE_K / MAX_MIXTURE_TILE
+# without importing Triton (tests/test_kernels.py checks that they agree).
+MAX_KERNEL_K = 128
+MAX_KERNEL_TILE = 4096
 
 
 def _pow2(v: int) -> int:

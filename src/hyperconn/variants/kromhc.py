@@ -61,8 +61,9 @@ def kron_mixture(factors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     one 0/1 row per combination of the factors' permutations, selecting each factor's
     chosen logit (the 2×2 identity's; the swap has a fixed 0 and selects none; the 3×3
     permutations, identity first, theirs), B_k their Kronecker product in ``torch.kron``'s
-    order. ℓ Sᵀ sums at most a few logits with exact 1s, exact in fp32 as long as the
-    product runs at full precision (``full_precision_matmul``: no autocast, no TF32)."""
+    order. ℓ Sᵀ adds a few logits (weights exactly 1): no rounding beyond fp32 addition as
+    long as the product runs at full precision (``full_precision_matmul``: no autocast, no
+    TF32)."""
     perms3 = permutation_set(3)
     swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     choices, start = [], 0  # per factor: [(logit index or None, permutation matrix)]
