@@ -520,17 +520,13 @@ class HyperConnection(nn.Module):
         None: only with dynamic coefficients and when this call records a graph through x
         (so the op that returns the sum is always in it: a ``pre`` under ``no_grad`` with a
         ``finish`` under grad must not leave the merge's ∂x for an op that never runs), and
-        never while torch.compile traces or under torch.func transforms. Torch backend: fp32
-        streams and coefficients (its hand-written CPU ops); Triton: the fused coefficient
-        op takes it."""
+        never while torch.compile traces or under torch.func transforms; then the backend's
+        ``grad_slot`` decides (torch: fp32 streams and coefficients; Triton: the fused
+        coefficient op takes it)."""
         if (not self.dynamic or not torch.is_grad_enabled() or not x.requires_grad
                 or torch.compiler.is_compiling() or is_functorch_wrapped_tensor(x)):
             return None
-        if backend is ops.torch_backend:
-            fp32 = x.dtype == torch.float32 and self.coefficient_dtype == torch.float32
-            return StreamGradSlot() if fp32 else None
-        make = getattr(backend, "grad_slot", None)
-        return make(x, self.coefficient_dtype) if make is not None else None
+        return backend.grad_slot(x, self.coefficient_dtype)
 
     def _pre_single_pass(self, x: torch.Tensor, carried: Optional[torch.Tensor], state: dict):
         """Single-pass split: (this layer's read, finish(y) → (x_next, next layer's read))."""

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_native
-from .grad_slot import StreamGradSlot, defer, deferring, pending
+from . import cpu_native, grad_slot
+from .grad_slot import StreamGradSlot
 
 __all__ = ["stream_pre", "rms_projection", "merge_streams", "sinkhorn_tokens", "odd_polynomial_iteration",
            "StreamGradSlot"]
@@ -44,10 +44,6 @@ def _native(x: torch.Tensor) -> bool:
     against (tests/test_cpu_native.py)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not torch.compiler.is_compiling() and cpu_native.available())
-
-
-# The slot and its rules live in .grad_slot (the Triton path shares them).
-_deferring, _pending = deferring, pending
 
 
 def _no_autocast(t: torch.Tensor):
@@ -80,7 +76,7 @@ class _StreamPre(torch.autograd.Function):
         if _native(x) and not torch.is_grad_enabled():
             # One pass: h ⊗ g into the merge's ∂x (or a fresh one) and ⟨x[j], g⟩.
             n, C = x.shape[-2:]
-            pending = _pending(ctx.slot) if ctx.needs_input_grad[0] else None
+            pending = grad_slot.pending(ctx.slot) if ctx.needs_input_grad[0] else None
             target = pending if pending is not None else (
                 torch.empty_like(x, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None)
             grad_h = cpu_native.pre_bwd(_tokens(x).contiguous(), h_pre.reshape(-1, n).contiguous(),
@@ -91,7 +87,7 @@ class _StreamPre(torch.autograd.Function):
                 grad_h = grad_h.view(h_pre.shape)
             return (target if pending is None else None), grad_h, None
         if ctx.needs_input_grad[0]:
-            pending = _pending(ctx.slot)
+            pending = grad_slot.pending(ctx.slot)
             if pending is not None:
                 pending.addcmul_(h_pre.unsqueeze(-1), grad.unsqueeze(-2))            # into the merge's ∂x
             else:
@@ -150,7 +146,7 @@ class _RMSProjection(torch.autograd.Function):
             # out = proj·r, r = (mean(x²) + ε)^(-1/2): ∂r/∂x = −r³·x/K, so the RMS part of
             # ∂x is x · (−r³/K · Σ_j grad_j proj_j), one scale per token.
             row_scale = (grad * proj).sum(-1, keepdim=True) * inv_rms.pow(3) * (-1.0 / K)
-            pending = _pending(ctx.slot)
+            pending = grad_slot.pending(ctx.slot)
             if pending is not None:
                 grad_x, ctx.slot.grad = pending, None                                # the layer's ∂x so far
                 g2 = grad_x.view(-1, K)
@@ -186,7 +182,7 @@ class _RMSProjection(torch.autograd.Function):
         grad_x = None
         accumulate = False
         if ctx.needs_input_grad[0]:
-            pending = _pending(ctx.slot)
+            pending = grad_slot.pending(ctx.slot)
             if pending is not None:
                 grad_x, ctx.slot.grad, accumulate = pending, None, True
             else:
@@ -248,8 +244,8 @@ class _MergeStreams(torch.autograd.Function):
             grad_res, grad_post, grad_y = cpu_native.merge_bwd(
                 g, _tokens(x).contiguous(), h_res.reshape(-1, n, n).contiguous(), h_post.reshape(-1, n).contiguous(),
                 y.reshape(-1, C).contiguous(), None if grad_x is None else grad_x.view(-1, n, C), needs[1:4])
-            if grad_x is not None and _deferring(ctx.slot):
-                defer(ctx.slot, grad_x)
+            if grad_x is not None and grad_slot.deferring(ctx.slot):
+                grad_slot.defer(ctx.slot, grad_x)
                 grad_x = None
             return (grad_x, None if grad_res is None else grad_res.view(h_res.shape),
                     None if grad_post is None else grad_post.view(h_post.shape),
@@ -261,8 +257,8 @@ class _MergeStreams(torch.autograd.Function):
             else:
                 grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
                 torch.bmm(h_t, g, out=grad_x.view(-1, n, C))
-            if _deferring(ctx.slot):                     # stream_pre and rms_projection add theirs
-                defer(ctx.slot, grad_x)
+            if grad_slot.deferring(ctx.slot):                     # stream_pre and rms_projection add theirs
+                grad_slot.defer(ctx.slot, grad_x)
                 grad_x = None
         if needs[1]:                                                                 # ⟨g[i], x[j]⟩
             grad_res = torch.bmm(g, _tokens(x).mT).view(h_res.shape)

@@ -68,8 +68,8 @@ def _triton_ops():
 
 def select(backend: Optional[str], *tensors: torch.Tensor):
     """The backend module for an op on ``tensors`` (rule in the module docstring): every
-    backend module has ``stream_pre``, ``stream_merge``, ``rms_projection`` and
-    ``sinkhorn_tokens`` with the same signatures.
+    backend module has ``stream_pre``, ``stream_merge``, ``rms_projection``,
+    ``sinkhorn_tokens`` and ``grad_slot`` with the same signatures.
 
     Raises:
         ValueError, RuntimeError: as :func:`resolve_backend`.

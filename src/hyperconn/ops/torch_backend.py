@@ -19,7 +19,7 @@ import torch
 from . import cpu, reference
 from .grad_slot import StreamGradSlot
 
-__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "NAME"]
+__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "grad_slot", "NAME"]
 
 NAME = "torch"
 _HALF = (torch.float16, torch.bfloat16)
@@ -33,6 +33,12 @@ def plain_rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float, cdtype:
     proj = (flat @ phi.to(flat.dtype)).to(cdtype)
     mean_sq = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=cdtype).square() / flat.shape[-1]
     return proj * torch.rsqrt(mean_sq + eps)
+
+
+def grad_slot(x: torch.Tensor, cdtype: torch.dtype) -> Optional[StreamGradSlot]:
+    """A slot for one dynamic layer call (see :mod:`.grad_slot`): fp32 streams and fp32
+    coefficients, the dtypes of the hand-written ops that share it; else None."""
+    return StreamGradSlot() if x.dtype == torch.float32 and cdtype == torch.float32 else None
 
 
 def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float, cdtype: torch.dtype,

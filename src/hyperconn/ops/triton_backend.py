@@ -546,12 +546,12 @@ def fused_coefficients(x: Tensor, phi: Tensor, eps: float, b_pre: Tensor, b_post
 
 # ---------------------------------------------------------------------- backend API
 def grad_slot(x: Tensor, cdtype: torch.dtype) -> Optional[StreamGradSlot]:
-    """A slot for one layer call on streams ``x`` (dynamic coefficients), through which
-    :func:`stream_merge` hands its ∂x to the fused coefficient op's backward; None while
-    ``torch.compile`` traces (the ops stay opaque custom ops with their own autograd) and
-    with :data:`FOLD_MERGE_GRAD` off (``HYPERCONN_FOLD_MERGE_GRAD=0``: autograd adds the
-    two ∂x, for A/B measurements)."""
-    return StreamGradSlot() if FOLD_MERGE_GRAD and not torch.compiler.is_compiling() else None
+    """A slot for one dynamic layer call, through which :func:`stream_merge` hands its ∂x
+    to the fused coefficient op's backward (any stream dtype: the op checks that it reads
+    x as it is); None with :data:`FOLD_MERGE_GRAD` off (``HYPERCONN_FOLD_MERGE_GRAD=0``:
+    autograd adds the two ∂x, for A/B measurements). The layer asks only outside
+    ``torch.compile`` traces, where the ops stay opaque custom ops with their own autograd."""
+    return StreamGradSlot() if FOLD_MERGE_GRAD else None
 
 
 def stream_pre(x: Tensor, h_pre: Tensor, slot=None, *, block_c: Optional[int] = None) -> Tensor:
