@@ -15,6 +15,15 @@ median wall time per step (synchronised), GPU-busy time per step (sum of kernel 
 from torch.profiler over the profiled steps), kernels launched per step, and the kernels
 that take the most GPU time. Wall ≫ GPU-busy means the step is bound by the host
 (Python and kernel launches), not by the device.
+
+``:compile`` / ``:graphs`` compile each block on its own (``--compile-scope block``, as
+torchtitan does): the blocks share one compiled graph, so compiling costs about one block
+instead of twelve, which is what lets the GPU script's ``compiled`` step fit its time limit;
+``--compile-scope model`` compiles the whole model as one graph.
+
+``--device cpu`` is a dry run of this script's plumbing (tiny sizes, e.g. in CI with
+``TRITON_INTERPRET=1 HYPERCONN_KERNELS=triton`` so the Triton configs run in the
+interpreter): "busy" is then the sum of the profiled ops' own CPU times, not a GPU number.
 """
 
 from __future__ import annotations
@@ -57,14 +66,19 @@ def build(config: str, args):
     triton_backend.FUSE_COEFFICIENTS, triton_backend.FOLD_MERGE_GRAD = fused, fold
     cfg = GPTConfig(vocab_size=256, seq_len=args.seq, n_layer=args.layers, n_head=args.heads, n_embd=args.dim,
                     connection=ConnectionConfig(variant, streams=n), stream_dtype=DTYPES[dtype])
-    model = GPT(cfg).cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model, mode=compiled) if compiled else model
-    idx = torch.randint(0, 256, (args.batch, args.seq), device="cuda")
-    tgt = torch.randint(0, 256, (args.batch, args.seq), device="cuda")
+    model = GPT(cfg).to(args.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
+    fwd = model
+    if compiled and args.compile_scope == "model":
+        fwd = torch.compile(model, mode=compiled)
+    elif compiled:
+        for block in model.blocks:  # in place; the identical blocks reuse one compiled graph
+            block.compile(mode=compiled)
+    idx = torch.randint(0, 256, (args.batch, args.seq), device=args.device)
+    tgt = torch.randint(0, 256, (args.batch, args.seq), device=args.device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(args.device, dtype=torch.bfloat16):
             logits = fwd(idx)
         loss = F.cross_entropy(logits.float().view(-1, 256), tgt.view(-1))
         loss.backward()
@@ -86,25 +100,31 @@ def baseline_of(config: str, configs) -> Optional[str]:
 
 
 def measure(step, args) -> dict:
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     walls = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync()
         walls.append(time.perf_counter() - t0)
     prof_steps = 2
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(prof_steps):
             step()
-        torch.cuda.synchronize()
+        sync()
     per_kernel = defaultdict(lambda: [0.0, 0])
     busy, count = 0.0, 0
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        if ev.device_type == kind:
+            # On CPU the ops nest (an op's total includes its callees): count own time only.
+            us = (ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total) \
+                if cuda else ev.self_cpu_time_total
             per_kernel[ev.name][0] += us
             per_kernel[ev.name][1] += 1
             busy += us
@@ -129,15 +149,20 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=None, help="JSON file for the full results")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a dry run of the plumbing (see the module doc), not a measurement")
+    p.add_argument("--compile-scope", choices=("block", "model"), default="block",
+                   help="what :compile / :graphs compile: each block (default) or the whole model")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_step.py: needs a CUDA device (torch.cuda.is_available() is False)")
-    results = {}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("profile_step.py: --device cuda: no CUDA device (torch.cuda.is_available() is False)")
+    results, failed = {}, []
 
     def save():  # after every config, so a run cut short by its time limit keeps what it measured
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                json.dump({"args": vars(args), "torch": torch.__version__,
+                           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run)",
                            "results": results}, f, indent=1)
     for config in args.configs:
         torch.manual_seed(0)
@@ -146,6 +171,7 @@ def main():
             r = measure(build(config, args), args)
         except Exception as exc:  # keep going: one config failing (e.g. compile) loses only itself
             print(f"\n## {config}: FAILED {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+            failed.append(config)
             continue
         results[config] = r
         save()
@@ -165,6 +191,8 @@ def main():
         ro = f"{(r['wall_ms'] - ref['wall_ms']) / extra_busy:.2f}" if ref and extra_busy > 0 else "-"
         print(f"| {c} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels_per_step']:.0f} | {rw} | {rb} | {ro} |")
     save()
+    if failed:
+        raise SystemExit(f"profile_step.py: {len(failed)} config(s) failed: {' '.join(failed)}")
 
 
 if __name__ == "__main__":
