@@ -130,7 +130,9 @@ def test_wrappers_refuse_bad_tensors():
 # (M, K, N): tiles of 8 (AVX-512) or 4 tokens and 32-token chunks with remainders; K a
 # multiple of 24, of 16 only (the two-vector ∂x tile), or of neither (a scalar tail); N
 # below, at and above one 24-column block, and n = 8's 80.
-PROJ_SHAPES = [(1, 1, 1), (37, 2048, 24), (70, 512, 24), (9, 100, 8), (33, 77, 15), (5, 48, 80), (64, 24, 25)]
+# K = 96 and 80: the 4- and 2-vector ∂x blocks of proj_bwd (2W-lane on AVX-512), 2048: both.
+PROJ_SHAPES = [(1, 1, 1), (37, 2048, 24), (70, 512, 24), (9, 100, 8), (33, 77, 15), (5, 48, 80), (64, 24, 25),
+               (19, 96, 24), (11, 80, 30)]
 
 
 def _proj_reference(x, phi, eps, grad):

@@ -45,6 +45,31 @@ template <> struct Lanes<double> {
   typedef double V __attribute__((vector_size(32)));
   static constexpr int W = 4;
 };
+// Two lane-vectors in one: with AVX-512 one 64-byte register (16 fp32 / 8 fp64 lanes), so
+// the projection's GEMM tiles issue half the FMAs (Intel server cores have two 512-bit FMA
+// units; Zen 4 runs one as two 256-bit halves, no slower). Elsewhere the projection keeps
+// pairs of W-lane vectors, as every other kernel does.
+#ifdef __AVX512F__
+constexpr bool kWide = true;
+#else
+constexpr bool kWide = false;
+#endif
+template <typename T> struct Wide;
+template <> struct Wide<float> { typedef float V __attribute__((vector_size(64))); };
+template <> struct Wide<double> { typedef double V __attribute__((vector_size(64))); };
+// A scalar in every lane, and the low W lanes of a wide vector (free: the ymm half of the
+// zmm register). One register broadcast feeding both FMAs of a tile row: written as
+// `scalar * vector`, GCC folds a broadcast load into each FMA, which makes the tile
+// bound by load ports instead of FMA units.
+template <typename VW, typename T>
+inline VW broadcast(T s) { return s - VW{}; }
+template <typename V, typename VW>
+inline V low_half(const VW& v) {
+  V r;
+  std::memcpy(&r, &v, sizeof(V));
+  return r;
+}
+
 // memcpy, not a pointer cast: unaligned and free of aliasing questions; compiles to one move.
 template <typename V, typename T>
 inline V vload(const T* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
@@ -385,15 +410,19 @@ constexpr int64_t BT = 16;
 
 
 // Iterates of BT tokens into tr (2·iters, nn, BT); lanes past `count` hold copies of a
-// harmless matrix (all ones) and are never written back.
+// harmless matrix (all ones) and are never written back. With keep = false (the forward:
+// only the last iterate is wanted) the steps alternate between tr's first two matrices,
+// so the block's working set stays in L1 instead of writing 2·iters of them.
+// Returns the last iterate.
 template <typename T>
-void block_trace(const T* z, const T* shift, int64_t count, T* tr, T* p0, int64_t n, int iters) {
+const T* block_trace(const T* z, const T* shift, int64_t count, T* tr, T* p0, int64_t n, int iters,
+                     bool keep = true) {
   const int64_t nn = n * n;
   for (int64_t k = 0; k < nn; ++k)
     for (int64_t b = 0; b < BT; ++b) p0[k * BT + b] = b < count ? std::exp(z[b * nn + k] - shift[b]) : T(1);
   const T* prev = p0;
   for (int t = 0; t < iters; ++t) {
-    T* col = tr + (2 * t) * nn * BT;
+    T* col = tr + (keep ? 2 * t : 0) * nn * BT;
     T* row = col + nn * BT;
     for (int64_t j = 0; j < n; ++j) {
       T s[BT] = {};
@@ -402,11 +431,15 @@ void block_trace(const T* z, const T* shift, int64_t count, T* tr, T* p0, int64_
 #pragma omp simd
         for (int64_t b = 0; b < BT; ++b) s[b] += v[b];
       }
+      // One reciprocal per column and n products: n divisions per column were most of
+      // the block's time (a vector division costs ~5-10 multiplications).
+#pragma omp simd
+      for (int64_t b = 0; b < BT; ++b) s[b] = T(1) / s[b];
       for (int64_t i = 0; i < n; ++i) {
         const T* v = prev + (i * n + j) * BT;
         T* o = col + (i * n + j) * BT;
 #pragma omp simd
-        for (int64_t b = 0; b < BT; ++b) o[b] = v[b] / s[b];
+        for (int64_t b = 0; b < BT; ++b) o[b] = v[b] * s[b];
       }
     }
     for (int64_t i = 0; i < n; ++i) {
@@ -416,15 +449,18 @@ void block_trace(const T* z, const T* shift, int64_t count, T* tr, T* p0, int64_
 #pragma omp simd
         for (int64_t b = 0; b < BT; ++b) s[b] += v[b];
       }
+#pragma omp simd
+      for (int64_t b = 0; b < BT; ++b) s[b] = T(1) / s[b];
       for (int64_t j = 0; j < n; ++j) {
         const T* v = col + (i * n + j) * BT;
         T* o = row + (i * n + j) * BT;
 #pragma omp simd
-        for (int64_t b = 0; b < BT; ++b) o[b] = v[b] / s[b];
+        for (int64_t b = 0; b < BT; ++b) o[b] = v[b] * s[b];
       }
     }
     prev = row;
   }
+  return prev;
 }
 
 // One block of tokens [m0, m0 + count): fills the flags, returns whether all take the block path.
@@ -447,8 +483,7 @@ void sinkhorn_fwd(const T* z, T* p, int64_t M, int64_t n, int iters, int threads
       const int64_t m0 = blk * BT, count = M - m0 < BT ? M - m0 : BT;
       T shift[BT];
       if (block_ok(z, m0, count, nn, shift)) {
-        block_trace(z + m0 * nn, shift, count, trace.data(), p0.data(), n, iters);
-        const T* last = trace.data() + (2 * iters - 1) * nn * BT;
+        const T* last = block_trace(z + m0 * nn, shift, count, trace.data(), p0.data(), n, iters, false);
         for (int64_t b = 0; b < count; ++b)
           for (int64_t k = 0; k < nn; ++k) p[(m0 + b) * nn + k] = last[k * BT + b];
         continue;
@@ -503,8 +538,7 @@ void sinkhorn_bwd(const T* z, const T* g, T* dz, int64_t M, int64_t n, int iters
       T shift[BT];
       if (block_ok(z, m0, count, nn, shift)) {
         T* tr = trace.data();
-        block_trace(z + m0 * nn, shift, count, tr, p0.data(), n, iters);
-        const T* last = tr + (2 * iters - 1) * nn * BT;
+        const T* last = block_trace(z + m0 * nn, shift, count, tr, p0.data(), n, iters);
         for (int64_t k = 0; k < nn; ++k)
           for (int64_t b = 0; b < BT; ++b) d[k * BT + b] = (b < count ? g[(m0 + b) * nn + k] : T(0)) * last[k * BT + b];
         for (int step = 2 * iters - 1; step >= 0; --step) {
@@ -729,25 +763,47 @@ inline void proj_fwd_tile(const T* __restrict x, const T* __restrict pk, T* __re
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   constexpr int64_t L = PV * W;
+  using VW = typename Wide<T>::V;
+  static_assert(PV == 3, "the wide tiles below split a row of L = 3W values as 2W + W");
   for (int64_t c = 0; c < nch; ++c) {
-    V acc[B][PV];
-    for (int b = 0; b < B; ++b)
-      for (int h = 0; h < PV; ++h) acc[b][h] = V{};
     const T* p = pk + c * K * L;
-    for (int64_t k = 0; k < K; ++k, p += L) {
-      const V p0 = vload<V>(p), p1 = vload<V>(p + W), p2 = vload<V>(p + 2 * W);
-      for (int b = 0; b < B; ++b) {
-        const T xs = x[b * K + k];
-        acc[b][0] += xs * p0;
-        acc[b][1] += xs * p1;
-        acc[b][2] += xs * p2;
-      }
-    }
     const int64_t lim = std::min<int64_t>(L, N - c * L);
-    for (int b = 0; b < B; ++b) {
-      T tmp[L];
-      for (int h = 0; h < PV; ++h) vstore(tmp + h * W, acc[b][h]);
-      for (int64_t l = 0; l < lim; ++l) out[b * N + c * L + l] = tmp[l];
+    T tmp[L];
+    if constexpr (kWide) {  // the row as one 2W-lane and one W-lane vector
+      VW a01[B];
+      V a2[B];
+      for (int b = 0; b < B; ++b) a01[b] = VW{}, a2[b] = V{};
+      for (int64_t k = 0; k < K; ++k, p += L) {
+        const VW p01 = vload<VW>(p);
+        const V p2 = vload<V>(p + 2 * W);
+        for (int b = 0; b < B; ++b) {
+          const VW xs = broadcast<VW>(x[b * K + k]);
+          a01[b] += xs * p01;
+          a2[b] += low_half<V>(xs) * p2;
+        }
+      }
+      for (int b = 0; b < B; ++b) {
+        vstore(tmp, a01[b]);
+        vstore(tmp + 2 * W, a2[b]);
+        for (int64_t l = 0; l < lim; ++l) out[b * N + c * L + l] = tmp[l];
+      }
+    } else {
+      V acc[B][PV];
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < PV; ++h) acc[b][h] = V{};
+      for (int64_t k = 0; k < K; ++k, p += L) {
+        const V p0 = vload<V>(p), p1 = vload<V>(p + W), p2 = vload<V>(p + 2 * W);
+        for (int b = 0; b < B; ++b) {
+          const T xs = x[b * K + k];
+          acc[b][0] += xs * p0;
+          acc[b][1] += xs * p1;
+          acc[b][2] += xs * p2;
+        }
+      }
+      for (int b = 0; b < B; ++b) {
+        for (int h = 0; h < PV; ++h) vstore(tmp + h * W, acc[b][h]);
+        for (int64_t l = 0; l < lim; ++l) out[b * N + c * L + l] = tmp[l];
+      }
     }
   }
 }
@@ -793,15 +849,33 @@ inline void proj_dx_tile(const T* __restrict x, const T* __restrict pt, const T*
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t k0 = kb * KL;
     V acc[B][KB];
-    for (int b = 0; b < B; ++b)
-      for (int h = 0; h < KB; ++h) acc[b][h] = V{};
     const T* pr = pt + kb * N * KL;
-    for (int64_t j = 0; j < N; ++j, pr += KL) {
-      V p[KB];
-      for (int h = 0; h < KB; ++h) p[h] = vload<V>(pr + h * W);
-      for (int b = 0; b < B; ++b) {
-        const T g = gp[b * N + j];
-        for (int h = 0; h < KB; ++h) acc[b][h] += g * p[h];
+    if constexpr (kWide && KB % 2 == 0) {  // KB/2 vectors of 2W lanes (see Wide)
+      using VW = typename Wide<T>::V;
+      constexpr int H = KB / 2;
+      VW aw[B][H];
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) aw[b][h] = VW{};
+      for (int64_t j = 0; j < N; ++j, pr += KL) {
+        VW p[H];
+        for (int h = 0; h < H; ++h) p[h] = vload<VW>(pr + 2 * h * W);
+        for (int b = 0; b < B; ++b) {
+          const VW g = broadcast<VW>(gp[b * N + j]);
+          for (int h = 0; h < H; ++h) aw[b][h] += g * p[h];
+        }
+      }
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) std::memcpy(&acc[b][2 * h], &aw[b][h], sizeof(VW));
+    } else {
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < KB; ++h) acc[b][h] = V{};
+      for (int64_t j = 0; j < N; ++j, pr += KL) {
+        V p[KB];
+        for (int h = 0; h < KB; ++h) p[h] = vload<V>(pr + h * W);
+        for (int b = 0; b < B; ++b) {
+          const T g = gp[b * N + j];
+          for (int h = 0; h < KB; ++h) acc[b][h] += g * p[h];
+        }
       }
     }
     if (k0 + KL <= K) {
@@ -838,6 +912,29 @@ inline void proj_dphi_chunk(const T* __restrict x, const T* __restrict gq, int64
     T* d = dpk + c * K * L;
     int64_t k0 = 0;
     for (; k0 + KK <= K; k0 += KK) {
+      if constexpr (kWide) {  // as proj_fwd_tile: a row of L values as 2W + W lanes
+        using VW = typename Wide<T>::V;
+        VW a01[KK];
+        V a2[KK];
+        for (int a = 0; a < KK; ++a) a01[a] = VW{}, a2[a] = V{};
+        for (int64_t t = 0; t < cnt; ++t) {
+          const T* g = gq + (t * nch + c) * L;
+          const VW g01 = vload<VW>(g);
+          const V g2 = vload<V>(g + 2 * W);
+          const T* xr = x + t * K + k0;
+          for (int a = 0; a < KK; ++a) {
+            const VW xs = broadcast<VW>(xr[a]);
+            a01[a] += xs * g01;
+            a2[a] += low_half<V>(xs) * g2;
+          }
+        }
+        for (int a = 0; a < KK; ++a) {
+          T* dd = d + (k0 + a) * L;
+          vstore(dd, vload<VW>(dd) + a01[a]);
+          vstore(dd + 2 * W, vload<V>(dd + 2 * W) + a2[a]);
+        }
+        continue;
+      }
       V acc[KK][PV];
       for (int a = 0; a < KK; ++a)
         for (int h = 0; h < PV; ++h) acc[a][h] = V{};
@@ -938,7 +1035,9 @@ template <typename T>
 void proj_bwd(const T* x, const T* phi, const T* grad, const T* out, const T* inv, T* dx,
               int accumulate, T* dphi, int64_t M, int64_t K, int64_t N, int threads) {
   constexpr int64_t W = Lanes<T>::W;
-  if (K % (3 * W) != 0 && K % (2 * W) == 0)
+  if (kWide && K % (4 * W) == 0)  // 2 × 2W lanes of k per token: 16 accumulators at PT = 8
+    proj_bwd_kb<T, 4>(x, phi, grad, out, inv, dx, accumulate, dphi, M, K, N, threads);
+  else if (K % (3 * W) != 0 && K % (2 * W) == 0)
     proj_bwd_kb<T, 2>(x, phi, grad, out, inv, dx, accumulate, dphi, M, K, N, threads);
   else
     proj_bwd_kb<T, 3>(x, phi, grad, out, inv, dx, accumulate, dphi, M, K, N, threads);
