@@ -93,7 +93,18 @@ def record() -> dict:
     return golden
 
 
+def machine() -> dict:
+    """What bit-for-bit equality depends on: the CPU (MKL and torch pick their kernels by
+    it) and torch's version. Written beside the golden file; tests/test_golden.py demands
+    bit equality only where it matches, rounding agreement elsewhere."""
+    from hyperconn.bench.machine import _cpu_model
+    return {"cpu": _cpu_model(), "torch": torch.__version__}
+
+
 if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 else "tests/golden/golden.pt"
+    import json
+    from pathlib import Path
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/golden/golden.pt")
     torch.save(record(), path)
-    print(f"wrote {path}")
+    path.with_name("recorded_on.json").write_text(json.dumps(machine(), indent=1) + "\n")
+    print(f"wrote {path} and {path.with_name('recorded_on.json')}")
