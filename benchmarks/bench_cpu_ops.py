@@ -2,6 +2,7 @@
 steps, its bytes moved, GB/s, and the share of a copy's bandwidth measured in the same run.
 
     python benchmarks/bench_cpu_ops.py                 # n=4, C=512, 4×256 tokens, 1 thread
+    python benchmarks/bench_cpu_ops.py --dim 128 --unfused   # the model benchmark's width, A/B of the fused op
     python benchmarks/bench_cpu_ops.py --out benchmarks/results/cpu-YYYY-MM-DD/bench_cpu_ops.json
 
 Each op of :mod:`hyperconn.ops.cpu_native` is wrapped with a timer while an ``mhc`` layer
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hyperconn import HyperConnection
-from hyperconn.ops import cpu_native
+from hyperconn.ops import cpu_coefficients, cpu_native
 
 
 def _bytes(name: str, M: int, n: int, C: int, itemsize: int) -> int:
@@ -49,14 +50,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variant", default="mhc", choices=("mhc", "hc"))
+    ap.add_argument("--unfused", action="store_true",
+                    help="the coefficient path as separate ops (hyperconn.ops.cpu_coefficients off): the A/B")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    cpu_coefficients.FUSE_COEFFICIENTS = not args.unfused
     if not cpu_native.available():
         raise SystemExit(f"native kernels unavailable: {cpu_native.status()}")
     torch.set_num_threads(args.threads)
     n, C, M = args.streams, args.dim, args.tokens
     torch.manual_seed(0)
-    layer = HyperConnection(C, n, torch.nn.Linear(C, C), variant="mhc")
+    layer = HyperConnection(C, n, torch.nn.Linear(C, C), variant=args.variant)
     x = torch.randn(M, n, C, requires_grad=True)
     g = torch.randn(M, n, C)
 
@@ -104,13 +109,16 @@ def main(argv=None) -> int:
         moved = _bytes(name, M, n, C, 4)
         gbs = moved / med / 1e9
         rows.append({"op": name, "ms": med * 1e3, "MB": moved / 1e6, "GB/s": gbs, "of copy": gbs / copy_gbs})
-    result = {"config": {"streams": n, "dim": C, "tokens": M, "threads": args.threads, "dtype": "float32"},
+    result = {"config": {"streams": n, "dim": C, "tokens": M, "threads": args.threads, "dtype": "float32",
+                         "variant": args.variant, "fused_coefficients": not args.unfused},
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "step_ms": statistics.median(step_times) * 1e3,
               "copy": {"ms": copy_s * 1e3, "GB/s": copy_gbs}, "ops": rows,
               "native_ms_per_step": sum(r["ms"] for r in rows)}
-    print(f"layer step (mhc, n={n}, C={C}, {M} tokens, fwd+bwd): {result['step_ms']:.2f} ms; "
-          f"copy reference {copy_gbs:.1f} GB/s")
+    result["other_ms_per_step"] = result["step_ms"] - result["native_ms_per_step"]
+    print(f"layer step ({args.variant}{', unfused' if args.unfused else ''}, n={n}, C={C}, {M} tokens, fwd+bwd): "
+          f"{result['step_ms']:.2f} ms, of which native ops {result['native_ms_per_step']:.2f} ms and the "
+          f"branch, torch ops and Python {result['other_ms_per_step']:.2f} ms; copy reference {copy_gbs:.1f} GB/s")
     print(f"{'op':<14}{'ms':>8}{'MB':>8}{'GB/s':>8}{'of copy':>9}")
     for r in rows:
         print(f"{r['op']:<14}{r['ms']:>8.3f}{r['MB']:>8.1f}{r['GB/s']:>8.1f}{r['of copy']:>8.0%}")

@@ -151,8 +151,10 @@ def test_layer_partial_and_repeated_backward():
     dphi, dw = torch.autograd.grad(out, [layer.phi, layer.branch.weight], g, retain_graph=True)
     dx_cg, dphi_cg = torch.autograd.grad(out, [x, layer.phi], g, create_graph=True)
     torch.testing.assert_close(dx, dx_again, rtol=0, atol=0)
-    torch.testing.assert_close(dx, dx_cg.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(dphi, dphi_cg.detach(), rtol=1e-6, atol=1e-7)
+    # create_graph=True differentiates a plain-op recomputation of the whole coefficient
+    # path (log-domain Sinkhorn included) instead of the native kernels: fp32 rounding apart.
+    torch.testing.assert_close(dx, dx_cg.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dphi, dphi_cg.detach(), rtol=1e-5, atol=1e-6)
     want = torch.autograd.grad(_plain_layer(layer, x), [x, layer.phi, layer.branch.weight], g)
     for a, b in zip((dx, dphi, dw), want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

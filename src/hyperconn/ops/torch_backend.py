@@ -7,7 +7,9 @@ Rules (one place, so the public ops and the layer run the same arithmetic):
 - fp16 / bf16 streams: the :mod:`.reference` ops (fp32 coefficients, fp32 accumulation,
   output in the stream dtype: rounding H_res to bf16 would break its row sums by ~1e-3);
 - the RMS-scaled coefficient projection: on CUDA, plain ops (autocast and
-  ``torch.compile`` see them whole); elsewhere :func:`.cpu.rms_projection`.
+  ``torch.compile`` see them whole); elsewhere :func:`.cpu.rms_projection`;
+- hc's and mhc's whole coefficient path (projection, gates, Sinkhorn, ``H_pre x``) on
+  fp32/fp64 CPU streams: one node, :func:`.cpu_coefficients.fused_coefficients`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Optional
 import torch
 
 from . import cpu, reference
+from .cpu_coefficients import fused_coefficients
 from .grad_slot import StreamGradSlot
 
-__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "grad_slot", "NAME"]
+__all__ = ["stream_pre", "stream_merge", "rms_projection", "sinkhorn_tokens", "grad_slot", "fused_coefficients",
+           "NAME"]
 
 NAME = "torch"
 _HALF = (torch.float16, torch.bfloat16)
