@@ -111,7 +111,7 @@ class _FusedCoefficients(torch.autograd.Function):
         if ctx.read and g_u is not None:
             # ⟨x[j], g_u⟩ joins ∂H_pre; H_pre ⊗ g_u goes into ∂x (written, or added).
             g_pre = g_pre + cpu_native.pre_bwd(xt, h_pre, g_u.reshape(M, C).to(dt).contiguous(),
-                                               None if gx is None else gx, accumulate, True)
+                                               None if gx is None else gx.view(M, n, C), accumulate, True)
             accumulate = gx is not None
         g_post = torch.zeros(M, n, dtype=dt) if g_post is None else g_post.reshape(M, n).to(dt)
         g_res = torch.zeros(M, n, n, dtype=dt) if g_res is None else g_res.reshape(M, n, n).to(dt)
