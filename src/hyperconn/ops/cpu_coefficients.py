@@ -78,7 +78,8 @@ class _FusedCoefficients(torch.autograd.Function):
         out, inv = cpu_native.proj_fwd(xt.view(M, n * C), phi.contiguous(), eps)    # (M, N) = (x φ)·r
         act = torch.tanh(out) if kind == "linear" else out
         # b + α·act per column, as the unfused path's three `b + a * p[...]`.
-        raw = act * _alpha_per_column(alpha, n) + torch.cat([b_pre, b_post, b_res.reshape(-1)])
+        scale = _alpha_per_column(alpha, n)
+        raw = act * scale + torch.cat([b_pre, b_post, b_res.reshape(-1)])
         if kind == "sinkhorn":
             gates = torch.sigmoid(raw[:, :2 * n])
             h_pre = gates[:, :n].contiguous()
@@ -91,12 +92,12 @@ class _FusedCoefficients(torch.autograd.Function):
             h_res = raw[:, 2 * n:].reshape(M, n, n).contiguous()
         u = cpu_native.pre_fwd(xt, h_pre) if read else None
         ctx.kind, ctx.iters, ctx.read, ctx.slot, ctx.eps = kind, iters, read, slot, eps
-        ctx.save_for_backward(x, phi, b_pre, b_post, b_res, alpha, out, inv, act, h_pre, h_post, z)
+        ctx.save_for_backward(x, phi, b_pre, b_post, b_res, alpha, out, inv, act, h_pre, h_post, z, scale)
         return h_pre, h_post, h_res, u
 
     @staticmethod
     def backward(ctx, g_pre, g_post, g_res, g_u):
-        x, phi, _, _, _, alpha, out, inv, act, h_pre, h_post, z = ctx.saved_tensors
+        x, phi, _, _, _, _, out, inv, act, h_pre, h_post, z, scale = ctx.saved_tensors
         needs = ctx.needs_input_grad                     # x, φ, b_pre, b_post, b_res, α, …
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, (g_pre, g_post, g_res, g_u))
@@ -128,7 +129,7 @@ class _FusedCoefficients(torch.autograd.Function):
         if needs[5]:
             per_col = (d_raw * act).sum(0)
             grad_alpha = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
-        grad_act = d_raw * _alpha_per_column(alpha, n)
+        grad_act = d_raw * scale
         grad_out = grad_act * (1.0 - act * act) if ctx.kind == "linear" else grad_act  # tanh′
         grad_phi = None
         if needs[0] or needs[1]:
@@ -156,7 +157,8 @@ def reference(x, phi, b_pre, b_post, b_res, alpha, eps: float, kind: str, iters:
     raw_post = b_post + alpha[1] * act[..., n:2 * n]
     raw_res = b_res + alpha[2] * act[..., 2 * n:].unflatten(-1, (n, n))
     if kind == "sinkhorn":
-        h_pre, h_post, h_res = torch.sigmoid(raw_pre), 2.0 * torch.sigmoid(raw_post), sinkhorn(raw_res, iters, "unrolled")
+        h_pre, h_post = torch.sigmoid(raw_pre), 2.0 * torch.sigmoid(raw_post)
+        h_res = sinkhorn(raw_res, iters, "unrolled")
     else:
         h_pre, h_post, h_res = raw_pre, raw_post, raw_res
     u = (h_pre.unsqueeze(-1) * x).sum(-2) if read else None
