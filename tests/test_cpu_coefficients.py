@@ -111,3 +111,15 @@ def test_partial_outputs_and_no_input_grad():
     r = cpu_coefficients.reference(x, *args[1:2], *args[2:], 1e-6, "sinkhorn", 8, True)
     (want_phi,) = torch.autograd.grad(r[2].sum() + r[3].sum(), [args[1]])
     torch.testing.assert_close(g_phi, want_phi, rtol=1e-11, atol=1e-11)
+
+
+@needs_native
+def test_gates_kernels_refuse_bad_shapes():
+    out, alpha, bias = torch.randn(5, 24), torch.randn(3), torch.randn(24)
+    with pytest.raises(ValueError, match="gates_fwd"):
+        cpu_native.gates_fwd(out, alpha, bias[:20], 4, "sinkhorn")
+    with pytest.raises(ValueError, match="gates_fwd"):
+        cpu_native.gates_fwd(out, alpha, bias, 4, "iso")
+    _, h_pre, h_post, z = cpu_native.gates_fwd(out, alpha, bias, 4, "sinkhorn")
+    with pytest.raises(ValueError, match="^d_res"):
+        cpu_native.gates_bwd(h_pre, h_post, z[:, :2], h_pre, h_post, out, alpha, "sinkhorn")

@@ -64,11 +64,6 @@ def fused_coefficients(x: torch.Tensor, phi: torch.Tensor, eps: float, b_pre: to
             u.view(*lead, C) if read else None)
 
 
-def _alpha_per_column(alpha: torch.Tensor, n: int) -> torch.Tensor:
-    """α (3,) → (n² + 2n,): α_pre on the n pre columns, α_post on the post ones, α_res on the rest."""
-    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
-
-
 class _FusedCoefficients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, phi, b_pre, b_post, b_res, alpha, eps, kind, iters, read, slot):
@@ -76,73 +71,53 @@ class _FusedCoefficients(torch.autograd.Function):
         xt = x.reshape(-1, n, C).contiguous()                                        # (M, n, C)
         M = xt.shape[0]
         out, inv = cpu_native.proj_fwd(xt.view(M, n * C), phi.contiguous(), eps)    # (M, N) = (x φ)·r
-        act = torch.tanh(out) if kind == "linear" else out
-        # b + α·act per column, as the unfused path's three `b + a * p[...]`.
-        scale = _alpha_per_column(alpha, n)
-        raw = act * scale + torch.cat([b_pre, b_post, b_res.reshape(-1)])
+        alpha = alpha.contiguous()
+        # act = out (mhc) or tanh(out) (hc); b + α·act per column; the gates (native, one call).
+        act, h_pre, h_post, z = cpu_native.gates_fwd(out, alpha, torch.cat([b_pre, b_post, b_res.reshape(-1)]),
+                                                     n, kind)
         if kind == "sinkhorn":
-            gates = torch.sigmoid(raw[:, :2 * n])
-            h_pre = gates[:, :n].contiguous()
-            h_post = 2.0 * gates[:, n:]
-            z = raw[:, 2 * n:].reshape(M, n, n).contiguous()
-            h_res = cpu_native.sinkhorn_fwd(z, iters)
+            act, h_res = out, cpu_native.sinkhorn_fwd(z, iters)
         else:
-            h_pre, h_post = raw[:, :n].contiguous(), raw[:, n:2 * n].contiguous()
-            z = None
-            h_res = raw[:, 2 * n:].reshape(M, n, n).contiguous()
+            h_res, z = z, None
         u = cpu_native.pre_fwd(xt, h_pre) if read else None
         ctx.kind, ctx.iters, ctx.read, ctx.slot, ctx.eps = kind, iters, read, slot, eps
-        ctx.save_for_backward(x, phi, b_pre, b_post, b_res, alpha, out, inv, act, h_pre, h_post, z, scale)
+        ctx.save_for_backward(x, phi, b_pre, b_post, b_res, alpha, out, inv, act, h_pre, h_post, z)
         return h_pre, h_post, h_res, u
 
     @staticmethod
     def backward(ctx, g_pre, g_post, g_res, g_u):
-        x, phi, _, _, _, _, out, inv, act, h_pre, h_post, z, scale = ctx.saved_tensors
+        x, phi, _, _, _, alpha, out, inv, act, h_pre, h_post, z = ctx.saved_tensors
         needs = ctx.needs_input_grad                     # x, φ, b_pre, b_post, b_res, α, …
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, (g_pre, g_post, g_res, g_u))
         n, C = x.shape[-2:]
         xt = x.reshape(-1, n, C).contiguous()
-        M, N, dt = xt.shape[0], out.shape[1], x.dtype
+        M, dt = xt.shape[0], x.dtype
         # ∂x: the merge's (left in the slot) + H_pre x's + the projection's, in one buffer.
         pending = grad_slot.pending(ctx.slot) if needs[0] else None
         gx = pending if pending is not None else (torch.empty(M, n, C, dtype=dt) if needs[0] else None)
         accumulate = pending is not None
-        g_pre = torch.zeros(M, n, dtype=dt) if g_pre is None else g_pre.reshape(M, n).to(dt)
+        g_pre = torch.zeros(M, n, dtype=dt) if g_pre is None else g_pre.reshape(M, n).to(dt).contiguous()
         if ctx.read and g_u is not None:
             # ⟨x[j], g_u⟩ joins ∂H_pre; H_pre ⊗ g_u goes into ∂x (written, or added).
             g_pre = g_pre + cpu_native.pre_bwd(xt, h_pre, g_u.reshape(M, C).to(dt).contiguous(),
                                                None if gx is None else gx.view(M, n, C), accumulate, True)
             accumulate = gx is not None
-        g_post = torch.zeros(M, n, dtype=dt) if g_post is None else g_post.reshape(M, n).to(dt)
-        g_res = torch.zeros(M, n, n, dtype=dt) if g_res is None else g_res.reshape(M, n, n).to(dt)
-        d_raw = torch.empty(M, N, dtype=dt)                                           # ∂(b + α·act)
-        if ctx.kind == "sinkhorn":
-            d_raw[:, :n] = g_pre * ((1.0 - h_pre) * h_pre)                                  # σ′
-            s_post = 0.5 * h_post
-            d_raw[:, n:2 * n] = (2.0 * g_post) * ((1.0 - s_post) * s_post)                   # (2σ)′
-            d_raw[:, 2 * n:] = cpu_native.sinkhorn_bwd(z, g_res.contiguous(), ctx.iters).view(M, n * n)
-        else:
-            d_raw[:, :n], d_raw[:, n:2 * n], d_raw[:, 2 * n:] = g_pre, g_post, g_res.view(M, n * n)
-        grad_b = d_raw.sum(0) if any(needs[2:5]) else None
-        grad_alpha = None
-        if needs[5]:
-            per_col = (d_raw * act).sum(0)
-            grad_alpha = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
-        grad_act = d_raw * scale
-        grad_out = grad_act * (1.0 - act * act) if ctx.kind == "linear" else grad_act  # tanh′
+        g_post = torch.zeros(M, n, dtype=dt) if g_post is None else g_post.reshape(M, n).to(dt).contiguous()
+        g_res = torch.zeros(M, n, n, dtype=dt) if g_res is None else g_res.reshape(M, n, n).to(dt).contiguous()
+        d_res = cpu_native.sinkhorn_bwd(z, g_res, ctx.iters) if ctx.kind == "sinkhorn" else g_res
+        # ∂(b + α·act) through the gates, and on to the projection's output; ∂b and ∂α summed.
+        grad_out, grad_b, grad_alpha = cpu_native.gates_bwd(g_pre, g_post, d_res, h_pre, h_post, act, alpha,
+                                                            ctx.kind)
         grad_phi = None
         if needs[0] or needs[1]:
-            grad_phi = cpu_native.proj_bwd(xt.view(M, n * C), phi.contiguous(), grad_out.contiguous(), out, inv,
+            grad_phi = cpu_native.proj_bwd(xt.view(M, n * C), phi.contiguous(), grad_out, out, inv,
                                            None if gx is None else gx.view(M, n * C), accumulate, needs[1])
         if pending is not None:
             ctx.slot.grad = None                                                       # taken: returned below
         grad_x = None if gx is None else gx.view(x.shape)
-        if grad_b is None:
-            gb_pre = gb_post = gb_res = None
-        else:
-            gb_pre, gb_post, gb_res = grad_b[:n], grad_b[n:2 * n], grad_b[2 * n:].view(n, n)
-        return grad_x, grad_phi, gb_pre, gb_post, gb_res, grad_alpha, None, None, None, None, None
+        return (grad_x, grad_phi, grad_b[:n], grad_b[n:2 * n], grad_b[2 * n:].view(n, n), grad_alpha,
+                None, None, None, None, None)
 
 
 def reference(x, phi, b_pre, b_post, b_res, alpha, eps: float, kind: str, iters: int, read: bool):

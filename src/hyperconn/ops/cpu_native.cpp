@@ -1045,6 +1045,75 @@ void proj_bwd(const T* x, const T* phi, const T* grad, const T* out, const T* in
     proj_bwd_kb<T, 3>(x, phi, grad, out, inv, dx, accumulate, dphi, M, K, N, threads);
 }
 
+// ---------------------------------------------------------------------------- gates
+// The elementwise part of hc's and mhc's coefficient path (ops/cpu_coefficients.py), per
+// token: out (M, N = n² + 2n) is the scaled projection, raw = act·α_col + b with
+// act = out (kind 0, mhc) or tanh(out) (kind 1, hc, written to `act`); then
+//   kind 0: h_pre = σ(raw_pre), h_post = 2σ(raw_post), z = raw_res (the Sinkhorn logits)
+//   kind 1: h_pre = raw_pre, h_post = raw_post, z = raw_res (= H_res)
+// alpha (3,) scales the pre, post and res columns; bias (N,). One call instead of about a
+// dozen torch ops on (M, N) tensors, whose dispatch cost more than their arithmetic.
+template <typename T>
+void gates_fwd(const T* out, const T* alpha, const T* bias, T* act, T* h_pre, T* h_post, T* z,
+               int64_t M, int64_t n, int kind) {
+  const int64_t N = n * n + 2 * n;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* o = out + m * N;
+    T* a = kind ? act + m * N : nullptr;
+    for (int64_t c = 0; c < N; ++c) {
+      T v = o[c];
+      if (kind) a[c] = v = std::tanh(v);
+      const T r = v * alpha[c < n ? 0 : (c < 2 * n ? 1 : 2)] + bias[c];
+      if (c < n) {
+        h_pre[m * n + c] = kind ? r : T(1) / (T(1) + std::exp(-r));
+      } else if (c < 2 * n) {
+        h_post[m * n + c - n] = kind ? r : T(2) / (T(1) + std::exp(-r));
+      } else {
+        z[m * n * n + c - 2 * n] = r;
+      }
+    }
+  }
+}
+
+// Its backward, given ∂h_pre, ∂h_post (M, n) and ∂raw_res (M, n²: the Sinkhorn backward's
+// output for mhc, ∂H_res for hc): d_raw per column (σ′ = s(1 − s), (2σ)′ = 2s(1 − s) with
+// s = h_post/2; identity for hc), then
+//   grad_out = d_raw·α_col (·(1 − act²) for hc: the projection's output gradient),
+//   gb (N,)  = Σ_m d_raw,    galpha (3,) = Σ over each group's columns and tokens of d_raw·act.
+template <typename T>
+void gates_bwd(const T* g_pre, const T* g_post, const T* d_res, const T* h_pre, const T* h_post,
+               const T* act, const T* alpha, T* grad_out, T* gb, T* galpha, int64_t M, int64_t n,
+               int kind) {
+  const int64_t N = n * n + 2 * n;
+  std::vector<T> sb(N, T(0));
+  T sa[3] = {0, 0, 0};
+  for (int64_t m = 0; m < M; ++m) {
+    const T* a = act + m * N;
+    T* go = grad_out + m * N;
+    for (int64_t c = 0; c < N; ++c) {
+      const int grp = c < n ? 0 : (c < 2 * n ? 1 : 2);
+      T d;
+      if (grp == 0) {
+        const T g = g_pre[m * n + c];
+        const T h = h_pre[m * n + c];
+        d = kind ? g : g * ((T(1) - h) * h);
+      } else if (grp == 1) {
+        const T g = g_post[m * n + c - n];
+        const T s = kind ? T(0) : T(0.5) * h_post[m * n + c - n];
+        d = kind ? g : (T(2) * g) * ((T(1) - s) * s);
+      } else {
+        d = d_res[m * n * n + c - 2 * n];
+      }
+      sb[c] += d;
+      sa[grp] += d * a[c];
+      const T ga = d * alpha[grp];
+      go[c] = kind ? ga * (T(1) - a[c] * a[c]) : ga;
+    }
+  }
+  for (int64_t c = 0; c < N; ++c) gb[c] = sb[c];
+  for (int k = 0; k < 3; ++k) galpha[k] = sa[k];
+}
+
 }  // namespace
 
 #define HC_EXPORT(T, S)                                                                  \
@@ -1106,4 +1175,21 @@ HC_EXPORT(double, f64)
 HC_EXPORT_PROJ(float, f32)
 HC_EXPORT_PROJ(double, f64)
 
-extern "C" int hc_abi_version() { return 5; }
+#define HC_EXPORT_GATES(T, S)                                                            \
+  extern "C" void hc_gates_fwd_##S(const T* out, const T* alpha, const T* bias, T* act,  \
+                                   T* h_pre, T* h_post, T* z, int64_t M, int64_t n,      \
+                                   int kind) {                                           \
+    gates_fwd<T>(out, alpha, bias, act, h_pre, h_post, z, M, n, kind);                   \
+  }                                                                                      \
+  extern "C" void hc_gates_bwd_##S(const T* g_pre, const T* g_post, const T* d_res,      \
+                                   const T* h_pre, const T* h_post, const T* act,        \
+                                   const T* alpha, T* grad_out, T* gb, T* galpha,        \
+                                   int64_t M, int64_t n, int kind) {                     \
+    gates_bwd<T>(g_pre, g_post, d_res, h_pre, h_post, act, alpha, grad_out, gb, galpha,  \
+                 M, n, kind);                                                            \
+  }
+
+HC_EXPORT_GATES(float, f32)
+HC_EXPORT_GATES(double, f64)
+
+extern "C" int hc_abi_version() { return 6; }

@@ -13,6 +13,8 @@ token's rows what the torch path does with one ``torch.bmm`` per contraction:
     poly_bwd(x0, schedule, g)            → ∂x0                (recomputes the iterates)
     proj_fwd(x, φ, eps)                  → out, r             ((x φ)·r, r = rsqrt(mean x² + ε))
     proj_bwd(x, φ, g, out, r, gx, acc)   → gx (+)=, ∂φ        (one read of x: ∂x, RMS term, ∂φ)
+    gates_fwd(out, α, b, n, kind)        → act, h_pre, h_post, z   (hc/mhc: b + α·act, the gates)
+    gates_bwd(g_pre, g_post, d_res, …)   → ∂out, ∂b, ∂α       (its backward, sums over tokens)
 
 Shapes: x, g, gx, out (M, n, C); y, u, gu (M, C); h, h_post (M, n); h_res, z, P (M, n, n);
 for the projection x, gx (M, K) with K = n·C, φ (K, N), out (M, N), r (M,);
@@ -45,12 +47,13 @@ from typing import Optional
 import torch
 
 __all__ = ["library", "available", "status", "force", "pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd",
-           "sinkhorn_fwd", "sinkhorn_bwd", "poly_fwd", "poly_bwd", "proj_fwd", "proj_bwd", "ENV_VAR"]
+           "sinkhorn_fwd", "sinkhorn_bwd", "poly_fwd", "poly_bwd", "proj_fwd", "proj_bwd", "gates_fwd",
+           "gates_bwd", "ENV_VAR"]
 
 ENV_VAR = "HYPERCONN_CPU_NATIVE"
 _SOURCE = Path(__file__).with_name("cpu_native.cpp")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-_ABI = 5
+_ABI = 6
 
 _state: dict = {}   # "lib": CDLL | None, "why": str
 _forced: list = []  # stack of force() overrides (True / False)
@@ -121,8 +124,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"hc_poly_bwd_{s}").argtypes = [p, p, i32, p, p, i64, i64, i32]
         getattr(lib, f"hc_proj_fwd_{s}").argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_double, i32]
         getattr(lib, f"hc_proj_bwd_{s}").argtypes = [p, p, p, p, p, p, i32, p, i64, i64, i64, i32]
+        getattr(lib, f"hc_gates_fwd_{s}").argtypes = [p, p, p, p, p, p, p, i64, i64, i32]
+        getattr(lib, f"hc_gates_bwd_{s}").argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i32]
         for name in ("pre_fwd", "pre_bwd", "merge_fwd", "merge_bwd", "sinkhorn_fwd", "sinkhorn_bwd",
-                     "poly_fwd", "poly_bwd", "proj_fwd", "proj_bwd"):
+                     "poly_fwd", "poly_bwd", "proj_fwd", "proj_bwd", "gates_fwd", "gates_bwd"):
             getattr(lib, f"hc_{name}_{s}").restype = None
 
 
@@ -319,3 +324,42 @@ def proj_bwd(x: torch.Tensor, phi: torch.Tensor, grad: torch.Tensor, out: torch.
         _ptr(x), _ptr(phi), _ptr(grad), _ptr(out), _ptr(inv), _ptr(gx), int(accumulate), _ptr(gphi),
         M, K, N, _threads(M * K))
     return gphi
+
+
+GATE_KINDS = {"sinkhorn": 0, "linear": 1}
+
+
+def gates_fwd(out: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, n: int, kind: str):
+    """hc's / mhc's gates from the scaled projection ``out`` (M, n² + 2n), α (3,) and the
+    static logits ``bias`` (n² + 2n,): (act (M, N) or None for mhc, whose act is ``out``;
+    h_pre (M, n); h_post (M, n); z (M, n, n): mhc's Sinkhorn logits, hc's H_res)."""
+    M, N = out.shape
+    if N != n * n + 2 * n or tuple(alpha.shape) != (3,) or tuple(bias.shape) != (N,) or kind not in GATE_KINDS:
+        raise ValueError(f"gates_fwd: expected out (M, {n * n + 2 * n}), alpha (3,), bias ({N},) and kind in "
+                         f"{sorted(GATE_KINDS)}; got {tuple(out.shape)}, {tuple(alpha.shape)}, {tuple(bias.shape)}, "
+                         f"{kind!r}")
+    act = torch.empty_like(out) if kind == "linear" else None
+    h_pre, h_post, z = (torch.empty(M, n, dtype=out.dtype), torch.empty(M, n, dtype=out.dtype),
+                        torch.empty(M, n, n, dtype=out.dtype))
+    getattr(library(), f"hc_gates_fwd_{_suffix(out, alpha, bias, act, h_pre, h_post, z)}")(
+        _ptr(out), _ptr(alpha), _ptr(bias), _ptr(act), _ptr(h_pre), _ptr(h_post), _ptr(z), M, n, GATE_KINDS[kind])
+    return act, h_pre, h_post, z
+
+
+def gates_bwd(g_pre: torch.Tensor, g_post: torch.Tensor, d_res: torch.Tensor, h_pre: torch.Tensor,
+              h_post: torch.Tensor, act: torch.Tensor, alpha: torch.Tensor, kind: str):
+    """Backward of :func:`gates_fwd` given ∂h_pre, ∂h_post (M, n) and ∂raw_res (M, n, n)
+    (mhc: the Sinkhorn backward's output; hc: ∂H_res), its outputs h_pre, h_post and
+    ``act`` (mhc: ``out``): (∂out (M, N), ∂bias (N,), ∂α (3,))."""
+    M, n = h_pre.shape
+    N = n * n + 2 * n
+    for name, t, want in (("g_pre", g_pre, (M, n)), ("g_post", g_post, (M, n)), ("d_res", d_res, (M, n, n)),
+                          ("h_post", h_post, (M, n)), ("act", act, (M, N)), ("alpha", alpha, (3,))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    grad_out = torch.empty(M, N, dtype=act.dtype)
+    gb, galpha = torch.empty(N, dtype=act.dtype), torch.empty(3, dtype=act.dtype)
+    getattr(library(), f"hc_gates_bwd_{_suffix(act, g_pre, g_post, d_res, h_pre, h_post, alpha, grad_out, gb, galpha)}")(
+        _ptr(g_pre), _ptr(g_post), _ptr(d_res), _ptr(h_pre), _ptr(h_post), _ptr(act), _ptr(alpha), _ptr(grad_out),
+        _ptr(gb), _ptr(galpha), M, n, GATE_KINDS[kind])
+    return grad_out, gb, galpha
