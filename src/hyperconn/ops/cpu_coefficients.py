@@ -6,14 +6,15 @@ Sinkhorn) and ``("linear", 0)`` (hc: tanh activation, identity maps). Unfused, t
 runs the projection, then about a dozen small ops on the (tokens, n² + 2n) coefficients
 (slices, α scales, biases, gates, the Sinkhorn), each an autograd node: at the CPU
 benchmark's model size (1024 tokens, n = 4, C = 128) their dispatch cost more than their
-arithmetic. Here the native projection, the elementwise part in a few ungraphed ops, the
-native Sinkhorn and, with ``read``, the branch input ``H_pre x`` are one node, and its
-backward writes ∂x once: the merge's ∂x from the layer's
-:class:`~.grad_slot.StreamGradSlot`, ``H_pre x``'s part added by the native pre backward,
-the projection's added by the native projection backward.
+arithmetic. Here the native projection, the elementwise part (``cpu_native.gates_fwd``:
+b + α·act and the gates; ``gates_bwd`` with the ∂b, ∂α sums), the native Sinkhorn and,
+with ``read``, the branch input ``H_pre x`` are one node, and its backward writes ∂x once:
+the merge's ∂x from the layer's :class:`~.grad_slot.StreamGradSlot`, ``H_pre x``'s part
+added by the native pre backward, the projection's added by the native projection backward.
 
-Same arithmetic as the unfused path (the same kernels, the same order of the elementwise
-operations), so the two agree to rounding; under ``create_graph=True`` the backward
+The same kernels as the unfused path and the same elementwise formulas (evaluated in
+C++ rather than by torch's vectorised ops), so the two agree to rounding; under
+``create_graph=True`` the backward
 differentiates a plain-op recomputation, so double backward is exact.
 tests/test_cpu_coefficients.py checks both against the unfused layer and by gradcheck.
 """
